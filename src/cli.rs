@@ -1,0 +1,165 @@
+//! The command line: `run` (the default), `demo`, `hash`, `check`, `certs dev`.
+//!
+//! Exit codes: 0 on success, 1 on a config or start-up error (printed as one line on stderr).
+
+use std::{io::Read, path::PathBuf, process::ExitCode, time::SystemTime};
+
+use clap::{Parser, Subcommand};
+
+use crate::{
+    config::Config,
+    keys::{KeyHash, KeyStatus},
+    server::Gateway,
+    telemetry,
+};
+
+/// keygate: the API-key gateway in front of the Bookboost API.
+#[derive(Debug, Parser)]
+#[command(name = "keygate", version, about)]
+pub struct Cli {
+    /// The config file.
+    #[arg(long, short, global = true, default_value = "gateway.toml")]
+    pub config: PathBuf,
+    /// What to do (default: run).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve partners: check keys, rate-limit, forward to the upstream.
+    Run,
+    /// A self-contained tour: sample upstream, keygate in front, a fresh key, curl commands.
+    Demo {
+        /// Port for the demo gateway on 127.0.0.1 (a free one is used when it is busy).
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+    },
+    /// Read one key from stdin and print the `blake3:<hex>` form the config stores.
+    Hash,
+    /// Validate the config and print a summary; on an error print `file:line:col: message`.
+    Check,
+    /// Certificates for local use.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+/// `keygate certs ...`.
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Write a self-signed certificate for localhost and 127.0.0.1 (key file mode 0600).
+    Dev {
+        /// The directory to write gateway.crt and gateway.key into.
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+    },
+}
+
+/// Parses the command line and runs it.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("keygate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => serve(cli.config),
+        Command::Demo { port } => {
+            telemetry::init();
+            runtime(None)?.block_on(crate::demo::run(port))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Hash => {
+            let mut input = String::new();
+            std::io::stdin().read_to_string(&mut input)?;
+            let key = input.trim();
+            if key.is_empty() {
+                anyhow::bail!("no key on stdin");
+            }
+            println!("{}", KeyHash::of(key.as_bytes()).to_config_string());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Certs(CertsCommand::Dev { out }) => {
+            let (cert, key) = crate::tls::write_dev_cert(&out)?;
+            println!("wrote {} and {} (self-signed, for local use only)", cert.display(), key.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check => match Config::load(&cli.config) {
+            Ok(config) => {
+                print!("{}", summary(&config));
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                Ok(ExitCode::FAILURE)
+            }
+        },
+    }
+}
+
+/// The summary `keygate check` prints.
+pub fn summary(config: &Config) -> String {
+    let now = SystemTime::now();
+    let (mut active, mut disabled, mut expired) = (0, 0, 0);
+    for key in &config.keys {
+        match KeyStatus::of(key, now) {
+            KeyStatus::Active => active += 1,
+            KeyStatus::Disabled => disabled += 1,
+            KeyStatus::Expired => expired += 1,
+        }
+    }
+    format!(
+        "{}: ok\n  listen:   {}\n  tls:      {}\n  upstream: {}\n  keys:     {active} active, {disabled} disabled, {expired} expired\n",
+        config.path.display(),
+        config.server.listen,
+        if config.server.tls.is_some() { "on" } else { "off" },
+        config.upstream.url,
+    )
+}
+
+fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        builder.worker_threads(n);
+    }
+    builder.enable_all().build()
+}
+
+fn serve(path: PathBuf) -> anyhow::Result<ExitCode> {
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    telemetry::init();
+    runtime(config.server.workers)?.block_on(async move {
+        let gateway = Gateway::start(config).await?;
+        wait_for_signal().await;
+        tracing::info!("shutting down: finishing requests in flight");
+        gateway.shutdown(std::time::Duration::from_secs(30)).await;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -1,0 +1,527 @@
+//! gateway.toml → a validated [`Config`].
+//!
+//! The pipeline: the file's text is parsed by serde into raw structs (`Raw*`, every table with
+//! `deny_unknown_fields`, every value that can be wrong kept with its [`Spanned`] position), then
+//! [`Config::parse`] checks each value and builds the typed [`Config`]. Any error becomes a
+//! [`ConfigError`] printed as `file:line:col: message`, the form editors and CI understand.
+//!
+//! Choices where the contract is silent (written down here and in the README):
+//! - relative paths (`tls_cert`, `tls_key`) are resolved against the config file's directory;
+//! - a key's `rate` and `burst` each fall back to `[limits]` on their own;
+//! - `[limits]` defaults to `rate = "10/s"`, `burst = 20`;
+//! - `expires` must be a full date-time with an offset (`2027-06-30T00:00:00Z`).
+
+use std::{
+    net::SocketAddr,
+    num::NonZeroU32,
+    ops::Range,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use http::{uri::Authority, uri::Scheme, HeaderName, Uri};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::{keys::KeyHash, limit::RateLimit};
+
+/// A config problem, located in its file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}:{col}: {message}")]
+pub struct ConfigError {
+    /// The file as named by the operator.
+    pub file: String,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column, in characters.
+    pub col: usize,
+    /// What is wrong, in one sentence.
+    pub message: String,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this was read from.
+    pub path: PathBuf,
+    /// `[server]`.
+    pub server: ServerConfig,
+    /// `[upstream]`.
+    pub upstream: UpstreamConfig,
+    /// `[auth]`.
+    pub auth: AuthConfig,
+    /// `[limits]`: the defaults each key falls back to.
+    pub limits: RateLimit,
+    /// `[[keys]]`, in file order.
+    pub keys: Vec<KeyConfig>,
+}
+
+/// `[server]`: the partner-facing listener.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to bind.
+    pub listen: SocketAddr,
+    /// Certificate and key; `None` serves plain HTTP.
+    pub tls: Option<TlsFiles>,
+    /// Runtime worker threads; `None` means one per core.
+    pub workers: Option<usize>,
+}
+
+/// PEM files of the listener's certificate chain and private key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Private key (PKCS#8, RSA or SEC1).
+    pub key: PathBuf,
+}
+
+/// `[upstream]`: where admitted requests go.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// The URL as written.
+    pub url: String,
+    /// `http` or `https`.
+    pub scheme: Scheme,
+    /// Host and port.
+    pub authority: Authority,
+    /// Path prefix prepended to every forwarded path, without a trailing slash (may be empty).
+    pub path_prefix: String,
+    /// TCP (and TLS) connect timeout.
+    pub connect_timeout: Duration,
+    /// Time allowed for the upstream's response head.
+    pub timeout: Duration,
+}
+
+/// `[auth]`: where keys are read from.
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// The header carrying the key (lower case); `Authorization: Bearer` is the fallback.
+    pub header: HeaderName,
+    /// The prefix of keys keygate mints; keys with it have their checksum checked.
+    pub key_prefix: String,
+}
+
+/// One `[[keys]]` entry.
+#[derive(Debug, Clone)]
+pub struct KeyConfig {
+    /// Unique id, safe to log.
+    pub id: String,
+    /// blake3 of the key.
+    pub hash: KeyHash,
+    /// The hotel the key acts for.
+    pub tenant: Option<String>,
+    /// Effective rate and burst (the key's own, else `[limits]`).
+    pub limit: RateLimit,
+    /// Refused while set.
+    pub disabled: bool,
+    /// Refused from this time on.
+    pub expires: Option<SystemTime>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    server: RawServer,
+    upstream: RawUpstream,
+    #[serde(default)]
+    auth: RawAuth,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    keys: Vec<RawKey>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Spanned<String>,
+    tls_cert: Option<Spanned<String>>,
+    tls_key: Option<Spanned<String>>,
+    workers: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    url: Spanned<String>,
+    connect_timeout: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    header: Option<Spanned<String>>,
+    key_prefix: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    rate: Option<Spanned<String>>,
+    burst: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    id: Spanned<String>,
+    hash: Spanned<String>,
+    tenant: Option<Spanned<String>>,
+    rate: Option<Spanned<String>>,
+    burst: Option<Spanned<i64>>,
+    #[serde(default)]
+    disabled: bool,
+    expires: Option<Spanned<toml::value::Datetime>>,
+}
+
+/// Locates errors in one source text.
+struct Source<'a> {
+    file: &'a Path,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn error(&self, span: Option<Range<usize>>, message: impl Into<String>) -> ConfigError {
+        let offset = span.map_or(0, |s| s.start).min(self.text.len());
+        let before = &self.text[..offset];
+        let line = before.matches('\n').count() + 1;
+        let col = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+        ConfigError {
+            file: self.file.display().to_string(),
+            line,
+            col,
+            message: message.into(),
+        }
+    }
+
+    fn at<T>(&self, v: &Spanned<T>, message: impl Into<String>) -> ConfigError {
+        self.error(Some(v.span()), message)
+    }
+}
+
+/// Parses a duration such as `250ms`, `2s` or `1m`; zero is refused.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?} is not a duration like \"250ms\", \"2s\" or \"1m\": {e}"))?;
+    if d.is_zero() {
+        return Err(format!("duration {s:?} must be more than zero"));
+    }
+    Ok(d)
+}
+
+/// Whether `s` may be a key id: 1–64 characters of `A-Z a-z 0-9 . _ -`.
+pub fn valid_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Parses a TOML offset date-time into a point in time.
+pub fn datetime_to_system_time(dt: &toml::value::Datetime) -> Result<SystemTime, String> {
+    if dt.date.is_none() || dt.time.is_none() || dt.offset.is_none() {
+        return Err(format!(
+            "{dt} needs a date, a time and an offset, e.g. 2027-06-30T00:00:00Z"
+        ));
+    }
+    let parsed = time::OffsetDateTime::parse(
+        &dt.to_string(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .map_err(|e| format!("{dt} is not a valid date-time: {e}"))?;
+    Ok(parsed.into())
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.display().to_string(),
+            line: 1,
+            col: 1,
+            message: format!("cannot read the config file: {e}"),
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Validates `text` as the contents of the file at `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let src = Source { file: path, text };
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| src.error(e.span(), e.message().to_string()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+
+        let listen = raw
+            .server
+            .listen
+            .get_ref()
+            .parse::<SocketAddr>()
+            .map_err(|_| {
+                src.at(
+                    &raw.server.listen,
+                    "listen must be an address with a port, like \"127.0.0.1:8443\"",
+                )
+            })?;
+        let tls = match (&raw.server.tls_cert, &raw.server.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: base.join(cert.get_ref()),
+                key: base.join(key.get_ref()),
+            }),
+            (None, None) => None,
+            (Some(v), None) | (None, Some(v)) => {
+                return Err(src.at(v, "tls_cert and tls_key go together: set both or neither"))
+            }
+        };
+        let workers = match &raw.server.workers {
+            Some(w) if !(1..=1024).contains(w.get_ref()) => {
+                return Err(src.at(w, "workers must be between 1 and 1024"))
+            }
+            Some(w) => Some(*w.get_ref() as usize),
+            None => None,
+        };
+
+        let upstream = parse_upstream(&src, &raw.upstream)?;
+
+        let header = match &raw.auth.header {
+            Some(h) => HeaderName::try_from(h.get_ref().to_ascii_lowercase())
+                .map_err(|_| src.at(h, "header must be a valid HTTP header name"))?,
+            None => HeaderName::from_static("x-api-key"),
+        };
+        if header == http::header::AUTHORIZATION {
+            let h = raw.auth.header.as_ref().expect("default is not authorization");
+            return Err(src.at(
+                h,
+                "header cannot be \"authorization\": Bearer tokens are always accepted there",
+            ));
+        }
+        let key_prefix = match &raw.auth.key_prefix {
+            Some(p) if !p.get_ref().bytes().all(|b| b.is_ascii_graphic()) => {
+                return Err(src.at(p, "key_prefix must be printable ASCII without spaces"))
+            }
+            Some(p) => p.get_ref().clone(),
+            None => crate::keys::DEFAULT_PREFIX.to_string(),
+        };
+
+        let default_rate = match &raw.limits.rate {
+            Some(r) => RateLimit::parse_rate(r.get_ref(), false).map_err(|m| src.at(r, m))?,
+            None => (NonZeroU32::new(10).expect("10"), Duration::from_secs(1)),
+        };
+        let default_burst = match &raw.limits.burst {
+            Some(b) => parse_burst(&src, b)?,
+            None => NonZeroU32::new(20).expect("20"),
+        };
+        let limits = RateLimit {
+            count: default_rate.0,
+            per: default_rate.1,
+            burst: default_burst,
+        };
+
+        let mut keys = Vec::with_capacity(raw.keys.len());
+        let mut ids = std::collections::HashSet::with_capacity(raw.keys.len());
+        let mut hashes = std::collections::HashSet::with_capacity(raw.keys.len());
+        for k in &raw.keys {
+            let id = k.id.get_ref();
+            if !valid_id(id) {
+                return Err(src.at(
+                    &k.id,
+                    "id must be 1 to 64 characters of letters, digits, '.', '_' or '-'",
+                ));
+            }
+            if !ids.insert(id.as_str()) {
+                return Err(src.at(&k.id, format!("duplicate key id {id:?}")));
+            }
+            let hash = KeyHash::parse(k.hash.get_ref()).map_err(|m| src.at(&k.hash, m))?;
+            if !hashes.insert(hash.0) {
+                return Err(src.at(&k.hash, format!("key {id:?} has the same hash as an earlier key")));
+            }
+            let tenant = match &k.tenant {
+                Some(t) if !valid_id(t.get_ref()) => {
+                    return Err(src.at(
+                        t,
+                        "tenant must be 1 to 64 characters of letters, digits, '.', '_' or '-'",
+                    ))
+                }
+                Some(t) => Some(t.get_ref().clone()),
+                None => None,
+            };
+            let (count, per) = match &k.rate {
+                Some(r) => RateLimit::parse_rate(r.get_ref(), false).map_err(|m| src.at(r, m))?,
+                None => (limits.count, limits.per),
+            };
+            let burst = match &k.burst {
+                Some(b) => parse_burst(&src, b)?,
+                None => limits.burst,
+            };
+            let expires = match &k.expires {
+                Some(e) => Some(datetime_to_system_time(e.get_ref()).map_err(|m| src.at(e, m))?),
+                None => None,
+            };
+            keys.push(KeyConfig {
+                id: id.clone(),
+                hash,
+                tenant,
+                limit: RateLimit { count, per, burst },
+                disabled: k.disabled,
+                expires,
+            });
+        }
+
+        Ok(Config {
+            path: path.to_path_buf(),
+            server: ServerConfig {
+                listen,
+                tls,
+                workers,
+            },
+            upstream,
+            auth: AuthConfig { header, key_prefix },
+            limits,
+            keys,
+        })
+    }
+}
+
+fn parse_burst(src: &Source<'_>, b: &Spanned<i64>) -> Result<NonZeroU32, ConfigError> {
+    u32::try_from(*b.get_ref())
+        .ok()
+        .and_then(NonZeroU32::new)
+        .ok_or_else(|| src.at(b, "burst must be a whole number from 1 to 4294967295"))
+}
+
+fn parse_upstream(src: &Source<'_>, raw: &RawUpstream) -> Result<UpstreamConfig, ConfigError> {
+    let url = raw.url.get_ref();
+    let uri: Uri = url
+        .parse()
+        .map_err(|_| src.at(&raw.url, format!("{url:?} is not a URL")))?;
+    let scheme = match uri.scheme_str() {
+        Some("http") => Scheme::HTTP,
+        Some("https") => Scheme::HTTPS,
+        _ => return Err(src.at(&raw.url, "url must start with http:// or https://")),
+    };
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| src.at(&raw.url, "url needs a host"))?;
+    if uri.query().is_some() {
+        return Err(src.at(&raw.url, "url cannot have a query string"));
+    }
+    let path_prefix = uri.path().trim_end_matches('/').to_string();
+    let duration = |v: &Option<Spanned<String>>, default: Duration| match v {
+        Some(d) => parse_duration(d.get_ref()).map_err(|m| src.at(d, m)),
+        None => Ok(default),
+    };
+    Ok(UpstreamConfig {
+        url: url.clone(),
+        scheme,
+        authority,
+        path_prefix,
+        connect_timeout: duration(&raw.connect_timeout, Duration::from_secs(2))?,
+        timeout: duration(&raw.timeout, Duration::from_secs(30))?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HASH_A: &str = "blake3:0000000000000000000000000000000000000000000000000000000000000001";
+    const HASH_B: &str = "blake3:0000000000000000000000000000000000000000000000000000000000000002";
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("gw.toml"), text)
+    }
+
+    fn minimal(extra: &str) -> String {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[upstream]\nurl = \"http://127.0.0.1:9000/api/\"\n{extra}"
+        )
+    }
+
+    #[test]
+    fn minimal_config_gets_the_documented_defaults() {
+        let c = parse(&minimal("")).unwrap();
+        assert!(c.server.tls.is_none());
+        assert_eq!(c.upstream.path_prefix, "/api");
+        assert_eq!(c.upstream.timeout, Duration::from_secs(30));
+        assert_eq!(c.upstream.connect_timeout, Duration::from_secs(2));
+        assert_eq!(c.auth.header, "x-api-key");
+        assert_eq!(c.limits.burst.get(), 20);
+        assert_eq!(c.limits.count.get(), 10);
+    }
+
+    #[test]
+    fn keys_inherit_limits_field_by_field() {
+        let c = parse(&minimal(&format!(
+            "[limits]\nrate = \"5/min\"\nburst = 7\n[[keys]]\nid = \"a\"\nhash = \"{HASH_A}\"\nburst = 9\n"
+        )))
+        .unwrap();
+        let k = &c.keys[0];
+        assert_eq!(k.limit.count.get(), 5);
+        assert_eq!(k.limit.per, Duration::from_secs(60));
+        assert_eq!(k.limit.burst.get(), 9);
+    }
+
+    #[test]
+    fn errors_carry_file_line_and_column() {
+        let text = minimal(&format!("[[keys]]\nid = \"a\"\nhash = \"{HASH_A}\"\n[[keys]]\nid = \"a\"\nhash = \"{HASH_B}\"\n"));
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.to_string(), "gw.toml:9:6: duplicate key id \"a\"");
+    }
+
+    #[test]
+    fn unknown_fields_duplicate_hashes_and_bad_values_are_refused() {
+        let cases = [
+            (minimal("[auth]\nheadr = \"x\"\n"), "unknown field"),
+            (
+                minimal(&format!("[[keys]]\nid = \"a\"\nhash = \"{HASH_A}\"\n[[keys]]\nid = \"b\"\nhash = \"{HASH_A}\"\n")),
+                "same hash",
+            ),
+            (minimal("[limits]\nrate = \"10/fortnight\"\n"), "unit"),
+            (minimal("[limits]\nburst = 0\n"), "burst"),
+            (
+                minimal(&format!("[[keys]]\nid = \"has space\"\nhash = \"{HASH_A}\"\n")),
+                "id must be",
+            ),
+            (
+                minimal(&format!("[[keys]]\nid = \"a\"\nhash = \"{HASH_A}\"\nexpires = 2027-06-30\n")),
+                "offset",
+            ),
+            (
+                "[server]\nlisten = \"nowhere\"\n[upstream]\nurl = \"http://x\"\n".to_string(),
+                "listen must be",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\n[upstream]\nurl = \"ftp://x\"\n".to_string(),
+                "http://",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\ntls_cert = \"a\"\n[upstream]\nurl = \"http://x\"\n"
+                    .to_string(),
+                "set both",
+            ),
+            (
+                minimal("[upstream.extra]\n"),
+                "",
+            ),
+        ];
+        for (text, needle) in cases {
+            let err = parse(&text).expect_err(&text).to_string();
+            assert!(err.starts_with("gw.toml:"), "{err}");
+            assert!(err.contains(needle), "{err} should mention {needle}");
+        }
+    }
+
+    #[test]
+    fn expiry_with_offset_is_understood() {
+        let c = parse(&minimal(&format!(
+            "[[keys]]\nid = \"a\"\nhash = \"{HASH_A}\"\nexpires = 2000-01-01T02:00:00+02:00\n"
+        )))
+        .unwrap();
+        assert_eq!(
+            c.keys[0].expires.unwrap(),
+            SystemTime::UNIX_EPOCH + Duration::from_secs(946_684_800)
+        );
+    }
+}

@@ -1,0 +1,35 @@
+//! keygate: a TLS-terminating API-key gateway in front of the Bookboost API.
+//!
+//! Partners call keygate exactly as they would call the API, adding their key. keygate checks
+//! the key against an in-memory table of blake3 hashes, rate-limits each key, and streams what
+//! it admits to the upstream.
+//!
+//! # Layout
+//! - [`cli`]: the command line (`run`, `demo`, `hash`, `check`).
+//! - [`config`]: gateway.toml → raw serde structs → validated [`config::Config`].
+//! - [`keys`]: key format and checksum, blake3 hashing, the [`keys::KeyTable`].
+//! - [`limit`]: per-key GCRA limiters that outlive reloads, rate-limit header fields.
+//! - [`proxy`]: the request path, phase by phase (authenticate, limit, rewrite, forward).
+//! - [`upstream`]: the pooled upstream client (HTTP and verified HTTPS).
+//! - [`tls`]: the listener's rustls config and certificate loading.
+//! - [`server`]: accept loop, HTTP/1.1 + HTTP/2 serving, graceful shutdown.
+//! - [`reload`]: file watch + SIGHUP → validate → one atomic swap, or keep the old.
+//! - [`error`]: the gateway's error enum → status + JSON body, in one place.
+//! - [`telemetry`]: logging set-up; the access log.
+//! - [`demo`]: `keygate demo`, a sample upstream with keygate in front.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod keys;
+pub mod limit;
+pub mod proxy;
+pub mod reload;
+pub mod server;
+pub mod telemetry;
+pub mod tls;
+pub mod upstream;

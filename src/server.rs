@@ -1,0 +1,188 @@
+//! The accept loop, connection serving and graceful shutdown.
+//!
+//! [`Gateway::start_on`] takes a bound listener (tests bind `127.0.0.1:0`), serves HTTP/1.1 and
+//! HTTP/2 (over TLS when configured, chosen by ALPN; h2c prior knowledge on plain listeners),
+//! and starts the reload watcher. Accept errors (such as running out of file descriptors) are
+//! logged and retried after a short back-off instead of ending the loop.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::{conn::auto, graceful::GracefulShutdown},
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpListener,
+    sync::watch,
+    task::JoinHandle,
+};
+use tokio_rustls::TlsAcceptor;
+
+use crate::{
+    config::Config,
+    proxy::{self, ConnInfo, Live, Shared},
+    reload, tls, upstream,
+};
+
+/// How long a client may take to finish the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send a complete request head.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running gateway: its listener, reload watcher and connections.
+pub struct Gateway {
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: watch::Sender<Option<Duration>>,
+    task: JoinHandle<()>,
+}
+
+impl Gateway {
+    /// Binds `server.listen` and starts serving.
+    pub async fn start(config: Config) -> anyhow::Result<Gateway> {
+        let listener = TcpListener::bind(config.server.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.server.listen))?;
+        Gateway::start_on(listener, config).await
+    }
+
+    /// Starts serving on an already bound listener.
+    pub async fn start_on(listener: TcpListener, config: Config) -> anyhow::Result<Gateway> {
+        let acceptor = match &config.server.tls {
+            Some(files) => Some(TlsAcceptor::from(tls::server_config(files)?)),
+            None => None,
+        };
+        let local_addr = listener.local_addr()?;
+        let client = upstream::client(&config.upstream);
+        let shared = Arc::new(Shared {
+            live: ArcSwap::from_pointee(Live::new(config, None)),
+            client,
+        });
+        let (stop, stop_rx) = watch::channel(None);
+        reload::spawn(Arc::clone(&shared), stop_rx.clone())?;
+        let task = tokio::spawn(accept_loop(
+            listener,
+            acceptor,
+            Arc::clone(&shared),
+            stop_rx,
+        ));
+        tracing::info!(
+            "keygate listening on {}://{local_addr}",
+            if local_addr_is_tls(&shared) { "https" } else { "http" }
+        );
+        Ok(Gateway {
+            local_addr,
+            shared,
+            stop,
+            task,
+        })
+    }
+
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The state shared by the request path (the live config and the upstream client).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Stops accepting, lets requests in flight finish for up to `grace`, then returns.
+    pub async fn shutdown(self, grace: Duration) {
+        let _ = self.stop.send(Some(grace));
+        let _ = self.task.await;
+    }
+}
+
+fn local_addr_is_tls(shared: &Shared) -> bool {
+    shared.live.load().config.server.tls.is_some()
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<Option<Duration>>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256);
+    let builder = Arc::new(builder);
+    let graceful = GracefulShutdown::new();
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            res = listener.accept() => res,
+            _ = stop.wait_for(Option::is_some) => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(conn) => {
+                backoff = Duration::from_millis(5);
+                conn
+            }
+            Err(e) => {
+                tracing::warn!("accept failed, retrying in {backoff:?}: {e}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = Arc::clone(&shared);
+        let builder = Arc::clone(&builder);
+        let acceptor = acceptor.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let info = ConnInfo {
+                peer,
+                tls: acceptor.is_some(),
+            };
+            match acceptor {
+                None => serve(stream, &builder, shared, info, watcher).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(tls)) => serve(tls, &builder, shared, info, watcher).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
+            }
+        });
+    }
+    drop(listener);
+    let grace = stop.borrow().unwrap_or_default();
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!("connections still open after {grace:?}; closing them");
+    }
+}
+
+async fn serve<IO>(
+    io: IO,
+    builder: &auto::Builder<TokioExecutor>,
+    shared: Arc<Shared>,
+    info: ConnInfo,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let shared = Arc::clone(&shared);
+        async move { Ok::<_, Infallible>(proxy::handle(&shared, &info, req).await) }
+    });
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(peer = %info.peer, "connection ended with an error: {e}");
+    }
+}

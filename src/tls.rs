@@ -1,0 +1,106 @@
+//! The listener's TLS: rustls with TLS 1.2 and 1.3, ALPN `h2` and `http/1.1`.
+//!
+//! One crypto provider (ring) is installed explicitly at start-up by
+//! [`install_crypto_provider`]; every rustls config in the process uses it.
+
+use std::{path::Path, sync::Arc};
+
+use rustls::ServerConfig;
+use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+
+use crate::config::TlsFiles;
+
+/// Why a certificate or key could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The certificate file is unreadable or holds no PEM certificate.
+    #[error("{path}: no usable PEM certificate: {why}")]
+    Certificate {
+        /// The file.
+        path: String,
+        /// The cause.
+        why: String,
+    },
+    /// The key file is unreadable or holds no PEM private key.
+    #[error("{path}: no usable PEM private key: {why}")]
+    PrivateKey {
+        /// The file.
+        path: String,
+        /// The cause.
+        why: String,
+    },
+    /// rustls refused the pair (for example, the key does not match the certificate).
+    #[error("certificate and key cannot be used together: {0}")]
+    Pair(#[from] rustls::Error),
+}
+
+/// Installs ring as the process-wide rustls crypto provider (a no-op after the first call).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Reads the certificate chain at `path`.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let err = |why: String| TlsError::Certificate {
+        path: path.display().to_string(),
+        why,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| err(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| err(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(err("the file has no CERTIFICATE block".into()));
+    }
+    Ok(certs)
+}
+
+/// Reads the private key at `path` (PKCS#8, RSA or SEC1).
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::PrivateKey {
+        path: path.display().to_string(),
+        why: e.to_string(),
+    })
+}
+
+/// Builds the listener's rustls config from the configured files.
+pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
+    install_crypto_provider();
+    let certs = load_certs(&files.cert)?;
+    let key = load_key(&files.key)?;
+    let mut config = ServerConfig::builder_with_protocol_versions(&[
+        &rustls::version::TLS13,
+        &rustls::version::TLS12,
+    ])
+    .with_no_client_auth()
+    .with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Writes a self-signed certificate for `localhost` and `127.0.0.1` to `dir/gateway.crt` and
+/// its key to `dir/gateway.key` (mode 0600, written atomically). For local use only.
+pub fn write_dev_cert(dir: &Path) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
+    std::fs::create_dir_all(dir)?;
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+    let cert_path = dir.join("gateway.crt");
+    let key_path = dir.join("gateway.key");
+    write_private(&key_path, certified.signing_key.serialize_pem().as_bytes())?;
+    std::fs::write(&cert_path, certified.cert.pem())?;
+    Ok((cert_path, key_path))
+}
+
+/// Writes `bytes` to `path` through a temporary file created with mode 0600, then renames it.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("key.tmp");
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}

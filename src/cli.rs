@@ -88,7 +88,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Certs(CertsCommand::Dev { out }) => {
             let (cert, key) = crate::tls::write_dev_cert(&out)?;
-            println!("wrote {} and {} (self-signed, for local use only)", cert.display(), key.display());
+            println!(
+                "wrote {} and {} (self-signed, for local use only)",
+                cert.display(),
+                key.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Check => match Config::load(&cli.config) {

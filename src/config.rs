@@ -290,7 +290,11 @@ impl Config {
             None => HeaderName::from_static("x-api-key"),
         };
         if header == http::header::AUTHORIZATION {
-            let h = raw.auth.header.as_ref().expect("default is not authorization");
+            let h = raw
+                .auth
+                .header
+                .as_ref()
+                .expect("default is not authorization");
             return Err(src.at(
                 h,
                 "header cannot be \"authorization\": Bearer tokens are always accepted there",
@@ -334,7 +338,10 @@ impl Config {
             }
             let hash = KeyHash::parse(k.hash.get_ref()).map_err(|m| src.at(&k.hash, m))?;
             if !hashes.insert(hash.0) {
-                return Err(src.at(&k.hash, format!("key {id:?} has the same hash as an earlier key")));
+                return Err(src.at(
+                    &k.hash,
+                    format!("key {id:?} has the same hash as an earlier key"),
+                ));
             }
             let tenant = match &k.tenant {
                 Some(t) if !valid_id(t.get_ref()) => {

@@ -112,13 +112,13 @@ impl GatewayError {
             GatewayError::MissingApiKey => {
                 "Send your API key in the configured header or as an Authorization Bearer token."
             }
-            GatewayError::InvalidApiKey | GatewayError::BadChecksum => {
-                "The API key is not valid."
-            }
+            GatewayError::InvalidApiKey | GatewayError::BadChecksum => "The API key is not valid.",
             GatewayError::ExpiredApiKey => "The API key has expired.",
             GatewayError::AmbiguousApiKey => "Send exactly one API key per request.",
             GatewayError::ForbiddenScope => "The API key is not allowed to call this endpoint.",
-            GatewayError::RateLimited { .. } => "Too many requests; retry after the indicated time.",
+            GatewayError::RateLimited { .. } => {
+                "Too many requests; retry after the indicated time."
+            }
             GatewayError::QuotaExceeded { .. } => {
                 "The API key's quota is used up; retry after the indicated time."
             }
@@ -161,7 +161,8 @@ impl GatewayError {
                     HeaderValue::from_static("Bearer realm=\"keygate\", error=\"invalid_token\""),
                 );
             }
-            GatewayError::RateLimited { retry_after } | GatewayError::QuotaExceeded { retry_after } => {
+            GatewayError::RateLimited { retry_after }
+            | GatewayError::QuotaExceeded { retry_after } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
             }
             _ => {}
@@ -200,13 +201,29 @@ mod tests {
             (GatewayError::ExpiredApiKey, 401, "expired_api_key"),
             (GatewayError::AmbiguousApiKey, 400, "ambiguous_api_key"),
             (GatewayError::ForbiddenScope, 403, "forbidden_scope"),
-            (GatewayError::RateLimited { retry_after: 3 }, 429, "rate_limited"),
-            (GatewayError::QuotaExceeded { retry_after: 3 }, 429, "quota_exceeded"),
+            (
+                GatewayError::RateLimited { retry_after: 3 },
+                429,
+                "rate_limited",
+            ),
+            (
+                GatewayError::QuotaExceeded { retry_after: 3 },
+                429,
+                "quota_exceeded",
+            ),
             (GatewayError::BadRequest("x"), 400, "bad_request"),
             (GatewayError::PayloadTooLarge, 413, "payload_too_large"),
-            (GatewayError::UpstreamUnavailable, 502, "upstream_unavailable"),
+            (
+                GatewayError::UpstreamUnavailable,
+                502,
+                "upstream_unavailable",
+            ),
             (GatewayError::UpstreamTimeout, 504, "upstream_timeout"),
-            (GatewayError::LimitStoreUnavailable, 503, "limit_store_unavailable"),
+            (
+                GatewayError::LimitStoreUnavailable,
+                503,
+                "limit_store_unavailable",
+            ),
         ];
         for (err, status, code) in cases {
             assert_eq!(err.status().as_u16(), status, "{err:?}");

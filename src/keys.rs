@@ -47,9 +47,9 @@ impl KeyHash {
 
     /// Parses the config form `blake3:<64 lowercase hex>`.
     pub fn parse(s: &str) -> Result<Self, String> {
-        let hex = s
-            .strip_prefix("blake3:")
-            .ok_or_else(|| "hash must start with \"blake3:\" (make one with `keygate hash`)".to_string())?;
+        let hex = s.strip_prefix("blake3:").ok_or_else(|| {
+            "hash must start with \"blake3:\" (make one with `keygate hash`)".to_string()
+        })?;
         if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
             return Err("hash must be \"blake3:\" followed by 64 lowercase hex digits".into());
         }
@@ -208,12 +208,7 @@ impl KeyTable {
     /// whose limit did not change.
     pub fn build(config: &Config, previous: Option<&KeyTable>) -> KeyTable {
         let old: HashMap<&str, &Arc<KeyLimiter>> = previous
-            .map(|t| {
-                t.by_hash
-                    .values()
-                    .map(|e| (&*e.id, &e.limiter))
-                    .collect()
-            })
+            .map(|t| t.by_hash.values().map(|e| (&*e.id, &e.limiter)).collect())
             .unwrap_or_default();
         let mut by_hash = HashMap::with_capacity_and_hasher(config.keys.len(), Default::default());
         for key in &config.keys {
@@ -299,7 +294,11 @@ mod tests {
             let mut bytes = key.clone().into_bytes();
             bytes[i] = if bytes[i] == b'x' { b'y' } else { b'x' };
             let typo = String::from_utf8(bytes).unwrap();
-            assert_eq!(checksum_ok(&typo, DEFAULT_PREFIX), Some(false), "typo at {i}");
+            assert_eq!(
+                checksum_ok(&typo, DEFAULT_PREFIX),
+                Some(false),
+                "typo at {i}"
+            );
         }
         assert_eq!(checksum_ok("legacy-key-123", DEFAULT_PREFIX), None);
     }

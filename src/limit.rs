@@ -46,11 +46,7 @@ impl RateLimit {
             ("d" | "day", true) => Duration::from_secs(86_400),
             ("week", true) => Duration::from_secs(7 * 86_400),
             ("month", true) => Duration::from_secs(30 * 86_400),
-            (u, false) => {
-                return Err(format!(
-                    "rate {s:?}: unit {u:?} is not one of s, min, h"
-                ))
-            }
+            (u, false) => return Err(format!("rate {s:?}: unit {u:?} is not one of s, min, h")),
             (u, true) => {
                 return Err(format!(
                     "quota {s:?}: unit {u:?} is not one of h, day, week, month"
@@ -120,7 +116,9 @@ pub struct KeyLimiter {
 
 impl fmt::Debug for KeyLimiter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KeyLimiter").field("limit", &self.limit).finish()
+        f.debug_struct("KeyLimiter")
+            .field("limit", &self.limit)
+            .finish()
     }
 }
 
@@ -133,8 +131,8 @@ impl KeyLimiter {
         let clock = DefaultClock::default();
         let gcra = RateLimiter::direct_with_clock(quota, clock.clone())
             .with_middleware::<StateInformationMiddleware>();
-        let policy_header = HeaderValue::try_from(limit.policy_field("default"))
-            .expect("policy field is ASCII");
+        let policy_header =
+            HeaderValue::try_from(limit.policy_field("default")).expect("policy field is ASCII");
         KeyLimiter {
             limit,
             gcra,
@@ -227,7 +225,10 @@ mod tests {
 
     #[test]
     fn policy_window_is_time_to_refill_the_burst() {
-        assert_eq!(limit("10/s", 20).policy_field("default"), "\"default\";q=20;w=2");
+        assert_eq!(
+            limit("10/s", 20).policy_field("default"),
+            "\"default\";q=20;w=2"
+        );
         assert_eq!(limit("1/min", 5).window_secs(), 300);
         assert_eq!(limit("100/s", 1).window_secs(), 1);
     }

@@ -110,7 +110,11 @@ struct Caller {
 }
 
 /// Handles one request end to end; never fails (errors become responses).
-pub async fn handle(shared: &Shared, conn: &ConnInfo, req: Request<Incoming>) -> Response<ResponseBody> {
+pub async fn handle(
+    shared: &Shared,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+) -> Response<ResponseBody> {
     let start = Instant::now();
     let live = shared.live.load_full();
     let request_id = request_id(req.headers());
@@ -118,19 +122,27 @@ pub async fn handle(shared: &Shared, conn: &ConnInfo, req: Request<Incoming>) ->
     let uri = req.uri().clone();
 
     let mut caller = Caller::default();
-    let mut resp = match admit_and_forward(shared, &live, conn, req, &request_id, &mut caller).await {
+    let mut resp = match admit_and_forward(shared, &live, conn, req, &request_id, &mut caller).await
+    {
         Ok(resp) => resp,
         Err(err) => refuse(&err, &request_id),
     };
     let headers = resp.headers_mut();
     if let (Some(key), Some(ratelimit)) = (&caller.key, caller.ratelimit) {
-        headers.insert(RATELIMIT_POLICY.clone(), key.limiter.policy_header().clone());
+        headers.insert(
+            RATELIMIT_POLICY.clone(),
+            key.limiter.policy_header().clone(),
+        );
         headers.insert(RATELIMIT.clone(), ratelimit);
     }
     headers.insert(X_REQUEST_ID.clone(), request_id.clone());
 
     let key_id = caller.key.as_ref().map_or("-", |k| &*k.id);
-    let tenant = caller.key.as_ref().and_then(|k| k.tenant.as_deref()).unwrap_or("-");
+    let tenant = caller
+        .key
+        .as_ref()
+        .and_then(|k| k.tenant.as_deref())
+        .unwrap_or("-");
     tracing::info!(
         target: "keygate::access",
         request_id = request_id.to_str().unwrap_or("-"),
@@ -180,7 +192,10 @@ fn refuse(err: &GatewayError, request_id: &HeaderValue) -> Response<ResponseBody
 }
 
 /// Phase 2: finds, hashes and looks up the key.
-fn authenticate(live: &Live, headers: &HeaderMap) -> Result<(Arc<KeyEntry>, KeySource), GatewayError> {
+fn authenticate(
+    live: &Live,
+    headers: &HeaderMap,
+) -> Result<(Arc<KeyEntry>, KeySource), GatewayError> {
     let auth = &live.config.auth;
     let mut from_header = headers.get_all(&auth.header).iter();
     let header_key = from_header.next();
@@ -253,12 +268,11 @@ fn rewrite(
         ));
     }
     let upstream = &live.config.upstream;
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .map_or("/", PathAndQuery::as_str);
+    let path_and_query = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
     if !path_and_query.starts_with('/') {
-        return Err(GatewayError::BadRequest("The request target must be a path."));
+        return Err(GatewayError::BadRequest(
+            "The request target must be a path.",
+        ));
     }
     let path_and_query = if upstream.path_prefix.is_empty() {
         PathAndQuery::try_from(path_and_query)
@@ -266,16 +280,12 @@ fn rewrite(
         PathAndQuery::try_from(format!("{}{}", upstream.path_prefix, path_and_query))
     }
     .map_err(|_| GatewayError::BadRequest("The request target is malformed."))?;
-    let original_host = parts
-        .headers
-        .get(header::HOST)
-        .cloned()
-        .or_else(|| {
-            parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::try_from(a.as_str()).ok())
-        });
+    let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::try_from(a.as_str()).ok())
+    });
     parts.uri = Uri::from_parts({
         let mut u = http::uri::Parts::default();
         u.scheme = Some(upstream.scheme.clone());
@@ -432,8 +442,7 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
         let b = v.as_bytes();
         if !b.is_empty()
             && b.len() <= 128
-            && b
-                .iter()
+            && b.iter()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b':' | b'-'))
         {
             return v.clone();
@@ -466,9 +475,15 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_and_the_ones_connection_names_go() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("close, x-secret-hop"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret-hop"),
+        );
         h.insert("x-secret-hop", HeaderValue::from_static("1"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("x-kept", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h);

@@ -28,7 +28,8 @@ const DEBOUNCE: Duration = Duration::from_millis(50);
 pub fn reload_now(shared: &Shared, path: &Path) -> Result<usize, ConfigError> {
     let config = Config::load(path)?;
     let old = shared.live.load_full();
-    if config.server.listen != old.config.server.listen || config.server.tls != old.config.server.tls
+    if config.server.listen != old.config.server.listen
+        || config.server.tls != old.config.server.tls
     {
         tracing::warn!("[server] listen/tls changes take effect after a restart");
     }
@@ -41,7 +42,10 @@ pub fn reload_now(shared: &Shared, path: &Path) -> Result<usize, ConfigError> {
 /// Starts the watcher and the SIGHUP handler; both stop when `stop` turns true.
 pub fn spawn(shared: Arc<Shared>, stop: watch::Receiver<Option<Duration>>) -> anyhow::Result<()> {
     let path = std::path::absolute(&shared.live.load().config.path)?;
-    let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"));
+    let dir = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("/"));
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
     let target = path.clone();
     let event_tx = tx.clone();
@@ -84,14 +88,15 @@ pub fn spawn(shared: Arc<Shared>, stop: watch::Receiver<Option<Duration>>) -> an
             while rx.try_recv().is_ok() {}
             let shared = Arc::clone(&shared);
             let path = path.clone();
-            let result =
-                tokio::task::spawn_blocking(move || reload_now(&shared, &path)).await;
+            let result = tokio::task::spawn_blocking(move || reload_now(&shared, &path)).await;
             match result {
                 Ok(Ok(keys)) => tracing::info!(keys, "config reloaded"),
                 Ok(Err(err)) => {
                     tracing::error!("config reload failed, keeping the running config: {err}")
                 }
-                Err(e) => tracing::error!("config reload panicked, keeping the running config: {e}"),
+                Err(e) => {
+                    tracing::error!("config reload panicked, keeping the running config: {e}")
+                }
             }
         }
     });

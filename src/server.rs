@@ -71,7 +71,11 @@ impl Gateway {
         ));
         tracing::info!(
             "keygate listening on {}://{local_addr}",
-            if local_addr_is_tls(&shared) { "https" } else { "http" }
+            if local_addr_is_tls(&shared) {
+                "https"
+            } else {
+                "http"
+            }
         );
         Ok(Gateway {
             local_addr,
@@ -163,7 +167,10 @@ async fn accept_loop(
     }
     drop(listener);
     let grace = stop.borrow().unwrap_or_default();
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("connections still open after {grace:?}; closing them");
     }
 }

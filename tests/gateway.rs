@@ -4,7 +4,9 @@
 mod common;
 
 use common::*;
-use http::StatusCode;
+use std::time::Duration;
+
+use http::{Method, StatusCode};
 
 const KEY: &str = "partner-key-0123456789abcdefghijklmnop";
 const OTHER: &str = "other-partner-key-zyxwvutsrqponmlkjihg";
@@ -57,4 +59,440 @@ async fn key_in_header_or_bearer_is_admitted_and_not_forwarded() {
     assert_eq!(got.status, StatusCode::OK);
     assert_eq!(up.last().headers["authorization"], "Basic dXNlcjpwdw==");
     assert_eq!(up.hits(), 3);
+}
+
+/// Line 2: missing, unknown, disabled and expired keys get 401 with WWW-Authenticate and the
+/// JSON shape; nothing reaches the upstream; the key is never echoed.
+#[tokio::test]
+async fn refused_keys_get_401_json_and_nothing_is_forwarded() {
+    let up = start_upstream().await;
+    let text = config_text(
+        &up.url(),
+        &format!(
+            "{}{}{}",
+            key_entry("live", KEY, ""),
+            key_entry(
+                "off",
+                "disabled-key-abcdefghijklmnopqrstuv",
+                "disabled = true"
+            ),
+            key_entry(
+                "old",
+                "expired-key-abcdefghijklmnopqrstuvw",
+                "expires = 2020-01-01T00:00:00Z"
+            ),
+        ),
+    );
+    let gw = start_gateway(&text).await;
+    let c = http1_client();
+    let cases: [(&[(&str, &str)], &str); 5] = [
+        (&[], "missing_api_key"),
+        (
+            &[("x-api-key", "unknown-key-abcdefghijklmnopqrstuvwxyz")],
+            "invalid_api_key",
+        ),
+        (
+            &[("authorization", "Bearer unknown-key-abcdefghijklmnopqrst")],
+            "invalid_api_key",
+        ),
+        (
+            &[("x-api-key", "disabled-key-abcdefghijklmnopqrstuv")],
+            "invalid_api_key",
+        ),
+        (
+            &[("x-api-key", "expired-key-abcdefghijklmnopqrstuvw")],
+            "expired_api_key",
+        ),
+    ];
+    for (headers, code) in cases {
+        let got = get(&c, &gw.url("/v1/guests"), headers).await;
+        assert_eq!(got.status, StatusCode::UNAUTHORIZED, "{headers:?}");
+        assert_eq!(got.code(), code, "{headers:?}");
+        assert_eq!(got.header("content-type"), Some("application/json"));
+        assert!(got
+            .header("www-authenticate")
+            .unwrap()
+            .starts_with("Bearer"));
+        let json = got.json();
+        assert!(json["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert_eq!(json.as_object().unwrap().len(), 2, "only error and message");
+        for (_, value) in headers {
+            let secret = value.trim_start_matches("Bearer ");
+            assert!(!got.text().contains(secret), "key echoed in body");
+            assert!(
+                got.headers
+                    .values()
+                    .all(|v| !v.to_str().unwrap_or("").contains(secret)),
+                "key echoed in a header"
+            );
+        }
+    }
+    assert_eq!(up.hits(), 0, "a refused request reached the upstream");
+}
+
+/// Line 3: each key id has its own limiter; 429 rate_limited with Retry-After after which the
+/// request is admitted; RateLimit-Policy and RateLimit on every answer to a valid key.
+#[tokio::test]
+async fn each_key_is_rate_limited_on_its_own_with_retry_after_and_ratelimit_fields() {
+    let up = start_upstream().await;
+    let text = config_text(
+        &up.url(),
+        &format!(
+            "[limits]\nrate = \"1/s\"\nburst = 2\n\n{}{}",
+            key_entry("a", KEY, ""),
+            key_entry("b", OTHER, "rate = \"100/s\"\nburst = 50")
+        ),
+    );
+    let gw = start_gateway(&text).await;
+    let c = http1_client();
+    let url = gw.url("/v1/guests");
+
+    let first = get(&c, &url, &[("x-api-key", KEY)]).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(
+        first.header("ratelimit-policy"),
+        Some("\"default\";q=2;w=2")
+    );
+    assert_eq!(first.header("ratelimit"), Some("\"default\";r=1;t=1"));
+    let second = get(&c, &url, &[("x-api-key", KEY)]).await;
+    assert_eq!(second.status, StatusCode::OK);
+    assert_eq!(second.header("ratelimit"), Some("\"default\";r=0;t=2"));
+
+    let limited = get(&c, &url, &[("x-api-key", KEY)]).await;
+    assert_eq!(limited.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(limited.code(), "rate_limited");
+    let retry: u64 = limited.header("retry-after").unwrap().parse().unwrap();
+    assert!(retry >= 1);
+    assert_eq!(
+        limited.header("ratelimit-policy"),
+        Some("\"default\";q=2;w=2")
+    );
+    assert_eq!(
+        limited.header("ratelimit"),
+        Some(format!("\"default\";r=0;t={retry}").as_str())
+    );
+    assert_eq!(up.hits(), 2, "the limited request was forwarded");
+
+    // Another key's budget is its own.
+    for _ in 0..10 {
+        let got = get(&c, &url, &[("x-api-key", OTHER)]).await;
+        assert_eq!(got.status, StatusCode::OK);
+        assert_eq!(got.header("ratelimit-policy"), Some("\"default\";q=50;w=1"));
+    }
+
+    // After Retry-After seconds the request is admitted.
+    tokio::time::sleep(Duration::from_secs(retry)).await;
+    let again = get(&c, &url, &[("x-api-key", KEY)]).await;
+    assert_eq!(
+        again.status,
+        StatusCode::OK,
+        "not admitted after Retry-After"
+    );
+}
+
+/// Line 4: method, path, query and body unchanged; key, hop-by-hop and spoofed X-Keygate-*
+/// removed; forwarding and identity headers set; the request id kept or made and returned.
+#[tokio::test]
+async fn forwarding_rewrites_exactly_the_documented_headers() {
+    let up = start_upstream().await;
+    let text = config_text(
+        &format!("{}/api/", up.url()),
+        &key_entry("review-platform", KEY, "tenant = \"hotel-1042\""),
+    );
+    let gw = start_gateway(&text).await;
+    let c = http1_client();
+    let got = send(
+        &c,
+        Method::PATCH,
+        &gw.url("/v1/guests/g-1?since=2026-11-01&limit=5"),
+        &[
+            ("x-api-key", KEY),
+            ("connection", "x-hop-secret"),
+            ("x-hop-secret", "1"),
+            ("x-keygate-key-id", "admin"),
+            ("x-keygate-tenant", "hotel-1"),
+            ("x-keygate-anything", "spoof"),
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-request-id", "partner-req-42"),
+            ("x-custom", "kept"),
+            ("content-type", "application/json"),
+        ],
+        full("{\"name\":\"Ada\"}"),
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text());
+    assert_eq!(got.header("x-request-id"), Some("partner-req-42"));
+
+    let seen = up.last();
+    assert_eq!(seen.method, Method::PATCH);
+    assert_eq!(seen.uri.path(), "/api/v1/guests/g-1");
+    assert_eq!(seen.uri.query(), Some("since=2026-11-01&limit=5"));
+    assert_eq!(seen.body_len, 14);
+    let h = &seen.headers;
+    assert!(h.get("x-api-key").is_none());
+    assert!(h.get("x-hop-secret").is_none());
+    assert!(h.get("connection").is_none());
+    assert!(h.get("x-keygate-anything").is_none());
+    assert_eq!(h.get_all("x-keygate-key-id").iter().count(), 1);
+    assert_eq!(h["x-keygate-key-id"], "review-platform");
+    assert_eq!(h["x-keygate-tenant"], "hotel-1042");
+    assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], gw.addr().to_string());
+    assert_eq!(h["x-request-id"], "partner-req-42");
+    assert_eq!(h["x-custom"], "kept");
+    assert_eq!(h["content-type"], "application/json");
+    assert_eq!(h["host"], up.addr.to_string());
+
+    // A request id that is not sane is replaced, and the new one is returned and forwarded.
+    let got = get(
+        &c,
+        &gw.url("/v1/guests"),
+        &[("x-api-key", KEY), ("x-request-id", "bad id with spaces")],
+    )
+    .await;
+    let id = got.header("x-request-id").unwrap().to_string();
+    assert_ne!(id, "bad id with spaces");
+    assert_eq!(id.len(), 32);
+    assert_eq!(up.last().headers["x-request-id"], id.as_str());
+    // No tenant configured: no tenant header upstream, even a spoofed one.
+}
+
+/// Line 4: upstream connections are pooled and kept alive.
+#[tokio::test]
+async fn upstream_connections_are_reused() {
+    let (up, gw) = basic().await;
+    let c = http1_client();
+    for _ in 0..20 {
+        let got = get(&c, &gw.url("/v1/guests"), &[("x-api-key", OTHER)]).await;
+        assert_eq!(got.status, StatusCode::OK);
+    }
+    assert_eq!(up.hits(), 20);
+    assert_eq!(up.conns.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+/// Line 4: large bodies stream both ways.
+#[tokio::test]
+async fn large_bodies_stream_both_ways() {
+    let (up, gw) = basic().await;
+    let c = http1_client();
+    let size: u64 = 64 * 1024 * 1024;
+    let got = send(
+        &c,
+        Method::POST,
+        &gw.url("/upload"),
+        &[("x-api-key", OTHER)],
+        stream_body(size),
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.json()["bytes"], size);
+    let got = get(
+        &c,
+        &gw.url(&format!("/download?bytes={size}")),
+        &[("x-api-key", OTHER)],
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.body.len() as u64, size);
+    assert_eq!(up.hits(), 2);
+}
+
+/// Line 5: an upstream that refuses connections gives 502, one that sends no head in time 504.
+#[tokio::test]
+async fn upstream_down_is_502_and_slow_is_504() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let gw = start_gateway(&config_text(&dead, &key_entry("a", KEY, ""))).await;
+    let c = http1_client();
+    let got = get(&c, &gw.url("/v1/guests"), &[("x-api-key", KEY)]).await;
+    assert_eq!(got.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(got.code(), "upstream_unavailable");
+    assert_eq!(got.header("content-type"), Some("application/json"));
+
+    let up = start_upstream().await;
+    let text = config_text(&up.url(), &key_entry("a", KEY, ""))
+        .replace("timeout = \"2s\"", "timeout = \"300ms\"");
+    let gw = start_gateway(&text).await;
+    let started = std::time::Instant::now();
+    let got = get(&c, &gw.url("/slow?ms=3000"), &[("x-api-key", KEY)]).await;
+    assert_eq!(got.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(got.code(), "upstream_timeout");
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "504 came late: {:?}",
+        started.elapsed()
+    );
+    let got = get(&c, &gw.url("/slow?ms=10"), &[("x-api-key", KEY)]).await;
+    assert_eq!(got.status, StatusCode::OK, "a fast request after a timeout");
+}
+
+/// Line 6: TLS with HTTP/1.1 and HTTP/2 (ALPN), TLS 1.2 and 1.3; plain HTTP serves h2c too.
+#[tokio::test]
+async fn tls_serves_http1_and_http2_and_plain_serves_h2c() {
+    let up = start_upstream().await;
+    let cert = make_cert();
+    let dir = tempfile::tempdir().unwrap();
+    let tls_lines = cert.write_into(dir.path());
+    let text = config_text(&up.url(), &key_entry("a", KEY, "")).replace(
+        "listen = \"127.0.0.1:0\"\n",
+        &format!("listen = \"127.0.0.1:0\"\n{tls_lines}"),
+    );
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, text).unwrap();
+    let gw = start_gateway_in(dir, path).await;
+    let url = format!("https://localhost:{}/v1/guests", gw.addr().port());
+
+    for h2 in [false, true] {
+        let c = tls_client(&cert, h2);
+        let got = get(&c, &url, &[("x-api-key", KEY)]).await;
+        assert_eq!(got.status, StatusCode::OK);
+        let want = if h2 {
+            http::Version::HTTP_2
+        } else {
+            http::Version::HTTP_11
+        };
+        assert_eq!(got.version, want);
+        assert_eq!(up.last().headers["x-forwarded-proto"], "https");
+        let refused = get(&c, &url, &[]).await;
+        assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+    }
+
+    // TLS 1.2 only and TLS 1.3 only clients both get through.
+    for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        let c = tls_client_with_version(&cert, version);
+        let got = get(&c, &url, &[("x-api-key", KEY)]).await;
+        assert_eq!(got.status, StatusCode::OK);
+    }
+
+    // Plain listener: HTTP/2 with prior knowledge.
+    let (_up2, plain) = basic().await;
+    let got = get(
+        &h2c_client(),
+        &plain.url("/v1/guests"),
+        &[("x-api-key", KEY)],
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.version, http::Version::HTTP_2);
+}
+
+fn tls_client_with_version(
+    cert: &TestCert,
+    version: &'static rustls::SupportedProtocolVersion,
+) -> TlsClient {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from(
+            cert.cert_der.clone(),
+        ))
+        .unwrap();
+    let tls = rustls::ClientConfig::builder_with_protocol_versions(&[version])
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .build();
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(connector)
+}
+
+/// Reload: a new key works, a removed or disabled key is refused within 1 s, a broken file
+/// keeps the running table, and a key's limiter survives.
+#[tokio::test]
+async fn reload_adds_removes_keeps_on_error_and_keeps_limiter_state() {
+    let up = start_upstream().await;
+    let limits = "[limits]\nrate = \"1/min\"\nburst = 2\n\n";
+    let v1 = config_text(&up.url(), &format!("{limits}{}", key_entry("a", KEY, "")));
+    let gw = start_gateway(&v1).await;
+    let c = http1_client();
+    let url = gw.url("/v1/guests");
+
+    // Spend key a's burst.
+    for _ in 0..2 {
+        assert_eq!(
+            get(&c, &url, &[("x-api-key", KEY)]).await.status,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(
+        get(&c, &url, &[("x-api-key", KEY)]).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        get(&c, &url, &[("x-api-key", OTHER)]).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+
+    // Good file: adds b. Within 1 s b is admitted; a's spent budget is not refilled.
+    let v2 = config_text(
+        &up.url(),
+        &format!(
+            "{limits}{}{}",
+            key_entry("a", KEY, ""),
+            key_entry("b", OTHER, "")
+        ),
+    );
+    let written = std::time::Instant::now();
+    gw.rewrite_config(&v2);
+    let c2 = c.clone();
+    let url2 = url.clone();
+    assert!(
+        eventually(Duration::from_secs(1), || {
+            let (c, url) = (c2.clone(), url2.clone());
+            async move { get(&c, &url, &[("x-api-key", OTHER)]).await.status == StatusCode::OK }
+        })
+        .await,
+        "new key not admitted within 1 s"
+    );
+    assert!(written.elapsed() < Duration::from_secs(1));
+    assert_eq!(
+        get(&c, &url, &[("x-api-key", KEY)]).await.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "reload handed out a fresh budget"
+    );
+
+    // Broken file: both keys keep working as before.
+    gw.rewrite_config(&v2.replace("[limits]", "[limits\n"));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        get(&c, &url, &[("x-api-key", OTHER)]).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(&c, &url, &[("x-api-key", KEY)]).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+
+    // Key b disabled, then removed: refused within 1 s of the write.
+    gw.rewrite_config(&config_text(
+        &up.url(),
+        &format!(
+            "{limits}{}{}",
+            key_entry("a", KEY, ""),
+            key_entry("b", OTHER, "disabled = true")
+        ),
+    ));
+    let written = std::time::Instant::now();
+    let (c2, url2) = (c.clone(), url.clone());
+    assert!(
+        eventually(Duration::from_secs(1), || {
+            let (c, url) = (c2.clone(), url2.clone());
+            async move {
+                get(&c, &url, &[("x-api-key", OTHER)]).await.status == StatusCode::UNAUTHORIZED
+            }
+        })
+        .await,
+        "disabled key still admitted after 1 s"
+    );
+    assert!(written.elapsed() < Duration::from_millis(1100));
+    gw.rewrite_config(&v1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        get(&c, &url, &[("x-api-key", OTHER)]).await.code(),
+        "invalid_api_key"
+    );
 }

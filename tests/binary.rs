@@ -1,0 +1,365 @@
+//! The `keygate` binary as users run it: `run` (logs, SIGHUP, broken reloads, memory while
+//! streaming 1 GiB), `check`, `hash`, `demo`.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use common::*;
+use http::{Method, StatusCode};
+use keygate::keys::KeyHash;
+
+const KEY: &str = "legacy-reload-key-0123456789abcdefghij";
+
+fn gateway_dir(text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
+
+/// Logs: one access line per request with the documented fields; no key, no hash and no
+/// Authorization value in any line at any level (RUST_LOG=trace).
+#[tokio::test]
+async fn logs_carry_access_lines_and_never_a_secret() {
+    let up = start_upstream().await;
+    // A legacy key (no bbk_ checksum) so it reaches the table lookup.
+    let key = "legacy-partner-key-4c7d1e9f0a2b3c4d5e6f";
+    let (_dir, path) = gateway_dir(&config_text(
+        &up.url(),
+        &key_entry("review-platform", key, "tenant = \"hotel-1042\""),
+    ));
+    let gw = spawn_keygate(&path, &[]);
+    let c = http1_client();
+    let base = format!("http://{}", gw.addr);
+    let wrong = "wrong-key-value-9f8e7d6c5b4a39281706";
+    let requests: Vec<Vec<(&str, String)>> = vec![
+        vec![("x-api-key", key.to_string())],
+        vec![("authorization", format!("Bearer {key}"))],
+        vec![("x-api-key", wrong.to_string())],
+        vec![("authorization", format!("Bearer {wrong}"))],
+        vec![
+            ("x-api-key", key.to_string()),
+            ("authorization", format!("Bearer {key}")),
+        ],
+        vec![],
+    ];
+    for headers in &requests {
+        let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        get(&c, &format!("{base}/v1/guests?api_key={key}"), &h).await;
+    }
+    assert!(gw.wait_for_log("status=401", Duration::from_secs(5)));
+    std::thread::sleep(Duration::from_millis(200));
+    let logs = gw.logs();
+    let access: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("keygate::access"))
+        .collect();
+    assert_eq!(
+        access.len(),
+        requests.len(),
+        "one access line per request:\n{logs}"
+    );
+    let admitted = access[0];
+    for field in [
+        "request_id=",
+        "key_id=\"review-platform\"",
+        "tenant=\"hotel-1042\"",
+        "method=\"GET\"",
+        "path=\"/v1/guests\"",
+        "status=200",
+        "duration_ms=",
+    ] {
+        assert!(admitted.contains(field), "{field} missing from {admitted}");
+    }
+    let hash_hex = KeyHash::of(key.as_bytes()).to_config_string();
+    for secret in [
+        key,
+        wrong,
+        &hash_hex[7..],
+        &hash_hex[7..23],
+        "Bearer",
+        "api_key=",
+    ] {
+        assert!(
+            !logs.contains(secret),
+            "{secret:?} appears in the logs:\n{logs}"
+        );
+    }
+}
+
+/// Reload through the binary: SIGHUP reloads, a broken file logs one error with
+/// file:line:col and keeps serving the old table.
+#[tokio::test]
+async fn sighup_reloads_and_a_broken_file_logs_file_line_col_and_keeps_serving() {
+    let up = start_upstream().await;
+    let v1 = config_text(&up.url(), &key_entry("a", KEY, ""));
+    let (_dir, path) = gateway_dir(&v1);
+    let gw = spawn_keygate(&path, &[]);
+    let c = http1_client();
+    let url = format!("http://{}/v1/guests", gw.addr);
+    assert_eq!(
+        get(&c, &url, &[("x-api-key", KEY)]).await.status,
+        StatusCode::OK
+    );
+
+    gw.signal("HUP");
+    assert!(
+        gw.wait_for_log("config reloaded", Duration::from_secs(5)),
+        "{}",
+        gw.logs()
+    );
+    assert!(gw.logs().contains("SIGHUP"));
+
+    let broken = format!("{v1}\n[limits]\nrate = \"5/fortnight\"\n");
+    let bad_line = broken
+        .lines()
+        .position(|l| l.contains("fortnight"))
+        .unwrap()
+        + 1;
+    write_atomically(&path, &broken);
+    assert!(
+        gw.wait_for_log("config reload failed", Duration::from_secs(5)),
+        "{}",
+        gw.logs()
+    );
+    let logs = gw.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("config reload failed"))
+        .unwrap();
+    let location = format!("{}:{bad_line}:8:", path.display());
+    assert!(line.contains(&location), "no {location} in {line}");
+    assert_eq!(
+        logs.matches("config reload failed").count(),
+        1,
+        "one error per bad write"
+    );
+    assert_eq!(
+        get(&c, &url, &[("x-api-key", KEY)]).await.status,
+        StatusCode::OK
+    );
+}
+
+/// Line 4: a 1 GiB upload and a 1 GiB download pass through with bounded gateway memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_gib_each_way_with_bounded_memory() {
+    let up = start_upstream().await;
+    let key = "legacy-streaming-key-0123456789abcdef";
+    let (_dir, path) = gateway_dir(
+        &config_text(&up.url(), &key_entry("a", key, ""))
+            .replace("timeout = \"2s\"", "timeout = \"60s\""),
+    );
+    let gw = spawn_keygate(&path, &[("RUST_LOG", "warn,keygate::server=info")]);
+    let c = http1_client();
+    let base = format!("http://{}", gw.addr);
+    const GIB: u64 = 1 << 30;
+    let got = send(
+        &c,
+        Method::POST,
+        &format!("{base}/upload"),
+        &[("x-api-key", key)],
+        stream_body(GIB),
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.json()["bytes"], GIB);
+
+    // Count the download without keeping it.
+    let req = http::Request::get(format!("{base}/download?bytes={GIB}"))
+        .header("x-api-key", key)
+        .body(empty())
+        .unwrap();
+    let resp = c.request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut n = 0u64;
+    use http_body_util::BodyExt;
+    while let Some(frame) = body.frame().await {
+        if let Some(d) = frame.unwrap().data_ref() {
+            n += d.len() as u64;
+        }
+    }
+    assert_eq!(n, GIB);
+
+    let status = std::fs::read_to_string(format!("/proc/{}/status", gw.pid())).unwrap();
+    let hwm_kib: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(
+        hwm_kib < 64 * 1024,
+        "gateway peak RSS {hwm_kib} KiB while streaming 2 GiB"
+    );
+}
+
+/// `keygate check`: the shipped gateway.toml passes with a summary; a broken file prints
+/// file:line:col and exits 1.
+#[test]
+fn check_passes_on_the_shipped_config_and_locates_errors() {
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/gateway.toml");
+    let out = Command::new(keygate_bin())
+        .args(["check", "--config", shipped])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        "listen:   127.0.0.1:8443",
+        "tls:      off",
+        "upstream: http://127.0.0.1:9000",
+        "keys:     1 active, 0 disabled, 0 expired",
+    ] {
+        assert!(
+            stdout.contains(needle),
+            "{needle:?} missing from:\n{stdout}"
+        );
+    }
+
+    let text = std::fs::read_to_string(shipped)
+        .unwrap()
+        .replace("burst = 100", "burst = 100\nbogus = 1");
+    let (_dir, path) = gateway_dir(&text);
+    let out = Command::new(keygate_bin())
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = text.lines().position(|l| l == "bogus = 1").unwrap() + 1;
+    assert!(
+        stderr.starts_with(&format!("{}:{line}:1: ", path.display()))
+            && stderr.contains("unknown field"),
+        "{stderr}"
+    );
+
+    // Counting statuses.
+    let now_plus = "2999-01-01T00:00:00Z";
+    let keys = format!(
+        "{}{}{}",
+        key_entry(
+            "a",
+            "k-a-0123456789abcdef0123456789",
+            &format!("expires = {now_plus}")
+        ),
+        key_entry("b", "k-b-0123456789abcdef0123456789", "disabled = true"),
+        key_entry(
+            "c",
+            "k-c-0123456789abcdef0123456789",
+            "expires = 2001-01-01T00:00:00Z"
+        ),
+    );
+    let (_dir, path) = gateway_dir(&config_text("http://127.0.0.1:9", &keys));
+    let out = Command::new(keygate_bin())
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 active, 1 disabled, 1 expired"));
+}
+
+/// `keygate hash` prints the blake3 form of the key read on stdin.
+#[test]
+fn hash_prints_the_config_form() {
+    let mut child = Command::new(keygate_bin())
+        .arg("hash")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"bbk_someKey123\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let printed = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        printed.trim(),
+        format!("blake3:{}", blake3::hash(b"bbk_someKey123").to_hex())
+    );
+}
+
+/// `keygate demo`: a key and commands are printed; accepted, rejected and rate-limited all
+/// behave as printed.
+#[tokio::test]
+async fn demo_prints_a_working_key_and_commands() {
+    let mut child = Command::new(keygate_bin())
+        .args(["demo", "--port", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            text.push_str(&line);
+            text.push('\n');
+            if line.contains("Ctrl-C") {
+                let _ = tx.send(text.clone());
+            }
+        }
+    });
+    let text = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("demo printed its tour");
+    let key = text
+        .split_whitespace()
+        .find(|w| w.starts_with("bbk_"))
+        .expect("a key")
+        .to_string();
+    let base = text
+        .split_whitespace()
+        .find_map(|w| {
+            w.strip_suffix("/v1/guests")
+                .filter(|b| b.starts_with("http://127.0.0.1:"))
+        })
+        .expect("a URL")
+        .to_string();
+    assert!(text.contains("curl"));
+    let c = http1_client();
+    let got = get(&c, &format!("{base}/v1/guests"), &[("x-api-key", &key)]).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.json()["called_by"]["key_id"], "demo-review-platform");
+    assert_eq!(got.json()["called_by"]["tenant"], "hotel-1042");
+    let got = send(
+        &c,
+        Method::POST,
+        &format!("{base}/v1/messages"),
+        &[("authorization", &format!("Bearer {key}"))],
+        full("{\"text\":\"hi\"}"),
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::CREATED);
+    assert_eq!(
+        get(&c, &format!("{base}/v1/guests"), &[]).await.code(),
+        "missing_api_key"
+    );
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        statuses.push(
+            get(&c, &format!("{base}/v1/guests"), &[("x-api-key", &key)])
+                .await
+                .status
+                .as_u16(),
+        );
+    }
+    assert!(statuses.contains(&429), "{statuses:?}");
+    let _ = child.kill();
+    let _ = child.wait();
+}

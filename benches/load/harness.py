@@ -1,0 +1,346 @@
+#!/usr/bin/env python3
+"""keygate vs nginx as the same API-key gateway, measured side by side (see run.sh).
+
+Every contender proxies to one upstream (an nginx instance answering a small JSON body) over
+keep-alive connections, checks the x-api-key header against the same 1,000 keys, applies a
+per-key limit too high to trigger, removes the key header and adds an identity header.
+Proxies run on CPU 0 with one worker; wrk and the upstream run on CPU 1. For each run the
+proxy's CPU time (utime+stime of all its processes, from /proc) is read before and after and
+divided by the requests completed.
+"""
+import argparse
+import datetime
+import os
+import platform
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+
+CLK = os.sysconf("SC_CLK_TCK")
+KEYS = 1000
+BODY = '{"ok":true,"guests":[{"id":"g-1001","name":"Ada Lovelace"}]}'
+
+
+BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def mint_key():
+    """A key in keygate's format: bbk_ + 32 base62 + 6-char base62 CRC32 of what precedes."""
+    body = "bbk_" + "".join(secrets.choice(BASE62) for _ in range(32))
+    n = zlib.crc32(body.encode())
+    sum_ = ""
+    for _ in range(6):
+        sum_ = BASE62[n % 62] + sum_
+        n //= 62
+    return body + sum_
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_port(port, timeout=20):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listening on {port}")
+
+
+def cpu_ticks(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def process_tree(pid):
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [pid] + [int(p) for p in out.split()]
+
+
+def blake3_hex(binary, key):
+    out = subprocess.run([binary, "hash"], input=key, capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def parse_latency(s):
+    m = re.match(r"([\d.]+)(us|ms|s)", s)
+    v, unit = float(m.group(1)), m.group(2)
+    return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
+
+
+def run_wrk(url, args, headers):
+    cmd = ["taskset", "-c", "1", "wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s", "--latency"]
+    for h in headers:
+        cmd += ["-H", h]
+    out = subprocess.run(cmd + [url], capture_output=True, text=True).stdout
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p50 = parse_latency(re.search(r"\s50%\s+(\S+)", out).group(1))
+    p99 = parse_latency(re.search(r"\s99%\s+(\S+)", out).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    return {
+        "requests": total,
+        "rps": rps,
+        "p50": p50,
+        "p99": p99,
+        "non2xx": int(non2xx.group(1)) if non2xx else 0,
+        "errors": errors.group(1).strip() if errors else "",
+    }
+
+
+def nginx_conf(work, name, body):
+    path = os.path.join(work, f"{name}.conf")
+    with open(path, "w") as f:
+        f.write(
+            f"""worker_processes 1;
+daemon off;
+pid {work}/{name}.pid;
+error_log {work}/{name}-error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    keepalive_requests 10000000;
+{body}
+}}
+"""
+        )
+    return path
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--keygate", required=True)
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--connections", type=int, default=64)
+    ap.add_argument("--out", default="benches/load/results.md")
+    ap.add_argument("--modes", default="plain,tls,new", help="subset of plain,tls,new")
+    args = ap.parse_args()
+    keygate = os.path.abspath(args.keygate)
+    work = tempfile.mkdtemp(prefix="keygate-load-")
+    procs = []
+
+    def start(cmd, cpu, **kw):
+        p = subprocess.Popen(["taskset", "-c", str(cpu)] + cmd, **kw)
+        procs.append(p)
+        return p
+
+    try:
+        # Keys: the same 1,000 for both gateways.
+        keys = [mint_key() for _ in range(KEYS)]
+        # The config stores what `keygate hash` prints.
+        hashes = []
+        for k in keys:
+            hashes.append(blake3_hex(keygate, k))
+        subprocess.run([keygate, "certs", "dev", "--out", work], check=True, capture_output=True)
+        cert, key = f"{work}/gateway.crt", f"{work}/gateway.key"
+
+        up_port = free_port()
+        up_conf = nginx_conf(
+            work,
+            "upstream",
+            f"""    server {{
+        listen 127.0.0.1:{up_port} backlog=4096;
+        location / {{ default_type application/json; return 200 '{BODY}'; }}
+    }}""",
+        )
+        start(["nginx", "-c", up_conf], 1)
+        wait_port(up_port)
+
+        ports = {name: free_port() for name in ["kg_plain", "kg_tls", "ng_plain", "ng_tls"]}
+        entries = "".join(
+            f'[[keys]]\nid = "partner-{i}"\nhash = "{h}"\ntenant = "hotel-{i % 50}"\n'
+            for i, h in enumerate(hashes)
+        )
+        for name, tls in [("kg_plain", False), ("kg_tls", True)]:
+            tls_lines = f'tls_cert = "{cert}"\ntls_key = "{key}"\n' if tls else ""
+            conf = f"""[server]
+listen = "127.0.0.1:{ports[name]}"
+{tls_lines}workers = 1
+
+[upstream]
+url = "http://127.0.0.1:{up_port}"
+
+[limits]
+rate = "1000000/s"
+burst = 1000000
+
+{entries}"""
+            path = os.path.join(work, f"{name}.toml")
+            with open(path, "w") as f:
+                f.write(conf)
+            env = dict(os.environ, RUST_LOG="warn")
+            start([keygate, "run", "--config", path], 0, env=env, stderr=subprocess.DEVNULL)
+
+        key_map = "\n".join(f'        "{k}" "partner-{i}";' for i, k in enumerate(keys))
+        location = f"""        default_type application/json;
+        if ($key_id = "") {{
+            return 401 '{{"error":"invalid_api_key","message":"The API key is not valid."}}';
+        }}
+        limit_req zone=perkey burst=1000000 nodelay;
+        proxy_pass http://backend;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header X-Api-Key "";
+        proxy_set_header X-Keygate-Key-Id $key_id;
+        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;"""
+        ng_conf = nginx_conf(
+            work,
+            "gateway",
+            f"""    map_hash_bucket_size 128;
+    map_hash_max_size 4096;
+    map $http_x_api_key $key_id {{
+        default "";
+{key_map}
+    }}
+    limit_req_zone $key_id zone=perkey:10m rate=1000000r/s;
+    upstream backend {{
+        server 127.0.0.1:{up_port};
+        keepalive 128;
+        keepalive_requests 10000000;
+    }}
+    server {{
+        listen 127.0.0.1:{ports['ng_plain']} backlog=4096;
+        location / {{
+{location}
+        }}
+    }}
+    server {{
+        listen 127.0.0.1:{ports['ng_tls']} ssl backlog=4096;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        location / {{
+{location}
+        }}
+    }}""",
+        )
+        ng = start(["nginx", "-c", ng_conf], 0)
+        for p in ports.values():
+            wait_port(p)
+        time.sleep(0.5)
+        kg_pids = {"kg_plain": procs[1].pid, "kg_tls": procs[2].pid}
+
+        key_header = f"x-api-key: {keys[KEYS // 2]}"
+        all_modes = {
+            "plain": ("HTTP/1.1 keep-alive", "http", "plain", []),
+            "tls": ("TLS keep-alive", "https", "tls", []),
+            "new": ("TLS new connection per request", "https", "tls", ["Connection: close"]),
+        }
+        modes = [all_modes[m] for m in args.modes.split(",")]
+        results = {}
+        for rnd in range(args.rounds):
+            for mode, scheme, kind, extra in modes:
+                targets = [("keygate", f"kg_{kind}"), ("nginx", f"ng_{kind}")]
+                if rnd % 2:
+                    targets.reverse()
+                if kind == "plain":
+                    targets.insert(0, ("direct upstream", None))
+                for target, port_name in targets:
+                    if port_name is None:
+                        url, pids = f"http://127.0.0.1:{up_port}/v1/guests", []
+                    else:
+                        url = f"{scheme}://127.0.0.1:{ports[port_name]}/v1/guests"
+                        pids = process_tree(ng.pid) if target == "nginx" else [kg_pids[port_name]]
+                    before = cpu_ticks(pids)
+                    r = run_wrk(url, args, [key_header] + extra)
+                    after = cpu_ticks(pids)
+                    r["cpu_us"] = (after - before) / CLK * 1e6 / max(r["requests"], 1) if pids else None
+                    results.setdefault((mode, target), []).append(r)
+                    cpu = f"{r['cpu_us']:.1f}" if r["cpu_us"] is not None else "-"
+                    print(
+                        f"round {rnd + 1} {mode:32} {target:16} {r['rps']:>10.0f} req/s  "
+                        f"p50 {r['p50']:.3f} ms  p99 {r['p99']:.3f} ms  cpu {cpu} us/req  "
+                        f"non-2xx {r['non2xx']} {r['errors']}",
+                        flush=True,
+                    )
+        report(args, results, modes)
+    finally:
+        for p in reversed(procs):
+            try:
+                p.send_signal(signal.SIGTERM if p.args[2] != "nginx" else signal.SIGQUIT)
+            except ProcessLookupError:
+                pass
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def mean(rs, field):
+    vals = [r[field] for r in rs if r[field] is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def report(args, results, modes):
+    cpu_model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"model name\s*:\s*(.*)", f.read())
+            cpu_model = m.group(1) if m else cpu_model
+    except OSError:
+        pass
+    lines = [
+        "# Load harness results",
+        "",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- machine: {platform.node()}, {os.cpu_count()} cores, {cpu_model}, Linux {platform.release()}",
+        f"- command: `benches/load/run.sh --duration {args.duration} --rounds {args.rounds} --connections {args.connections}`",
+        f"- load: wrk, 1 thread, {args.connections} connections, {args.duration} s per run, {args.rounds} interleaved rounds (means shown); "
+        "proxies pinned to CPU 0 with one worker, wrk and the upstream (nginx returning a small JSON body) on CPU 1",
+        f"- both gateways: {KEYS} keys, per-key limit too high to trigger, key header removed, identity header added, keep-alive upstream",
+        "",
+        "| mode | target | req/s | p50 ms | p99 ms | CPU µs/req | non-2xx |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for mode, *_ in modes:
+        for target in ["direct upstream", "keygate", "nginx"]:
+            rs = results.get((mode, target))
+            if not rs:
+                continue
+            cpu = mean(rs, "cpu_us")
+            lines.append(
+                f"| {mode} | {target} | {mean(rs, 'rps'):.0f} | {mean(rs, 'p50'):.3f} | {mean(rs, 'p99'):.3f} | "
+                f"{'-' if cpu is None else f'{cpu:.1f}'} | {sum(r['non2xx'] for r in rs)} |"
+            )
+    lines += ["", "Ratios keygate / nginx (CPU: lower is better; req/s: higher is better; p99: lower is better):", "",
+              "| mode | CPU per request | req/s | p99 |", "|---|---:|---:|---:|"]
+    for mode, *_ in modes:
+        k, n = results.get((mode, "keygate")), results.get((mode, "nginx"))
+        if not k or not n:
+            continue
+        lines.append(
+            f"| {mode} | {mean(k, 'cpu_us') / mean(n, 'cpu_us'):.2f}x | {mean(k, 'rps') / mean(n, 'rps'):.2f}x | "
+            f"{mean(k, 'p99') / mean(n, 'p99'):.2f}x |"
+        )
+    text = "\n".join(lines) + "\n"
+    with open(args.out, "w") as f:
+        f.write(text)
+    print()
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -204,6 +204,20 @@ pub fn keys_array(doc: &mut DocumentMut) -> Result<&mut ArrayOfTables, String> {
     })
 }
 
+/// Appends `table` to `[[keys]]`. In a file that holds nothing but comments, those comments
+/// stay above the new entry (toml_edit keeps them as the document's trailing text otherwise).
+pub fn push_key(doc: &mut DocumentMut, mut table: Table) -> Result<(), String> {
+    if doc.as_table().is_empty() {
+        let trailing = doc.trailing().as_str().unwrap_or("").to_string();
+        if !trailing.trim().is_empty() {
+            table.decor_mut().set_prefix(format!("{trailing}\n"));
+            doc.set_trailing("");
+        }
+    }
+    keys_array(doc)?.push(table);
+    Ok(())
+}
+
 /// The `[[keys]]` table whose `id` is `id`.
 pub fn find_key<'d>(doc: &'d mut DocumentMut, id: &str) -> Result<Option<&'d mut Table>, String> {
     Ok(keys_array(doc)?
@@ -238,6 +252,18 @@ mod tests {
         assert_eq!(
             doc.to_string(),
             "[[keys]]\nid = \"a\"   # partner A\nhash = \"y\" # the hash\nrate = \"1/s\"\ndisabled = true\n"
+        );
+    }
+
+    #[test]
+    fn a_comment_only_file_keeps_its_comments_on_top() {
+        let mut doc: DocumentMut = "# owned by support\n".parse().unwrap();
+        let mut t = Table::new();
+        t.insert("id", toml_edit::value("a"));
+        push_key(&mut doc, t).unwrap();
+        assert_eq!(
+            doc.to_string(),
+            "# owned by support\n\n[[keys]]\nid = \"a\"\n"
         );
     }
 

@@ -176,9 +176,7 @@ fn new(config: &Path, a: NewArgs) -> anyhow::Result<()> {
             t.insert("expires", toml_edit::value(toml_time(e)));
         }
         t.insert("created_at", toml_edit::value(toml_time(now)));
-        keyfile::keys_array(doc)
-            .map_err(|m| unsupported(&store, m))?
-            .push(t);
+        keyfile::push_key(doc, t).map_err(|m| unsupported(&store, m))?;
         Ok(key)
     })?;
     eprintln!(

@@ -721,6 +721,116 @@ mod tests {
     }
 
     #[test]
+    fn lifecycle_fields_are_validated_where_they_stand() {
+        let key = |extra: &str| {
+            minimal(&format!(
+                "[[keys]]\nid = \"a\"\nhash = \"{HASH_A}\"\n{extra}"
+            ))
+        };
+        let cases = [
+            (
+                key("scopes = []\n"),
+                "gw.toml:8:10: scopes = [] would admit nothing",
+            ),
+            (
+                key("scopes = [\"GET /ok\", \"get /v1\"]\n"),
+                "gw.toml:8:22: scope \"get /v1\"",
+            ),
+            (key("quota = \"5/s\"\n"), "gw.toml:8:9: quota \"5/s\""),
+            (
+                key(&format!("previous_hash = \"{HASH_B}\"\n")),
+                "gw.toml:8:17: previous_hash needs previous_expires",
+            ),
+            (
+                key(&format!(
+                    "previous_hash = \"{HASH_A}\"\nprevious_expires = 2030-01-01T00:00:00Z\n"
+                )),
+                "gw.toml:8:17: key \"a\": previous_hash is already the hash of a key",
+            ),
+            (
+                key("created_at = 2026-01-01\n"),
+                "gw.toml:8:14: 2026-01-01 needs a date, a time and an offset",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = parse(&text).expect_err(&text).to_string();
+            assert!(err.starts_with(want), "{err}\n  should start with\n{want}");
+        }
+        let upstream = |extra: &str| {
+            format!("[server]\nlisten = \"127.0.0.1:0\"\n[upstream]\nurl = \"http://x\"\n{extra}")
+        };
+        let err = parse(&upstream("identity_secret = \"short\"\n")).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("gw.toml:5:19: the identity secret must be at least 32 bytes"),
+            "{err}"
+        );
+        assert!(
+            !err.to_string().contains("short"),
+            "the secret is not echoed"
+        );
+        let err = parse(&upstream(&format!(
+            "identity_secret = \"{}\"\nidentity_secret_file = \"s\"\n",
+            "x".repeat(32)
+        )))
+        .unwrap_err();
+        assert!(err.to_string().contains("not both"), "{err}");
+    }
+
+    #[test]
+    fn quota_scopes_and_rotation_are_understood() {
+        let c = parse(&minimal(&format!(
+            "[limits]\nquota = \"100/day\"\n[[keys]]\nid = \"a\"\nhash = \"{HASH_A}\"\nscopes = [\"GET /v1/**\"]\n\
+             previous_hash = \"{HASH_B}\"\nprevious_expires = 2030-01-01T00:00:00Z\n\
+             [[keys]]\nid = \"b\"\nhash = \"blake3:{}\"\nquota = \"5/h\"\n",
+            "3".repeat(64)
+        )))
+        .unwrap();
+        assert_eq!(c.keys[0].quota.unwrap().to_string(), "100/day");
+        assert_eq!(c.keys[1].quota.unwrap().to_string(), "5/h");
+        assert_eq!(c.keys[0].scopes[0].to_string(), "GET /v1/**");
+        assert!(c.keys[1].scopes.is_empty());
+        assert_eq!(
+            c.keys[0].previous.unwrap().hash,
+            KeyHash::parse(HASH_B).unwrap()
+        );
+    }
+
+    #[test]
+    fn a_keys_file_holds_the_keys_and_its_errors_point_into_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("gw.toml");
+        let main_text = minimal("[auth]\nkeys_file = \"keys.toml\"\n");
+        std::fs::write(&main, &main_text).unwrap();
+        let keys = dir.path().join("keys.toml");
+        std::fs::write(
+            &keys,
+            format!("# keys\n[[keys]]\nid = \"a\"\nhash = \"{HASH_A}\"\n"),
+        )
+        .unwrap();
+        let c = Config::parse(&main, &main_text).unwrap();
+        assert_eq!(c.keys.len(), 1);
+        assert_eq!(c.auth.keys_file.as_deref(), Some(keys.as_path()));
+        assert_eq!(Config::key_store_path(&main).unwrap(), keys);
+
+        let bad = format!("[[keys]]\nid = \"a\"\nhash = \"{HASH_A}\"\nrate = \"1/fortnight\"\n");
+        let err = Config::parse_with_keys(&main, &main_text, Some(&bad)).unwrap_err();
+        assert_eq!(err.file, keys.display().to_string());
+        assert_eq!((err.line, err.col), (4, 8));
+
+        let both = format!("{main_text}[[keys]]\nid = \"b\"\nhash = \"{HASH_B}\"\n");
+        let err = Config::parse(&main, &both).unwrap_err();
+        assert!(err.message.contains("belong in"), "{err}");
+
+        std::fs::remove_file(&keys).unwrap();
+        let err = Config::parse(&main, &main_text).unwrap_err();
+        assert!(
+            err.to_string().contains("cannot read the keys file"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn expiry_with_offset_is_understood() {
         let c = parse(&minimal(&format!(
             "[[keys]]\nid = \"a\"\nhash = \"{HASH_A}\"\nexpires = 2000-01-01T02:00:00+02:00\n"

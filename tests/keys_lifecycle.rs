@@ -10,6 +10,7 @@ use std::{
 };
 
 use common::*;
+use futures_util::FutureExt;
 use http::{Method, StatusCode};
 use keygate::{
     config::Config,
@@ -788,4 +789,65 @@ async fn refused_edits_leave_the_file_as_it_was() {
     assert!(stderr(&out).contains("gateway.toml:"), "{}", stderr(&out));
     assert!(stdout(&out).is_empty());
     assert_eq!(std::fs::read_to_string(&path).unwrap(), broken);
+}
+
+/// The whole life of a partner's key against `keygate run` in its own process: mint, use,
+/// rotate, revoke; and at trace level no log line ever holds a key or a hash.
+#[tokio::test]
+async fn a_keys_whole_life_against_a_running_gateway_process_logs_no_secret() {
+    let up = start_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, config_text(&up.url(), "")).unwrap();
+    let gw = spawn_keygate(&path, &[]);
+    let c = http1_client();
+    let url = format!("http://{}/v1/guests", gw.addr);
+    let status = |key: String| {
+        let (c, url) = (c.clone(), url.clone());
+        async move { get(&c, &url, &[("x-api-key", &key)]).await.status }
+    };
+
+    let first = minted(
+        &path,
+        &["new", "--id", "partner", "--scope", "GET /v1/guests/**"],
+    );
+    assert!(
+        eventually(SECOND, || status(first.clone())
+            .map(|s| s == StatusCode::OK))
+        .await
+    );
+    let second = minted(&path, &["rotate", "partner", "--grace", "1h"]);
+    assert!(
+        eventually(SECOND, || status(second.clone())
+            .map(|s| s == StatusCode::OK))
+        .await
+    );
+    assert_eq!(status(first.clone()).await, StatusCode::OK);
+    let got = send(&c, Method::POST, &url, &[("x-api-key", &second)], empty()).await;
+    assert_eq!(got.code(), "forbidden_scope");
+
+    ok(keys_cmd(&path, &["revoke", "partner"]));
+    assert!(
+        eventually(SECOND, || status(second.clone())
+            .map(|s| s == StatusCode::UNAUTHORIZED))
+        .await
+    );
+    assert_eq!(status(first.clone()).await, StatusCode::UNAUTHORIZED);
+
+    assert!(gw.wait_for_log("config reloaded", SECOND));
+    let logs = gw.logs();
+    let config = Config::load(&path).unwrap();
+    let k = &config.keys[0];
+    for secret in [
+        first.clone(),
+        second.clone(),
+        k.hash.to_config_string(),
+        k.previous.unwrap().hash.to_config_string(),
+    ] {
+        assert!(!logs.contains(&secret), "a key or hash reached the log");
+        assert!(
+            !logs.contains(&secret[7..]),
+            "a key or hash reached the log"
+        );
+    }
 }

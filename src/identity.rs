@@ -171,4 +171,20 @@ mod tests {
         };
         assert_eq!(key.sign(7, &who), expected);
     }
+
+    /// A fixed vector for backend implementers; the README's Python check produces the same.
+    #[test]
+    fn test_vector() {
+        let key = IdentityKey::from_secret(SECRET).unwrap();
+        let who = Identity {
+            key_id: "review",
+            tenant: Some("hotel-1042"),
+            method: "GET",
+            path: "/api/v1/guests",
+        };
+        assert_eq!(
+            key.sign(1_700_000_000, &who).to_hex().as_str(),
+            "524a8ab19a19b9c2b8d4b34d1647c01840c7b98668f4c6271952f6fc19bbe0cb"
+        );
+    }
 }

@@ -632,6 +632,19 @@ async fn the_identity_signature_verifies_with_the_secret_only() {
         identity::verify(&wrong, &header, now, skew, &who),
         Err(identity::VerifyError::Mismatch)
     );
+    // The backend check the README shows, verbatim, accepts it.
+    let mut parts = http::Request::builder()
+        .method(seen.method.clone())
+        .uri(seen.uri.clone())
+        .body(())
+        .unwrap()
+        .into_parts()
+        .0;
+    parts.headers = seen.headers.clone();
+    assert!(keygate_signed(secret.as_bytes(), &parts, now));
+    assert!(!keygate_signed(&[b'f'; 64], &parts, now));
+    assert!(!keygate_signed(secret.as_bytes(), &parts, now + 3600));
+
     let other_path = Identity {
         path: "/api/v1/guests",
         ..who
@@ -640,6 +653,19 @@ async fn the_identity_signature_verifies_with_the_secret_only() {
         identity::verify(&right, &header, now, skew, &other_path),
         Err(identity::VerifyError::Mismatch)
     );
+}
+
+/// The backend-side check from the README, copied verbatim.
+#[rustfmt::skip]
+fn keygate_signed(secret: &[u8], req: &http::request::Parts, now: u64) -> bool {
+    let h = |n: &str| req.headers.get(n).and_then(|v| v.to_str().ok());
+    let Some((t, v1)) = h("x-keygate-signature").and_then(|s| s.split_once(",v1=")) else { return false };
+    let Some(t) = t.strip_prefix("t=").and_then(|t| t.parse::<u64>().ok()) else { return false };
+    let Ok(given) = blake3::Hash::from_hex(v1) else { return false };
+    let key = blake3::derive_key("keygate 2026-11 X-Keygate-Signature v1", secret);
+    let msg = format!("{t}\n{}\n{}\n{}\n{}", h("x-keygate-key-id").unwrap_or(""),
+        h("x-keygate-tenant").unwrap_or(""), req.method, req.uri.path());
+    now.abs_diff(t) <= 300 && blake3::keyed_hash(&key, msg.as_bytes()) == given // constant-time ==
 }
 
 /// `keys list`: every status, limits and scopes, never a key; hashes only in `--json`.

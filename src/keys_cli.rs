@@ -246,7 +246,9 @@ fn rotate(config: &Path, id: &str, grace: Option<Duration>) -> anyhow::Result<()
         let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
         SystemTime::UNIX_EPOCH + Duration::from_secs(since.as_secs() + 1)
     });
+    let mut cut_short = None;
     let key = edit_key(&store, id, |t, key, current| {
+        cut_short = key.previous.filter(|p| p.expires > now).map(|p| p.expires);
         if key.disabled {
             return Err(EditError::Refused(format!(
                 "key {id:?} is disabled (revoked); mint a new one with `keygate keys new`"
@@ -271,6 +273,12 @@ fn rotate(config: &Path, id: &str, grace: Option<Duration>) -> anyhow::Result<()
         Ok(Some(new_key))
     })?
     .expect("rotate returns the new key");
+    if let Some(was) = cut_short {
+        eprintln!(
+            "keygate: note: the key before the current one was still in its grace (until {}); it stops now",
+            rfc3339(was)
+        );
+    }
     match until {
         Some(u) => eprintln!(
             "keygate: rotated key {id:?}; the old key works until {} — the new one is shown once, below",

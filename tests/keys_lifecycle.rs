@@ -162,8 +162,9 @@ async fn rotation_keeps_the_old_key_for_the_grace_only() {
     );
     assert!(until_status(&c, &gw, &old, StatusCode::OK, SECOND).await);
 
-    let new = minted(&gw.path, &["rotate", "partner", "--grace", "2s"]);
+    // Taken before the command, which reads its own clock once it runs.
     let rotated = Instant::now();
+    let new = minted(&gw.path, &["rotate", "partner", "--grace", "2s"]);
     assert_ne!(new, old);
     assert!(until_status(&c, &gw, &new, StatusCode::OK, SECOND).await);
     assert_eq!(

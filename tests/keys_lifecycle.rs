@@ -853,6 +853,17 @@ async fn a_keys_whole_life_against_a_running_gateway_process_logs_no_secret() {
     let got = send(&c, Method::POST, &url, &[("x-api-key", &second)], empty()).await;
     assert_eq!(got.code(), "forbidden_scope");
 
+    // A one-character typo is refused like an unknown key, but logged apart.
+    let mut typo = second.clone().into_bytes();
+    typo[10] = if typo[10] == b'Z' { b'Y' } else { b'Z' };
+    let typo = String::from_utf8(typo).unwrap();
+    let got = get(&c, &url, &[("x-api-key", &typo)]).await;
+    assert_eq!(got.code(), "invalid_api_key");
+    assert!(gw.wait_for_log("bad_checksum", SECOND));
+    let unknown = keys::mint("bbk_");
+    assert_eq!(status(unknown.clone()).await, StatusCode::UNAUTHORIZED);
+    assert!(gw.wait_for_log("reason=\"invalid_api_key\"", SECOND));
+
     ok(keys_cmd(&path, &["revoke", "partner"]));
     assert!(
         eventually(SECOND, || status(second.clone())
@@ -868,6 +879,8 @@ async fn a_keys_whole_life_against_a_running_gateway_process_logs_no_secret() {
     for secret in [
         first.clone(),
         second.clone(),
+        typo,
+        unknown,
         k.hash.to_config_string(),
         k.previous.unwrap().hash.to_config_string(),
     ] {

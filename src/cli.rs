@@ -1,4 +1,5 @@
-//! The command line: `run` (the default), `demo`, `hash`, `check`, `certs dev`.
+//! The command line: `run` (the default), `demo`, `hash`, `check`, `certs dev`, and
+//! `keys new|list|revoke|rotate` ([`crate::keys_cli`]).
 //!
 //! Exit codes: 0 on success, 1 on a config or start-up error (printed as one line on stderr).
 
@@ -43,6 +44,9 @@ pub enum Command {
     /// Certificates for local use.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Partner keys: mint, list, revoke, rotate (edits the key store in place).
+    #[command(subcommand)]
+    Keys(crate::keys_cli::KeysCommand),
 }
 
 /// `keygate certs ...`.
@@ -95,6 +99,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Keys(cmd) => {
+            crate::keys_cli::run(&cli.config, cmd)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Check => match Config::load(&cli.config) {
             Ok(config) => {
                 print!("{}", summary(&config));
@@ -114,7 +122,7 @@ pub fn summary(config: &Config) -> String {
     let (mut active, mut disabled, mut expired) = (0, 0, 0);
     for key in &config.keys {
         match KeyStatus::of(key, now) {
-            KeyStatus::Active => active += 1,
+            KeyStatus::Active | KeyStatus::Rotating => active += 1,
             KeyStatus::Disabled => disabled += 1,
             KeyStatus::Expired => expired += 1,
         }

@@ -9,7 +9,12 @@
 //! - relative paths (`tls_cert`, `tls_key`) are resolved against the config file's directory;
 //! - a key's `rate` and `burst` each fall back to `[limits]` on their own;
 //! - `[limits]` defaults to `rate = "10/s"`, `burst = 20`;
-//! - `expires` must be a full date-time with an offset (`2027-06-30T00:00:00Z`).
+//! - `expires` must be a full date-time with an offset (`2027-06-30T00:00:00Z`);
+//! - `[auth] keys_file` (relative to the config file) moves `[[keys]]` into a file of their own,
+//!   whose errors are reported against that file; `[[keys]]` in both places is an error;
+//! - a key's `quota` falls back to `[limits] quota` (none by default);
+//! - `scopes = []` is refused (it would admit nothing): leave `scopes` out for full access;
+//! - `previous_hash` and `previous_expires` (a rotation's grace) go together.
 
 use std::{
     net::SocketAddr,
@@ -23,7 +28,9 @@ use http::{uri::Authority, uri::Scheme, HeaderName, Uri};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::{keys::KeyHash, limit::RateLimit};
+use crate::{
+    identity::IdentityKey, keys::KeyHash, limit::RateLimit, quota::QuotaLimit, scope::Scope,
+};
 
 /// A config problem, located in its file.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -52,6 +59,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// `[limits]`: the defaults each key falls back to.
     pub limits: RateLimit,
+    /// `[limits] quota`: the default long-window quota, if any.
+    pub quota: Option<QuotaLimit>,
     /// `[[keys]]`, in file order.
     pub keys: Vec<KeyConfig>,
 }
@@ -91,6 +100,8 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     /// Time allowed for the upstream's response head.
     pub timeout: Duration,
+    /// Signs `X-Keygate-Signature` when set (`identity_secret` or `identity_secret_file`).
+    pub identity: Option<IdentityKey>,
 }
 
 /// `[auth]`: where keys are read from.
@@ -100,6 +111,8 @@ pub struct AuthConfig {
     pub header: HeaderName,
     /// The prefix of keys keygate mints; keys with it have their checksum checked.
     pub key_prefix: String,
+    /// `keys_file`, resolved against the config's directory: where `[[keys]]` live instead.
+    pub keys_file: Option<PathBuf>,
 }
 
 /// One `[[keys]]` entry.
@@ -117,6 +130,25 @@ pub struct KeyConfig {
     pub disabled: bool,
     /// Refused from this time on.
     pub expires: Option<SystemTime>,
+    /// What the key may call; empty means everything.
+    pub scopes: Vec<Scope>,
+    /// Effective long-window quota (the key's own, else `[limits] quota`).
+    pub quota: Option<QuotaLimit>,
+    /// When `keygate keys new` made it (informational).
+    pub created_at: Option<SystemTime>,
+    /// When `keygate keys revoke` disabled it (informational).
+    pub revoked_at: Option<SystemTime>,
+    /// The hash this key replaced in a rotation, valid until its own expiry.
+    pub previous: Option<PreviousKey>,
+}
+
+/// The old hash of a rotating key: accepted for the same entry until `expires`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PreviousKey {
+    /// blake3 of the old key.
+    pub hash: KeyHash,
+    /// The end of the grace period.
+    pub expires: SystemTime,
 }
 
 #[derive(Deserialize)]
@@ -147,6 +179,8 @@ struct RawUpstream {
     url: Spanned<String>,
     connect_timeout: Option<Spanned<String>>,
     timeout: Option<Spanned<String>>,
+    identity_secret: Option<Spanned<String>>,
+    identity_secret_file: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -154,6 +188,7 @@ struct RawUpstream {
 struct RawAuth {
     header: Option<Spanned<String>>,
     key_prefix: Option<Spanned<String>>,
+    keys_file: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -161,6 +196,7 @@ struct RawAuth {
 struct RawLimits {
     rate: Option<Spanned<String>>,
     burst: Option<Spanned<i64>>,
+    quota: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -174,6 +210,20 @@ struct RawKey {
     #[serde(default)]
     disabled: bool,
     expires: Option<Spanned<toml::value::Datetime>>,
+    scopes: Option<Spanned<Vec<Spanned<String>>>>,
+    quota: Option<Spanned<String>>,
+    created_at: Option<Spanned<toml::value::Datetime>>,
+    revoked_at: Option<Spanned<toml::value::Datetime>>,
+    previous_hash: Option<Spanned<String>>,
+    previous_expires: Option<Spanned<toml::value::Datetime>>,
+}
+
+/// A separate keys file (`[auth] keys_file`): only `[[keys]]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeysFile {
+    #[serde(default)]
+    keys: Vec<RawKey>,
 }
 
 /// Locates errors in one source text.
@@ -237,17 +287,40 @@ pub fn datetime_to_system_time(dt: &toml::value::Datetime) -> Result<SystemTime,
 impl Config {
     /// Reads and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: path.display().to_string(),
-            line: 1,
-            col: 1,
-            message: format!("cannot read the config file: {e}"),
-        })?;
+        let text = read(path, "config")?;
         Config::parse(path, &text)
     }
 
-    /// Validates `text` as the contents of the file at `path`.
+    /// Validates `text` as the contents of the file at `path` (reading `keys_file` when set).
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        Config::parse_with_keys(path, text, None)
+    }
+
+    /// The file that holds the `[[keys]]` of the config at `path`: its `keys_file`, else itself.
+    /// Only `[auth]` is looked at, so this works while the keys file does not exist yet.
+    pub fn key_store_path(path: &Path) -> Result<PathBuf, ConfigError> {
+        let text = read(path, "config")?;
+        let src = Source {
+            file: path,
+            text: &text,
+        };
+        let raw: RawConfig =
+            toml::from_str(&text).map_err(|e| src.error(e.span(), e.message().to_string()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Ok(match &raw.auth.keys_file {
+            Some(f) => base.join(f.get_ref()),
+            None => path.to_path_buf(),
+        })
+    }
+
+    /// Like [`parse`](Self::parse), but when `keys_text` is given it is used as the keys file's
+    /// contents instead of reading it (to validate an edit before it lands). Without a
+    /// `keys_file`, the keys are in `text` itself and `keys_text` is not used.
+    pub fn parse_with_keys(
+        path: &Path,
+        text: &str,
+        keys_text: Option<&str>,
+    ) -> Result<Config, ConfigError> {
         let src = Source { file: path, text };
         let raw: RawConfig =
             toml::from_str(text).map_err(|e| src.error(e.span(), e.message().to_string()))?;
@@ -322,59 +395,40 @@ impl Config {
             burst: default_burst,
         };
 
-        let mut keys = Vec::with_capacity(raw.keys.len());
-        let mut ids = std::collections::HashSet::with_capacity(raw.keys.len());
-        let mut hashes = std::collections::HashSet::with_capacity(raw.keys.len());
-        for k in &raw.keys {
-            let id = k.id.get_ref();
-            if !valid_id(id) {
-                return Err(src.at(
-                    &k.id,
-                    "id must be 1 to 64 characters of letters, digits, '.', '_' or '-'",
-                ));
-            }
-            if !ids.insert(id.as_str()) {
-                return Err(src.at(&k.id, format!("duplicate key id {id:?}")));
-            }
-            let hash = KeyHash::parse(k.hash.get_ref()).map_err(|m| src.at(&k.hash, m))?;
-            if !hashes.insert(hash.0) {
-                return Err(src.at(
-                    &k.hash,
-                    format!("key {id:?} has the same hash as an earlier key"),
-                ));
-            }
-            let tenant = match &k.tenant {
-                Some(t) if !valid_id(t.get_ref()) => {
+        let quota = match &raw.limits.quota {
+            Some(q) => Some(QuotaLimit::parse(q.get_ref()).map_err(|m| src.at(q, m))?),
+            None => None,
+        };
+        let keys_file = raw.auth.keys_file.as_ref().map(|f| base.join(f.get_ref()));
+        let keys = match &keys_file {
+            None => parse_keys(&src, &raw.keys, &limits, quota)?,
+            Some(file) => {
+                if let Some(k) = raw.keys.first() {
                     return Err(src.at(
-                        t,
-                        "tenant must be 1 to 64 characters of letters, digits, '.', '_' or '-'",
-                    ))
+                        &k.id,
+                        format!(
+                            "[auth] keys_file is set: [[keys]] belong in {}",
+                            file.display()
+                        ),
+                    ));
                 }
-                Some(t) => Some(t.get_ref().clone()),
-                None => None,
-            };
-            let (count, per) = match &k.rate {
-                Some(r) => RateLimit::parse_rate(r.get_ref(), false).map_err(|m| src.at(r, m))?,
-                None => (limits.count, limits.per),
-            };
-            let burst = match &k.burst {
-                Some(b) => parse_burst(&src, b)?,
-                None => limits.burst,
-            };
-            let expires = match &k.expires {
-                Some(e) => Some(datetime_to_system_time(e.get_ref()).map_err(|m| src.at(e, m))?),
-                None => None,
-            };
-            keys.push(KeyConfig {
-                id: id.clone(),
-                hash,
-                tenant,
-                limit: RateLimit { count, per, burst },
-                disabled: k.disabled,
-                expires,
-            });
-        }
-
+                let owned;
+                let keys_text = match keys_text {
+                    Some(t) => t,
+                    None => {
+                        owned = read(file, "keys")?;
+                        &owned
+                    }
+                };
+                let ksrc = Source {
+                    file,
+                    text: keys_text,
+                };
+                let raw_keys: RawKeysFile = toml::from_str(keys_text)
+                    .map_err(|e| ksrc.error(e.span(), e.message().to_string()))?;
+                parse_keys(&ksrc, &raw_keys.keys, &limits, quota)?
+            }
+        };
         Ok(Config {
             path: path.to_path_buf(),
             server: ServerConfig {
@@ -383,11 +437,140 @@ impl Config {
                 workers,
             },
             upstream,
-            auth: AuthConfig { header, key_prefix },
+            auth: AuthConfig {
+                header,
+                key_prefix,
+                keys_file,
+            },
             limits,
+            quota,
             keys,
         })
     }
+}
+
+fn read(path: &Path, what: &str) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.display().to_string(),
+        line: 1,
+        col: 1,
+        message: format!("cannot read the {what} file: {e}"),
+    })
+}
+
+fn parse_datetime(
+    src: &Source<'_>,
+    v: &Option<Spanned<toml::value::Datetime>>,
+) -> Result<Option<SystemTime>, ConfigError> {
+    match v {
+        Some(e) => Ok(Some(
+            datetime_to_system_time(e.get_ref()).map_err(|m| src.at(e, m))?,
+        )),
+        None => Ok(None),
+    }
+}
+
+/// Validates `[[keys]]` against `src`, the file they were read from.
+fn parse_keys(
+    src: &Source<'_>,
+    raw: &[RawKey],
+    limits: &RateLimit,
+    default_quota: Option<QuotaLimit>,
+) -> Result<Vec<KeyConfig>, ConfigError> {
+    let mut keys = Vec::with_capacity(raw.len());
+    let mut ids = std::collections::HashSet::with_capacity(raw.len());
+    let mut hashes = std::collections::HashSet::with_capacity(raw.len());
+    for k in raw {
+        let id = k.id.get_ref();
+        if !valid_id(id) {
+            return Err(src.at(
+                &k.id,
+                "id must be 1 to 64 characters of letters, digits, '.', '_' or '-'",
+            ));
+        }
+        if !ids.insert(id.as_str()) {
+            return Err(src.at(&k.id, format!("duplicate key id {id:?}")));
+        }
+        let hash = KeyHash::parse(k.hash.get_ref()).map_err(|m| src.at(&k.hash, m))?;
+        if !hashes.insert(hash.0) {
+            return Err(src.at(
+                &k.hash,
+                format!("key {id:?} has the same hash as an earlier key"),
+            ));
+        }
+        let tenant = match &k.tenant {
+            Some(t) if !valid_id(t.get_ref()) => {
+                return Err(src.at(
+                    t,
+                    "tenant must be 1 to 64 characters of letters, digits, '.', '_' or '-'",
+                ))
+            }
+            Some(t) => Some(t.get_ref().clone()),
+            None => None,
+        };
+        let (count, per) = match &k.rate {
+            Some(r) => RateLimit::parse_rate(r.get_ref(), false).map_err(|m| src.at(r, m))?,
+            None => (limits.count, limits.per),
+        };
+        let burst = match &k.burst {
+            Some(b) => parse_burst(src, b)?,
+            None => limits.burst,
+        };
+        let expires = parse_datetime(src, &k.expires)?;
+        let scopes = match &k.scopes {
+            Some(list) if list.get_ref().is_empty() => {
+                return Err(src.at(
+                    list,
+                    "scopes = [] would admit nothing: leave scopes out for full access, or list at least one",
+                ))
+            }
+            Some(list) => list
+                .get_ref()
+                .iter()
+                .map(|s| Scope::parse(s.get_ref()).map_err(|m| src.at(s, m)))
+                .collect::<Result<Vec<_>, _>>()?,
+            None => Vec::new(),
+        };
+        let quota = match &k.quota {
+            Some(q) => Some(QuotaLimit::parse(q.get_ref()).map_err(|m| src.at(q, m))?),
+            None => default_quota,
+        };
+        let previous = match (&k.previous_hash, &k.previous_expires) {
+            (Some(h), Some(e)) => {
+                let hash = KeyHash::parse(h.get_ref()).map_err(|m| src.at(h, m))?;
+                if !hashes.insert(hash.0) {
+                    return Err(src.at(
+                        h,
+                        format!("key {id:?}: previous_hash is already the hash of a key"),
+                    ));
+                }
+                let expires = datetime_to_system_time(e.get_ref()).map_err(|m| src.at(e, m))?;
+                Some(PreviousKey { hash, expires })
+            }
+            (None, None) => None,
+            (Some(h), None) => {
+                return Err(src.at(
+                    h,
+                    "previous_hash needs previous_expires (the end of the grace)",
+                ))
+            }
+            (None, Some(e)) => return Err(src.at(e, "previous_expires needs previous_hash")),
+        };
+        keys.push(KeyConfig {
+            id: id.clone(),
+            hash,
+            tenant,
+            limit: RateLimit { count, per, burst },
+            disabled: k.disabled,
+            expires,
+            scopes,
+            quota,
+            created_at: parse_datetime(src, &k.created_at)?,
+            revoked_at: parse_datetime(src, &k.revoked_at)?,
+            previous,
+        });
+    }
+    Ok(keys)
 }
 
 fn parse_burst(src: &Source<'_>, b: &Spanned<i64>) -> Result<NonZeroU32, ConfigError> {
@@ -419,7 +602,24 @@ fn parse_upstream(src: &Source<'_>, raw: &RawUpstream) -> Result<UpstreamConfig,
         Some(d) => parse_duration(d.get_ref()).map_err(|m| src.at(d, m)),
         None => Ok(default),
     };
+    let identity = match (&raw.identity_secret, &raw.identity_secret_file) {
+        (Some(_), Some(f)) => {
+            return Err(src.at(f, "set identity_secret or identity_secret_file, not both"))
+        }
+        (Some(s), None) => {
+            Some(IdentityKey::from_secret(s.get_ref().as_bytes()).map_err(|m| src.at(s, m))?)
+        }
+        (None, Some(f)) => {
+            let base = src.file.parent().unwrap_or(Path::new("."));
+            let secret = std::fs::read(base.join(f.get_ref()))
+                .map_err(|e| src.at(f, format!("cannot read identity_secret_file: {e}")))?;
+            let secret = secret.trim_ascii_end();
+            Some(IdentityKey::from_secret(secret).map_err(|m| src.at(f, m))?)
+        }
+        (None, None) => None,
+    };
     Ok(UpstreamConfig {
+        identity,
         url: url.clone(),
         scheme,
         authority,
@@ -518,6 +718,116 @@ mod tests {
             assert!(err.starts_with("gw.toml:"), "{err}");
             assert!(err.contains(needle), "{err} should mention {needle}");
         }
+    }
+
+    #[test]
+    fn lifecycle_fields_are_validated_where_they_stand() {
+        let key = |extra: &str| {
+            minimal(&format!(
+                "[[keys]]\nid = \"a\"\nhash = \"{HASH_A}\"\n{extra}"
+            ))
+        };
+        let cases = [
+            (
+                key("scopes = []\n"),
+                "gw.toml:8:10: scopes = [] would admit nothing",
+            ),
+            (
+                key("scopes = [\"GET /ok\", \"get /v1\"]\n"),
+                "gw.toml:8:22: scope \"get /v1\"",
+            ),
+            (key("quota = \"5/s\"\n"), "gw.toml:8:9: quota \"5/s\""),
+            (
+                key(&format!("previous_hash = \"{HASH_B}\"\n")),
+                "gw.toml:8:17: previous_hash needs previous_expires",
+            ),
+            (
+                key(&format!(
+                    "previous_hash = \"{HASH_A}\"\nprevious_expires = 2030-01-01T00:00:00Z\n"
+                )),
+                "gw.toml:8:17: key \"a\": previous_hash is already the hash of a key",
+            ),
+            (
+                key("created_at = 2026-01-01\n"),
+                "gw.toml:8:14: 2026-01-01 needs a date, a time and an offset",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = parse(&text).expect_err(&text).to_string();
+            assert!(err.starts_with(want), "{err}\n  should start with\n{want}");
+        }
+        let upstream = |extra: &str| {
+            format!("[server]\nlisten = \"127.0.0.1:0\"\n[upstream]\nurl = \"http://x\"\n{extra}")
+        };
+        let err = parse(&upstream("identity_secret = \"short\"\n")).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("gw.toml:5:19: the identity secret must be at least 32 bytes"),
+            "{err}"
+        );
+        assert!(
+            !err.to_string().contains("short"),
+            "the secret is not echoed"
+        );
+        let err = parse(&upstream(&format!(
+            "identity_secret = \"{}\"\nidentity_secret_file = \"s\"\n",
+            "x".repeat(32)
+        )))
+        .unwrap_err();
+        assert!(err.to_string().contains("not both"), "{err}");
+    }
+
+    #[test]
+    fn quota_scopes_and_rotation_are_understood() {
+        let c = parse(&minimal(&format!(
+            "[limits]\nquota = \"100/day\"\n[[keys]]\nid = \"a\"\nhash = \"{HASH_A}\"\nscopes = [\"GET /v1/**\"]\n\
+             previous_hash = \"{HASH_B}\"\nprevious_expires = 2030-01-01T00:00:00Z\n\
+             [[keys]]\nid = \"b\"\nhash = \"blake3:{}\"\nquota = \"5/h\"\n",
+            "3".repeat(64)
+        )))
+        .unwrap();
+        assert_eq!(c.keys[0].quota.unwrap().to_string(), "100/day");
+        assert_eq!(c.keys[1].quota.unwrap().to_string(), "5/h");
+        assert_eq!(c.keys[0].scopes[0].to_string(), "GET /v1/**");
+        assert!(c.keys[1].scopes.is_empty());
+        assert_eq!(
+            c.keys[0].previous.unwrap().hash,
+            KeyHash::parse(HASH_B).unwrap()
+        );
+    }
+
+    #[test]
+    fn a_keys_file_holds_the_keys_and_its_errors_point_into_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("gw.toml");
+        let main_text = minimal("[auth]\nkeys_file = \"keys.toml\"\n");
+        std::fs::write(&main, &main_text).unwrap();
+        let keys = dir.path().join("keys.toml");
+        std::fs::write(
+            &keys,
+            format!("# keys\n[[keys]]\nid = \"a\"\nhash = \"{HASH_A}\"\n"),
+        )
+        .unwrap();
+        let c = Config::parse(&main, &main_text).unwrap();
+        assert_eq!(c.keys.len(), 1);
+        assert_eq!(c.auth.keys_file.as_deref(), Some(keys.as_path()));
+        assert_eq!(Config::key_store_path(&main).unwrap(), keys);
+
+        let bad = format!("[[keys]]\nid = \"a\"\nhash = \"{HASH_A}\"\nrate = \"1/fortnight\"\n");
+        let err = Config::parse_with_keys(&main, &main_text, Some(&bad)).unwrap_err();
+        assert_eq!(err.file, keys.display().to_string());
+        assert_eq!((err.line, err.col), (4, 8));
+
+        let both = format!("{main_text}[[keys]]\nid = \"b\"\nhash = \"{HASH_B}\"\n");
+        let err = Config::parse(&main, &both).unwrap_err();
+        assert!(err.message.contains("belong in"), "{err}");
+
+        std::fs::remove_file(&keys).unwrap();
+        let err = Config::parse(&main, &main_text).unwrap_err();
+        assert!(
+            err.to_string().contains("cannot read the keys file"),
+            "{err}"
+        );
     }
 
     #[test]

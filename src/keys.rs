@@ -8,6 +8,10 @@
 //! Minted keys look like `bbk_<32 base62 chars><6 base62 chars>`: 190 bits from the OS CSPRNG,
 //! then a CRC32 of everything before it (the scheme GitHub uses for its tokens), so a mistyped
 //! key is told apart before any lookup and secret scanners can spot a leaked one.
+//!
+//! A rotating key has two hashes, the new one and its `previous_hash` (valid until
+//! `previous_expires`); both map to the same `Arc<KeyEntry>`, so they share one rate limiter and
+//! one quota.
 
 use std::{
     collections::HashMap,
@@ -22,6 +26,8 @@ use http::HeaderValue;
 use crate::{
     config::{Config, KeyConfig},
     limit::KeyLimiter,
+    quota::{self, QuotaLimiter},
+    scope::Scope,
 };
 
 /// The prefix minted keys carry unless `[auth] key_prefix` says otherwise.
@@ -163,6 +169,8 @@ pub enum KeyStatus {
     Disabled,
     /// Past `expires`: refused.
     Expired,
+    /// Admitted, and its previous key is still in its grace period.
+    Rotating,
 }
 
 impl KeyStatus {
@@ -172,6 +180,8 @@ impl KeyStatus {
             KeyStatus::Disabled
         } else if key.expires.is_some_and(|e| e <= now) {
             KeyStatus::Expired
+        } else if key.previous.is_some_and(|p| p.expires > now) {
+            KeyStatus::Rotating
         } else {
             KeyStatus::Active
         }
@@ -191,51 +201,105 @@ pub struct KeyEntry {
     pub expires: Option<SystemTime>,
     /// This id's limiter, carried across reloads.
     pub limiter: Arc<KeyLimiter>,
+    /// This id's long-window quota, carried across reloads; `None` without a quota.
+    pub quota: Option<Arc<QuotaLimiter>>,
+    /// What the key may call; empty means everything.
+    pub scopes: Vec<Scope>,
+    /// `RateLimit-Policy` value: the rate, and the quota when there is one.
+    pub policy_header: HeaderValue,
     /// `X-Keygate-Key-Id` value.
     pub id_header: HeaderValue,
     /// `X-Keygate-Tenant` value.
     pub tenant_header: Option<HeaderValue>,
 }
 
+/// What a presented hash found in the table.
+#[derive(Debug, Clone, Copy)]
+pub struct Found<'a> {
+    /// The key's entry (the same for a rotating key's old and new hash).
+    pub entry: &'a Arc<KeyEntry>,
+    /// For the old hash of a rotating key: the end of its grace period.
+    pub previous_until: Option<SystemTime>,
+}
+
+#[derive(Debug)]
+struct Slot {
+    entry: Arc<KeyEntry>,
+    previous_until: Option<SystemTime>,
+}
+
 /// The key table: blake3 hash → entry. Immutable once built; a reload builds a new one.
 #[derive(Debug, Default)]
 pub struct KeyTable {
-    by_hash: HashMap<KeyHash, Arc<KeyEntry>, BuildHasherDefault<PassThroughHasher>>,
+    by_hash: HashMap<KeyHash, Slot, BuildHasherDefault<PassThroughHasher>>,
 }
 
 impl KeyTable {
-    /// Builds the table for `config`, carrying over the limiters of `previous` for every id
-    /// whose limit did not change.
+    /// Builds the table for `config`, carrying over the limiters (rate and quota) of
+    /// `previous` for every id whose limit did not change.
     pub fn build(config: &Config, previous: Option<&KeyTable>) -> KeyTable {
-        let old: HashMap<&str, &Arc<KeyLimiter>> = previous
-            .map(|t| t.by_hash.values().map(|e| (&*e.id, &e.limiter)).collect())
+        let old: HashMap<&str, &Arc<KeyEntry>> = previous
+            .map(|t| {
+                t.by_hash
+                    .values()
+                    .map(|s| (&*s.entry.id, &s.entry))
+                    .collect()
+            })
             .unwrap_or_default();
         let mut by_hash = HashMap::with_capacity_and_hasher(config.keys.len(), Default::default());
         for key in &config.keys {
-            let limiter = match old.get(key.id.as_str()) {
-                Some(l) if *l.limit() == key.limit => Arc::clone(l),
+            let old_entry = old.get(key.id.as_str());
+            let limiter = match old_entry {
+                Some(e) if *e.limiter.limit() == key.limit => Arc::clone(&e.limiter),
                 _ => Arc::new(KeyLimiter::new(key.limit)),
             };
+            let quota = key
+                .quota
+                .map(|q| match old_entry.and_then(|e| e.quota.as_ref()) {
+                    Some(old) if *old.limit() == q => Arc::clone(old),
+                    _ => Arc::new(QuotaLimiter::new(q)),
+                });
             let entry = Arc::new(KeyEntry {
                 id: Arc::from(key.id.as_str()),
                 tenant: key.tenant.as_deref().map(Arc::from),
                 disabled: key.disabled,
                 expires: key.expires,
                 limiter,
+                quota,
+                scopes: key.scopes.clone(),
+                policy_header: quota::policy_header(&key.limit, key.quota.as_ref()),
                 id_header: HeaderValue::try_from(key.id.as_str()).expect("validated id"),
                 tenant_header: key
                     .tenant
                     .as_deref()
                     .map(|t| HeaderValue::try_from(t).expect("validated tenant")),
             });
-            by_hash.insert(key.hash, entry);
+            if let Some(prev) = key.previous {
+                by_hash.insert(
+                    prev.hash,
+                    Slot {
+                        entry: Arc::clone(&entry),
+                        previous_until: Some(prev.expires),
+                    },
+                );
+            }
+            by_hash.insert(
+                key.hash,
+                Slot {
+                    entry,
+                    previous_until: None,
+                },
+            );
         }
         KeyTable { by_hash }
     }
 
-    /// The entry for a presented key's hash.
-    pub fn lookup(&self, hash: &KeyHash) -> Option<&Arc<KeyEntry>> {
-        self.by_hash.get(hash)
+    /// The entry for a presented key's hash, saying whether it was a rotating key's old hash.
+    pub fn lookup(&self, hash: &KeyHash) -> Option<Found<'_>> {
+        self.by_hash.get(hash).map(|s| Found {
+            entry: &s.entry,
+            previous_until: s.previous_until,
+        })
     }
 
     /// How many hashes the table holds.

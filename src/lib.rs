@@ -5,11 +5,16 @@
 //! it admits to the upstream.
 //!
 //! # Layout
-//! - [`cli`]: the command line (`run`, `demo`, `hash`, `check`).
+//! - [`cli`]: the command line (`run`, `demo`, `hash`, `check`, `certs`, `keys`).
+//! - [`keys_cli`]: `keygate keys new|list|revoke|rotate`, a partner key's life from the CLI.
+//! - [`keyfile`]: editing the key store in place: toml_edit, validation, lock, atomic write.
 //! - [`config`]: gateway.toml → raw serde structs → validated [`config::Config`].
 //! - [`keys`]: key format and checksum, blake3 hashing, the [`keys::KeyTable`].
 //! - [`limit`]: per-key GCRA limiters that outlive reloads, rate-limit header fields.
-//! - [`proxy`]: the request path, phase by phase (authenticate, limit, rewrite, forward).
+//! - [`quota`]: long-window quotas beside the rate, charged together or not at all.
+//! - [`scope`]: key scopes (`GET /v1/guests/**`) and the path normalisation they rely on.
+//! - [`identity`]: the `X-Keygate-Signature` header the backend can verify.
+//! - [`proxy`]: the request path, phase by phase (authenticate, scope, limit, rewrite, forward).
 //! - [`upstream`]: the pooled upstream client (HTTP and verified HTTPS).
 //! - [`tls`]: the listener's rustls config and certificate loading.
 //! - [`server`]: accept loop, HTTP/1.1 + HTTP/2 serving, graceful shutdown.
@@ -25,10 +30,15 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod identity;
+pub mod keyfile;
 pub mod keys;
+pub mod keys_cli;
 pub mod limit;
 pub mod proxy;
+pub mod quota;
 pub mod reload;
+pub mod scope;
 pub mod server;
 pub mod telemetry;
 pub mod tls;

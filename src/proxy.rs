@@ -3,13 +3,17 @@
 //! 1. **identify** – take the request id the client sent (when sane) or make one;
 //! 2. **authenticate** – find the key (configured header, else `Authorization: Bearer`), hash it
 //!    once with blake3, look it up in the live [`KeyTable`](crate::keys::KeyTable), refuse
-//!    missing, unknown, disabled and expired keys;
-//! 3. **limit** – ask the key id's limiter; refuse with 429 and `Retry-After` when it is spent;
-//! 4. **rewrite** – drop the key, hop-by-hop headers and any client-sent `X-Keygate-*`, set the
-//!    forwarding and identity headers, point the URI at the upstream;
-//! 5. **forward** – send it on the pooled client, the body streamed both ways, with a deadline
+//!    missing, unknown, disabled and expired keys (and a rotated key's old hash after its grace);
+//! 3. **scope** – for a key with scopes, normalise the path ([`scope::normalise`]) and refuse
+//!    with 403 what no scope covers; nothing is charged or forwarded;
+//! 4. **limit** – ask the key's quota and rate ([`quota::admit`]: both are charged or neither);
+//!    refuse with 429 and `Retry-After` when one is spent;
+//! 5. **rewrite** – drop the key, hop-by-hop headers and any client-sent `X-Keygate-*`, set the
+//!    forwarding and identity headers (and `X-Keygate-Signature` when configured), point the
+//!    URI at the upstream (a scoped key's request goes with its normalised path);
+//! 6. **forward** – send it on the pooled client, the body streamed both ways, with a deadline
 //!    on the response head;
-//! 6. **respond** – add the rate-limit fields and the request id, write one access-log line.
+//! 7. **respond** – add the rate-limit fields and the request id, write one access-log line.
 //!
 //! A refusal in any phase is a [`GatewayError`], turned into a response in one place
 //! ([`GatewayError::to_response`]).
@@ -36,8 +40,10 @@ use hyper::body::Incoming;
 use crate::{
     config::Config,
     error::GatewayError,
+    identity::Identity,
     keys::{self, KeyEntry, KeyHash, KeyTable},
-    limit::{self, Decision},
+    quota::{self, Admission},
+    scope::{self, NormalPath},
     upstream::UpstreamClient,
 };
 
@@ -50,6 +56,8 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static X_KEYGATE_KEY_ID: HeaderName = HeaderName::from_static("x-keygate-key-id");
 /// `X-Keygate-Tenant`: the admitted key's tenant, for the upstream.
 pub static X_KEYGATE_TENANT: HeaderName = HeaderName::from_static("x-keygate-tenant");
+/// `X-Keygate-Signature`: `t=<unix seconds>,v1=<hex>`, see [`crate::identity`].
+pub static X_KEYGATE_SIGNATURE: HeaderName = HeaderName::from_static("x-keygate-signature");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -129,10 +137,7 @@ pub async fn handle(
     };
     let headers = resp.headers_mut();
     if let (Some(key), Some(ratelimit)) = (&caller.key, caller.ratelimit) {
-        headers.insert(
-            RATELIMIT_POLICY.clone(),
-            key.limiter.policy_header().clone(),
-        );
+        headers.insert(RATELIMIT_POLICY.clone(), key.policy_header.clone());
         headers.insert(RATELIMIT.clone(), ratelimit);
     }
     headers.insert(X_REQUEST_ID.clone(), request_id.clone());
@@ -167,17 +172,19 @@ async fn admit_and_forward(
 ) -> Result<Response<ResponseBody>, GatewayError> {
     let (entry, source) = authenticate(live, req.headers())?;
     caller.key = Some(Arc::clone(&entry));
-    let decision = entry.limiter.check();
-    match decision {
-        Decision::Admit { remaining, reset } => {
-            caller.ratelimit = Some(limit::ratelimit_field(remaining, reset));
+    let normal = check_scope(&entry, req.method(), req.uri())?;
+    let admission = quota::admit(&entry.limiter, entry.quota.as_deref());
+    caller.ratelimit = Some(quota::ratelimit_header(&admission));
+    match admission {
+        Admission::Admit { .. } => {}
+        Admission::RateLimited { retry_after } => {
+            return Err(GatewayError::RateLimited { retry_after })
         }
-        Decision::Deny { retry_after } => {
-            caller.ratelimit = Some(limit::ratelimit_field(0, retry_after));
-            return Err(GatewayError::RateLimited { retry_after });
+        Admission::QuotaExceeded { retry_after } => {
+            return Err(GatewayError::QuotaExceeded { retry_after })
         }
     }
-    let up = rewrite(live, conn, req, &entry, source, request_id)?;
+    let up = rewrite(live, conn, req, &entry, source, request_id, normal)?;
     forward(shared, live, up, request_id).await
 }
 
@@ -227,17 +234,37 @@ fn authenticate(
     if keys::checksum_ok(key_str, &auth.key_prefix) == Some(false) {
         return Err(GatewayError::BadChecksum);
     }
-    let entry = live
+    let found = live
         .table
         .lookup(&KeyHash::of(key))
         .ok_or(GatewayError::InvalidApiKey)?;
+    let entry = found.entry;
     if entry.disabled {
         return Err(GatewayError::InvalidApiKey);
     }
-    if entry.expires.is_some_and(|e| e <= SystemTime::now()) {
+    let now = SystemTime::now();
+    if entry.expires.is_some_and(|e| e <= now) || found.previous_until.is_some_and(|e| e <= now) {
         return Err(GatewayError::ExpiredApiKey);
     }
     Ok((Arc::clone(entry), source))
+}
+
+/// Phase 3: for a key with scopes, the normalised path when a scope covers the request.
+fn check_scope(
+    entry: &KeyEntry,
+    method: &Method,
+    uri: &Uri,
+) -> Result<Option<NormalPath>, GatewayError> {
+    if entry.scopes.is_empty() {
+        return Ok(None);
+    }
+    let normal = scope::normalise(uri.path()).map_err(|_| {
+        GatewayError::BadRequest("Encoded slashes, backslashes and NULs are not accepted in paths.")
+    })?;
+    if !scope::allowed(&entry.scopes, method, &normal) {
+        return Err(GatewayError::ForbiddenScope);
+    }
+    Ok(Some(normal))
 }
 
 /// The token of an `Authorization: Bearer <token>` value (scheme matched case-insensitively).
@@ -257,6 +284,7 @@ fn rewrite(
     entry: &KeyEntry,
     source: KeySource,
     request_id: &HeaderValue,
+    normal: Option<NormalPath>,
 ) -> Result<Request<Incoming>, GatewayError> {
     let (mut parts, body) = req.into_parts();
     if parts.method == Method::CONNECT {
@@ -268,7 +296,15 @@ fn rewrite(
         ));
     }
     let upstream = &live.config.upstream;
-    let path_and_query = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
+    let normalised;
+    let path_and_query = match (&normal, parts.uri.query()) {
+        (Some(n), Some(q)) => {
+            normalised = format!("{}?{q}", n.encoded);
+            &normalised
+        }
+        (Some(n), None) => &n.encoded,
+        (None, _) => parts.uri.path_and_query().map_or("/", PathAndQuery::as_str),
+    };
     if !path_and_query.starts_with('/') {
         return Err(GatewayError::BadRequest(
             "The request target must be a path.",
@@ -329,6 +365,20 @@ fn rewrite(
     headers.insert(X_KEYGATE_KEY_ID.clone(), entry.id_header.clone());
     if let Some(tenant) = &entry.tenant_header {
         headers.insert(X_KEYGATE_TENANT.clone(), tenant.clone());
+    }
+    if let Some(key) = &upstream.identity {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let who = Identity {
+            key_id: &entry.id,
+            tenant: entry.tenant.as_deref(),
+            method: parts.method.as_str(),
+            path: parts.uri.path(),
+        };
+        parts
+            .headers
+            .insert(X_KEYGATE_SIGNATURE.clone(), key.header(now, &who));
     }
     Ok(Request::from_parts(parts, body))
 }

@@ -1,7 +1,9 @@
 //! Live reload: a file watch and SIGHUP → read → validate → swap, or keep the old.
 //!
 //! The watcher observes the config file's directory (editors and config management replace a
-//! file by rename, which a watch on the file itself would miss). Events are debounced for a few
+//! file by rename, which a watch on the file itself would miss), and likewise `[auth] keys_file`
+//! when one is set (the one named at start; a changed `keys_file` is watched after a restart,
+//! SIGHUP reloads it meanwhile). Events are debounced for a few
 //! milliseconds, then the file is parsed off the request path (`spawn_blocking`). A valid file
 //! becomes a new [`Live`] that carries over the limiters of ids that stay, stored with one atomic
 //! swap; a broken one is logged once with `file:line:col` and the running state is kept.
@@ -41,22 +43,33 @@ pub fn reload_now(shared: &Shared, path: &Path) -> Result<usize, ConfigError> {
 
 /// Starts the watcher and the SIGHUP handler; both stop when `stop` turns true.
 pub fn spawn(shared: Arc<Shared>, stop: watch::Receiver<Option<Duration>>) -> anyhow::Result<()> {
-    let path = std::path::absolute(&shared.live.load().config.path)?;
-    let dir = path
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("/"));
+    let live = shared.live.load_full();
+    let path = std::path::absolute(&live.config.path)?;
+    let mut targets = vec![path.clone()];
+    if let Some(keys_file) = &live.config.auth.keys_file {
+        targets.push(std::path::absolute(keys_file)?);
+    }
+    let mut dirs: Vec<PathBuf> = targets
+        .iter()
+        .map(|t| {
+            t.parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("/"))
+        })
+        .collect();
+    dirs.dedup();
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-    let target = path.clone();
     let event_tx = tx.clone();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(event) = res {
-            if !event.kind.is_access() && event.paths.iter().any(|p| p == &target) {
+            if !event.kind.is_access() && event.paths.iter().any(|p| targets.contains(p)) {
                 let _ = event_tx.send(());
             }
         }
     })?;
-    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    for dir in &dirs {
+        watcher.watch(dir, RecursiveMode::NonRecursive)?;
+    }
 
     #[cfg(unix)]
     {

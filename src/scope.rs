@@ -1,0 +1,302 @@
+//! Key scopes: which methods and paths a key may call, and the path normalisation they rely on.
+//!
+//! A scope is `METHOD /path/pattern`: the method (upper case) or `*` for any, then a path whose
+//! segments are literals, `*` (exactly one non-empty segment) or `**` (any number of segments,
+//! none included, so `GET /v1/guests/**` also covers `GET /v1/guests`). A key without scopes may
+//! call anything; a key with scopes may call what at least one of them covers.
+//!
+//! Requests are matched on their *normalised* path ([`NormalPath`]): each segment is
+//! percent-decoded, then `.` and `..` segments are resolved (RFC 3986 §5.2.4), so
+//! `/v1/guests/../messages` and `/v1/guests/%2e%2e/messages` are both `/v1/messages` and cannot
+//! slip past `GET /v1/guests/**`. The same normalised path (still in its original encoding) is
+//! what gets forwarded, so the upstream serves exactly what was checked. A segment that decodes
+//! to something holding `/`, `\` or NUL has no single meaning across servers and is refused.
+//! `GET` does not imply `HEAD`: list both when a partner needs both.
+
+use std::fmt;
+
+use http::Method;
+
+/// One `METHOD /path` scope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    /// `None` for `*` (any method).
+    method: Option<Method>,
+    segments: Vec<Segment>,
+    text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(Vec<u8>),
+    One,
+    Any,
+}
+
+impl Scope {
+    /// Parses `"GET /v1/guests/**"`; the error says what is wrong in one sentence.
+    pub fn parse(s: &str) -> Result<Scope, String> {
+        let (method, path) = s.trim().split_once(' ').ok_or_else(|| {
+            format!("scope {s:?} must be a method (or *) and a path, like \"GET /v1/guests/**\"")
+        })?;
+        let path = path.trim();
+        let method = match method {
+            "*" => None,
+            m if !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase()) => Some(
+                Method::from_bytes(m.as_bytes())
+                    .map_err(|_| format!("scope {s:?}: {m:?} is not a method"))?,
+            ),
+            m => {
+                return Err(format!(
+                    "scope {s:?}: the method {m:?} must be upper case letters or *"
+                ))
+            }
+        };
+        let Some(rest) = path.strip_prefix('/') else {
+            return Err(format!("scope {s:?}: the path must start with /"));
+        };
+        let mut segments = Vec::new();
+        if !rest.is_empty() {
+            for seg in rest.split('/') {
+                segments.push(match seg {
+                    "*" => Segment::One,
+                    "**" => Segment::Any,
+                    "." | ".." => {
+                        return Err(format!("scope {s:?}: . and .. segments are not allowed"))
+                    }
+                    lit if lit.contains('*') => {
+                        return Err(format!(
+                            "scope {s:?}: * and ** must be a whole path segment"
+                        ))
+                    }
+                    lit if lit
+                        .bytes()
+                        .any(|b| matches!(b, b'%' | b'?' | b'#') || !b.is_ascii_graphic()) =>
+                    {
+                        return Err(format!(
+                            "scope {s:?}: path segments cannot hold %, ?, # or spaces"
+                        ))
+                    }
+                    lit => Segment::Literal(lit.as_bytes().to_vec()),
+                });
+            }
+        }
+        Ok(Scope {
+            method,
+            segments,
+            text: s.trim().to_string(),
+        })
+    }
+
+    /// Whether this scope covers `method` on the normalised `path`.
+    pub fn covers(&self, method: &Method, path: &NormalPath) -> bool {
+        if self.method.as_ref().is_some_and(|m| m != method) {
+            return false;
+        }
+        matches(&self.segments, &path.segments)
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// Glob match of pattern segments against decoded path segments (`**` backtracks).
+fn matches(pattern: &[Segment], path: &[Vec<u8>]) -> bool {
+    match pattern.split_first() {
+        None => path.is_empty(),
+        Some((Segment::Any, rest)) => (0..=path.len()).any(|skip| matches(rest, &path[skip..])),
+        Some((Segment::One, rest)) => {
+            !path.is_empty() && !path[0].is_empty() && matches(rest, &path[1..])
+        }
+        Some((Segment::Literal(lit), rest)) => {
+            !path.is_empty() && path[0] == *lit && matches(rest, &path[1..])
+        }
+    }
+}
+
+/// Whether any of `scopes` covers the request; an empty list covers everything.
+pub fn allowed(scopes: &[Scope], method: &Method, path: &NormalPath) -> bool {
+    scopes.is_empty() || scopes.iter().any(|s| s.covers(method, path))
+}
+
+/// A request path with dot segments resolved: decoded segments to match, encoded text to forward.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NormalPath {
+    /// Percent-decoded segments (without the leading empty one): `/a/b` is `["a", "b"]`.
+    pub segments: Vec<Vec<u8>>,
+    /// The normalised path in the request's own encoding, starting with `/`.
+    pub encoded: String,
+}
+
+/// Why a path cannot be normalised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    /// A segment decodes to `/`, `\` or NUL, or holds a broken `%` escape.
+    #[error("the path holds an encoded slash, backslash, NUL or a broken escape")]
+    Ambiguous,
+}
+
+/// Percent-decodes each segment of `path` (which starts with `/`) and resolves `.` and `..`.
+pub fn normalise(path: &str) -> Result<NormalPath, PathError> {
+    let mut kept: Vec<(&str, Vec<u8>)> = Vec::new();
+    let body = path.strip_prefix('/').unwrap_or(path);
+    let raw: Vec<&str> = body.split('/').collect();
+    let last = raw.len() - 1;
+    for (i, seg) in raw.iter().enumerate() {
+        let decoded = percent_decode(seg)?;
+        if decoded.iter().any(|b| matches!(b, b'/' | b'\\' | 0)) {
+            return Err(PathError::Ambiguous);
+        }
+        match decoded.as_slice() {
+            b"." | b".." => {
+                if decoded.len() == 2 {
+                    kept.pop();
+                }
+                // `/a/b/..` is the directory `/a/`: keep the trailing slash.
+                if i == last {
+                    kept.push(("", Vec::new()));
+                }
+            }
+            _ => kept.push((seg, decoded)),
+        }
+    }
+    let mut encoded = String::with_capacity(path.len());
+    for (seg, _) in &kept {
+        encoded.push('/');
+        encoded.push_str(seg);
+    }
+    if encoded.is_empty() {
+        encoded.push('/');
+    }
+    let segments = if kept.len() == 1 && kept[0].1.is_empty() {
+        // `/` alone has no segments, so that `GET /**` covers it and `GET /*` does not.
+        Vec::new()
+    } else {
+        kept.into_iter().map(|(_, d)| d).collect()
+    };
+    Ok(NormalPath { segments, encoded })
+}
+
+fn percent_decode(s: &str) -> Result<Vec<u8>, PathError> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+            match (
+                b.get(i + 1).and_then(|&c| hex(c)),
+                b.get(i + 2).and_then(|&c| hex(c)),
+            ) {
+                (Some(h), Some(l)) => {
+                    out.push(h << 4 | l);
+                    i += 3;
+                }
+                _ => return Err(PathError::Ambiguous),
+            }
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn covers(scope: &str, method: &str, path: &str) -> bool {
+        let s = Scope::parse(scope).unwrap();
+        let p = normalise(path).unwrap();
+        s.covers(&Method::from_bytes(method.as_bytes()).unwrap(), &p)
+    }
+
+    #[test]
+    fn scope_table() {
+        let cases = [
+            ("GET /v1/guests/**", "GET", "/v1/guests", true),
+            ("GET /v1/guests/**", "GET", "/v1/guests/", true),
+            ("GET /v1/guests/**", "GET", "/v1/guests/42/stays", true),
+            ("GET /v1/guests/**", "POST", "/v1/guests/42", false),
+            ("GET /v1/guests/**", "HEAD", "/v1/guests/42", false),
+            ("GET /v1/guests/**", "GET", "/v1/guestsX", false),
+            ("GET /v1/guests/**", "GET", "/v1/guests/../messages", false),
+            (
+                "GET /v1/guests/**",
+                "GET",
+                "/v1/guests/%2e%2E/messages",
+                false,
+            ),
+            ("GET /v1/guests/**", "GET", "/v1/x/../guests/1", true),
+            ("GET /v1/guests/**", "GET", "/v1/%67uests/1", true),
+            ("POST /v1/messages", "POST", "/v1/messages", true),
+            ("POST /v1/messages", "POST", "/v1/messages/", false),
+            ("POST /v1/messages", "POST", "/v1/messages/1", false),
+            ("POST /v1/messages", "POST", "/v1/./messages", true),
+            ("* /v1/hotels/*", "DELETE", "/v1/hotels/7", true),
+            ("* /v1/hotels/*", "GET", "/v1/hotels/7/rooms", false),
+            ("* /v1/hotels/*", "GET", "/v1/hotels/", false),
+            ("* /v1/hotels/*", "GET", "/v1/hotels", false),
+            ("GET /v1/**/rooms", "GET", "/v1/hotels/7/rooms", true),
+            ("GET /v1/**/rooms", "GET", "/v1/rooms", true),
+            ("GET /v1/**/rooms", "GET", "/v1/hotels/7/rooms/1", false),
+            ("GET /**", "GET", "/", true),
+            ("GET /", "GET", "/", true),
+            ("GET /*", "GET", "/", false),
+            ("GET /v1/guests/**", "GET", "/../../v1/guests/1", true),
+        ];
+        for (scope, method, path, want) in cases {
+            assert_eq!(
+                covers(scope, method, path),
+                want,
+                "{scope} vs {method} {path}"
+            );
+        }
+    }
+
+    #[test]
+    fn normalisation_keeps_the_encoding_of_what_stays() {
+        let p = normalise("/v1/guests/%2e%2e/a%20b/./c").unwrap();
+        assert_eq!(p.encoded, "/v1/a%20b/c");
+        assert_eq!(
+            p.segments,
+            vec![b"v1".to_vec(), b"a b".to_vec(), b"c".to_vec()]
+        );
+        assert_eq!(normalise("/a/b/..").unwrap().encoded, "/a/");
+        assert_eq!(normalise("/..").unwrap().encoded, "/");
+        assert_eq!(normalise("/").unwrap().encoded, "/");
+    }
+
+    #[test]
+    fn encoded_slashes_and_broken_escapes_are_refused() {
+        for p in [
+            "/v1/guests%2f..%2fmessages",
+            "/a/%5c",
+            "/a/%00",
+            "/a/%zz",
+            "/a/%4",
+        ] {
+            assert_eq!(normalise(p), Err(PathError::Ambiguous), "{p}");
+        }
+    }
+
+    #[test]
+    fn bad_scopes_are_refused_with_a_reason() {
+        for (s, needle) in [
+            ("/v1/guests", "method"),
+            ("get /v1", "upper case"),
+            ("GET v1", "start with /"),
+            ("GET /v1/gu*", "whole path segment"),
+            ("GET /v1/../admin", ". and .."),
+            ("GET /v1/%2e", "cannot hold"),
+        ] {
+            let err = Scope::parse(s).unwrap_err();
+            assert!(err.contains(needle), "{s}: {err}");
+        }
+        assert!(allowed(&[], &Method::GET, &normalise("/x").unwrap()));
+    }
+}

@@ -1,0 +1,893 @@
+//! Key lifecycle and controlled access (issue 3), end to end: the real `keygate keys ...`
+//! binary edits the files of a gateway that is serving a real upstream over real sockets.
+
+mod common;
+
+use std::{
+    path::Path,
+    process::{Command, Output},
+    time::{Duration, Instant},
+};
+
+use common::*;
+use futures_util::FutureExt;
+use http::{Method, StatusCode};
+use keygate::{
+    config::Config,
+    identity::{self, Identity, IdentityKey},
+    keys,
+};
+
+const SECOND: Duration = Duration::from_secs(1);
+
+/// Runs `keygate keys <args> --config <config>`.
+fn keys_cmd(config: &Path, args: &[&str]) -> Output {
+    Command::new(keygate_bin())
+        .arg("keys")
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("run keygate keys")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs a command that prints a key (`new`, `rotate`); checks that stdout is the key and
+/// nothing else, and that stderr does not repeat it.
+fn minted(config: &Path, args: &[&str]) -> String {
+    let out = keys_cmd(config, args);
+    assert!(
+        out.status.success(),
+        "keys {args:?} failed: {}",
+        stderr(&out)
+    );
+    let text = stdout(&out);
+    assert!(
+        text.ends_with('\n') && text.lines().count() == 1,
+        "stdout must be the key alone: {text:?}"
+    );
+    let key = text.trim_end().to_string();
+    assert!(key.starts_with("bbk_"), "{key}");
+    assert_eq!(keys::checksum_ok(&key, "bbk_"), Some(true));
+    assert!(!stderr(&out).contains(&key), "the key leaked to stderr");
+    key
+}
+
+fn ok(out: Output) -> Output {
+    assert!(out.status.success(), "failed: {}", stderr(&out));
+    out
+}
+
+async fn get_with(c: &PlainClient, gw: &TestGateway, path: &str, key: &str) -> Got {
+    get(c, &gw.url(path), &[("x-api-key", key)]).await
+}
+
+/// Polls until `key` gets `status` on `path`, up to `within`.
+async fn until_status(
+    c: &PlainClient,
+    gw: &TestGateway,
+    key: &str,
+    status: StatusCode,
+    within: Duration,
+) -> bool {
+    eventually(within, || async {
+        get_with(c, gw, "/v1/guests", key).await.status == status
+    })
+    .await
+}
+
+async fn gateway_with(rest: &str) -> (Upstream, TestGateway) {
+    let up = start_upstream().await;
+    let gw = start_gateway(&config_text(&up.url(), rest)).await;
+    (up, gw)
+}
+
+/// `keys new`: the key is printed once on stdout, and the running gateway admits it within 1 s.
+#[tokio::test]
+async fn a_new_key_works_within_a_second() {
+    let (up, gw) = gateway_with("").await;
+    let c = http1_client();
+    let key = minted(&gw.path, &["new", "--id", "partner", "--tenant", "hotel-1"]);
+
+    assert!(
+        until_status(&c, &gw, &key, StatusCode::OK, SECOND).await,
+        "the new key was not admitted within 1 s"
+    );
+    let seen = up.last();
+    assert_eq!(seen.headers["x-keygate-key-id"], "partner");
+    assert_eq!(seen.headers["x-keygate-tenant"], "hotel-1");
+
+    let text = std::fs::read_to_string(&gw.path).unwrap();
+    assert!(!text.contains(&key), "the key itself must never be stored");
+    assert!(text.contains("created_at = 20"), "{text}");
+    let config = Config::load(&gw.path).unwrap();
+    assert_eq!(config.keys[0].hash, keys::KeyHash::of(key.as_bytes()));
+
+    // An existing id is refused, and nothing is printed on stdout or written.
+    let before = std::fs::read_to_string(&gw.path).unwrap();
+    let out = keys_cmd(&gw.path, &["new", "--id", "partner"]);
+    assert!(!out.status.success());
+    assert!(stdout(&out).is_empty());
+    assert!(stderr(&out).contains("exists"), "{}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(&gw.path).unwrap(), before);
+}
+
+/// `keys revoke`: the running gateway refuses the key within 1 s.
+#[tokio::test]
+async fn a_revoked_key_is_refused_within_a_second() {
+    let (up, gw) = gateway_with("").await;
+    let c = http1_client();
+    let key = minted(&gw.path, &["new", "--id", "leaky"]);
+    assert!(until_status(&c, &gw, &key, StatusCode::OK, SECOND).await);
+
+    ok(keys_cmd(&gw.path, &["revoke", "leaky"]));
+    let revoked_at = Instant::now();
+    assert!(
+        until_status(&c, &gw, &key, StatusCode::UNAUTHORIZED, SECOND).await,
+        "the revoked key was still admitted after 1 s"
+    );
+    assert!(revoked_at.elapsed() < SECOND);
+    let hits = up.hits();
+    let got = get_with(&c, &gw, "/v1/guests", &key).await;
+    assert_eq!(got.code(), "invalid_api_key");
+    assert_eq!(up.hits(), hits, "nothing is forwarded for a revoked key");
+
+    let config = Config::load(&gw.path).unwrap();
+    assert!(config.keys[0].disabled);
+    assert!(config.keys[0].revoked_at.is_some());
+
+    let out = keys_cmd(&gw.path, &["revoke", "no-such-key"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("no key with id"), "{}", stderr(&out));
+}
+
+/// `keys rotate --grace`: both keys work during the grace, only the new one after it.
+#[tokio::test]
+async fn rotation_keeps_the_old_key_for_the_grace_only() {
+    let (_up, gw) = gateway_with("").await;
+    let c = http1_client();
+    // A budget large enough for the polling below (every poll is a request).
+    let old = minted(
+        &gw.path,
+        &[
+            "new", "--id", "partner", "--rate", "1000/s", "--burst", "1000",
+        ],
+    );
+    assert!(until_status(&c, &gw, &old, StatusCode::OK, SECOND).await);
+
+    // Taken before the command, which reads its own clock once it runs.
+    let rotated = Instant::now();
+    let new = minted(&gw.path, &["rotate", "partner", "--grace", "2s"]);
+    assert_ne!(new, old);
+    assert!(until_status(&c, &gw, &new, StatusCode::OK, SECOND).await);
+    assert_eq!(
+        get_with(&c, &gw, "/v1/guests", &old).await.status,
+        StatusCode::OK
+    );
+
+    let text = std::fs::read_to_string(&gw.path).unwrap();
+    assert!(text.contains("previous_hash = \"blake3:"), "{text}");
+    assert!(text.contains("previous_expires = 20"), "{text}");
+
+    assert!(
+        until_status(
+            &c,
+            &gw,
+            &old,
+            StatusCode::UNAUTHORIZED,
+            Duration::from_secs(5)
+        )
+        .await,
+        "the old key still worked 5 s after a 2 s grace"
+    );
+    assert!(
+        rotated.elapsed() >= Duration::from_secs(2),
+        "the old key stopped before its grace was over ({:?})",
+        rotated.elapsed()
+    );
+    assert_eq!(
+        get_with(&c, &gw, "/v1/guests", &old).await.code(),
+        "expired_api_key"
+    );
+    assert_eq!(
+        get_with(&c, &gw, "/v1/guests", &new).await.status,
+        StatusCode::OK
+    );
+
+    // Without --grace the old key stops at once.
+    let newer = minted(&gw.path, &["rotate", "partner"]);
+    assert!(until_status(&c, &gw, &newer, StatusCode::OK, SECOND).await);
+    assert_eq!(
+        get_with(&c, &gw, "/v1/guests", &new).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+/// During a rotation the old and the new key draw on one budget.
+#[tokio::test]
+async fn old_and_new_key_share_one_budget() {
+    let (up, gw) = gateway_with("").await;
+    let c = http1_client();
+    let old = minted(
+        &gw.path,
+        &["new", "--id", "partner", "--rate", "1/h", "--burst", "4"],
+    );
+    // Probing with a key the gateway does not know yet costs nothing.
+    let new = minted(&gw.path, &["rotate", "partner", "--grace", "1h"]);
+    assert!(until_status(&c, &gw, &new, StatusCode::OK, Duration::from_secs(2)).await);
+    // One of four spent; three left, whichever key asks.
+    for key in [&old, &new, &old] {
+        assert_eq!(
+            get_with(&c, &gw, "/v1/guests", key).await.status,
+            StatusCode::OK
+        );
+    }
+    let hits = up.hits();
+    for key in [&new, &old] {
+        let got = get_with(&c, &gw, "/v1/guests", key).await;
+        assert_eq!(got.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(got.code(), "rate_limited");
+        assert!(got.header("retry-after").is_some());
+    }
+    assert_eq!(up.hits(), hits);
+}
+
+/// 20 `keys new` at once, each its own process: every entry lands, the file stays valid, and
+/// the running gateway admits all 20 keys.
+#[tokio::test]
+async fn twenty_concurrent_key_creations_all_land() {
+    let (_up, gw) = gateway_with("").await;
+    let children: Vec<_> = (0..20)
+        .map(|i| {
+            Command::new(keygate_bin())
+                .args(["keys", "new", "--id", &format!("partner-{i}"), "--config"])
+                .arg(&gw.path)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut minted_keys = Vec::new();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        minted_keys.push(stdout(&out).trim().to_string());
+    }
+    let config = Config::load(&gw.path).unwrap();
+    assert_eq!(config.keys.len(), 20, "an entry was lost");
+    let mut ids: Vec<_> = config.keys.iter().map(|k| k.id.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 20);
+
+    let c = http1_client();
+    for key in &minted_keys {
+        assert!(
+            until_status(&c, &gw, key, StatusCode::OK, Duration::from_secs(2)).await,
+            "a concurrently minted key is not admitted"
+        );
+    }
+}
+
+/// Edits keep the comments, order and formatting of everything they do not change.
+#[tokio::test]
+async fn edits_keep_comments_order_and_formatting() {
+    let up = start_upstream().await;
+    let legacy = "legacy-partner-key-0123456789abcdef";
+    let original = format!(
+        "# Bookboost production gateway\n\
+         # owner: platform team\n\n\
+         [server]\n\
+         listen   = \"127.0.0.1:0\"   # loopback only\n\n\
+         [upstream]\n\
+         url     = \"{}\"\n\
+         timeout = \"2s\"  # upstream head deadline\n\n\
+         [limits]  # defaults\n\
+         rate  = \"10/s\"\n\
+         burst = 20\n\n\
+         # --- partners ---\n\
+         [[keys]]\n\
+         id     = \"legacy\"      # pre-keygate key\n\
+         hash   = \"{}\"  # rotate me\n\
+         tenant = \"hotel-9\"\n\n\
+         # the review platform\n\
+         [[keys]]\n\
+         id   = \"review\"\n\
+         hash = \"{}\"\n\
+         # trailing comment\n",
+        up.url(),
+        keys::KeyHash::of(legacy.as_bytes()).to_config_string(),
+        keys::KeyHash::of(b"review-key-0123456789abcdefghijklmn").to_config_string(),
+    );
+    let gw = start_gateway(&original).await;
+    minted(
+        &gw.path,
+        &["new", "--id", "messaging", "--scope", "POST /v1/messages"],
+    );
+    minted(&gw.path, &["rotate", "legacy", "--grace", "1h"]);
+    ok(keys_cmd(&gw.path, &["revoke", "review"]));
+
+    let edited = std::fs::read_to_string(&gw.path).unwrap();
+    // Every original line is still there, in order; only the rotated hash changed value, and
+    // its comment stayed.
+    let mut rest = edited.as_str();
+    for line in original.lines() {
+        let line = if line.starts_with("hash   = ") {
+            "  # rotate me"
+        } else {
+            line
+        };
+        let at = rest
+            .find(line)
+            .unwrap_or_else(|| panic!("line {line:?} lost or moved:\n{edited}"));
+        rest = &rest[at + line.len()..];
+    }
+    assert!(edited.starts_with(&original[..original.find("# --- partners ---").unwrap()]));
+    Config::parse(&gw.path, &edited).unwrap();
+    let c = http1_client();
+    assert_eq!(
+        get_with(&c, &gw, "/v1/guests", legacy).await.status,
+        StatusCode::OK,
+        "a key of another shape still works by hash (and within its grace)"
+    );
+}
+
+/// A minted key with one character mistyped is refused before any lookup, as invalid.
+#[tokio::test]
+async fn checksum_catches_a_one_character_typo() {
+    let (up, gw) = gateway_with("").await;
+    let c = http1_client();
+    let key = minted(&gw.path, &["new", "--id", "partner"]);
+    assert!(until_status(&c, &gw, &key, StatusCode::OK, SECOND).await);
+    let hits = up.hits();
+    for i in [4, 20, key.len() - 7, key.len() - 1] {
+        let mut typo = key.clone().into_bytes();
+        typo[i] = if typo[i] == b'Q' { b'R' } else { b'Q' };
+        let typo = String::from_utf8(typo).unwrap();
+        let got = get_with(&c, &gw, "/v1/guests", &typo).await;
+        assert_eq!(got.status, StatusCode::UNAUTHORIZED, "typo at {i}");
+        assert_eq!(got.code(), "invalid_api_key");
+        assert!(!got.text().contains(&typo));
+    }
+    assert_eq!(up.hits(), hits);
+}
+
+/// Scopes: a table of methods, `*`, `**`, encoded and dot-segment paths. Out of scope is 403
+/// `forbidden_scope` with nothing forwarded; in scope, the upstream gets the normalised path.
+#[tokio::test]
+async fn scopes_admit_what_they_cover_and_nothing_else() {
+    let (up, gw) = gateway_with("").await;
+    let c = http1_client();
+    let key = minted(
+        &gw.path,
+        &[
+            "new",
+            "--id",
+            "review",
+            "--scope",
+            "GET /v1/guests/**",
+            "--scope",
+            "POST /v1/messages",
+            "--scope",
+            "* /v1/hotels/*",
+            "--rate",
+            "1/h",
+            "--burst",
+            "20",
+        ],
+    );
+    let full = minted(&gw.path, &["new", "--id", "internal"]);
+    assert!(until_status(&c, &gw, &key, StatusCode::OK, SECOND).await);
+    assert!(until_status(&c, &gw, &full, StatusCode::OK, SECOND).await);
+
+    // (method, path, expected status, what the upstream must see when forwarded)
+    let cases: &[(&str, &str, u16, &str)] = &[
+        ("GET", "/v1/guests", 200, "/v1/guests"),
+        (
+            "GET",
+            "/v1/guests/42/stays?since=2026",
+            200,
+            "/v1/guests/42/stays?since=2026",
+        ),
+        ("HEAD", "/v1/guests", 403, ""),
+        ("POST", "/v1/guests", 403, ""),
+        ("GET", "/v1/guestsx", 403, ""),
+        ("POST", "/v1/messages", 200, "/v1/messages"),
+        ("POST", "/v1/messages/7", 403, ""),
+        ("GET", "/v1/messages", 403, ""),
+        ("DELETE", "/v1/hotels/7", 200, "/v1/hotels/7"),
+        ("PUT", "/v1/hotels/7/rooms", 403, ""),
+        ("GET", "/v1/hotels/", 403, ""),
+        ("GET", "/v1/guests/../messages", 403, ""),
+        ("GET", "/v1/guests/%2e%2e/messages", 403, ""),
+        ("GET", "/v1/guests/%2E%2E/%2E%2E/admin", 403, ""),
+        ("GET", "/v1/guests/./../../admin", 403, ""),
+        ("POST", "/v1/guests/../messages", 200, "/v1/messages"),
+        ("GET", "/v1/./guests/x/../1", 200, "/v1/guests/1"),
+        ("GET", "/v1/%67uests/1", 200, "/v1/%67uests/1"),
+        ("GET", "/v1/guests/1%2f..%2f..%2fadmin", 400, ""),
+    ];
+    for &(method, path, status, upstream_path) in cases {
+        let hits = up.hits();
+        let m = Method::from_bytes(method.as_bytes()).unwrap();
+        let got = send(&c, m, &gw.url(path), &[("x-api-key", &key)], empty()).await;
+        assert_eq!(got.status.as_u16(), status, "{method} {path}");
+        match status {
+            200 => {
+                assert_eq!(up.hits(), hits + 1, "{method} {path}");
+                let seen = up.last();
+                assert_eq!(seen.uri.to_string(), upstream_path, "{method} {path}");
+            }
+            403 => {
+                assert_eq!(up.hits(), hits, "{method} {path} was forwarded");
+                if method != "HEAD" {
+                    assert_eq!(got.code(), "forbidden_scope", "{method} {path}");
+                }
+            }
+            _ => assert_eq!(up.hits(), hits, "{method} {path} was forwarded"),
+        }
+    }
+    // A key without scopes may call anything.
+    let got = send(
+        &c,
+        Method::PUT,
+        &gw.url("/v1/anything"),
+        &[("x-api-key", &full)],
+        empty(),
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
+
+    let text = std::fs::read_to_string(&gw.path).unwrap();
+    assert!(
+        text.contains(
+            "scopes = [\"GET /v1/guests/**\", \"POST /v1/messages\", \"* /v1/hotels/*\"]"
+        ),
+        "{text}"
+    );
+
+    // Refusals cost no budget: of the burst of 20, the first poll and the seven admitted cases
+    // above spent 8; the twelve 403s and 400s spent nothing.
+    for i in 0..12 {
+        let got = get_with(&c, &gw, "/v1/guests", &key).await;
+        assert_eq!(got.status, StatusCode::OK, "request {i} of the 12 left");
+    }
+    assert_eq!(
+        get_with(&c, &gw, "/v1/guests", &key).await.code(),
+        "rate_limited"
+    );
+}
+
+/// Quota beside the rate: a request the rate refuses is not charged to the quota.
+#[tokio::test]
+async fn a_rate_refusal_is_not_charged_to_the_quota() {
+    let (up, gw) = gateway_with("").await;
+    let c = http1_client();
+    let key = minted(
+        &gw.path,
+        &[
+            "new", "--id", "p", "--rate", "1/s", "--burst", "2", "--quota", "3/day",
+        ],
+    );
+    // Wait for the key without spending: an unknown key costs nothing.
+    assert!(
+        eventually(SECOND, || async {
+            gw.gateway.shared().live.load().table.len() == 1
+        })
+        .await
+    );
+    let first = get_with(&c, &gw, "/v1/guests", &key).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(
+        first.header("ratelimit-policy"),
+        Some("\"default\";q=2;w=2, \"quota\";q=3;w=86400")
+    );
+    assert_eq!(
+        first.header("ratelimit").unwrap().split(", ").nth(1),
+        Some("\"quota\";r=2;t=28800")
+    );
+    assert_eq!(
+        get_with(&c, &gw, "/v1/guests", &key).await.status,
+        StatusCode::OK
+    );
+    for _ in 0..3 {
+        let got = get_with(&c, &gw, "/v1/guests", &key).await;
+        assert_eq!(got.code(), "rate_limited");
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // The three rate refusals left the quota's third request.
+    let third = get_with(&c, &gw, "/v1/guests", &key).await;
+    assert_eq!(third.status, StatusCode::OK, "{}", third.text());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let hits = up.hits();
+    let over = get_with(&c, &gw, "/v1/guests", &key).await;
+    assert_eq!(over.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(over.code(), "quota_exceeded");
+    let retry: u64 = over.header("retry-after").unwrap().parse().unwrap();
+    assert!((28_000..=28_800).contains(&retry), "Retry-After {retry}");
+    assert!(over
+        .header("ratelimit-policy")
+        .unwrap()
+        .contains("\"quota\";q=3;w=86400"));
+    assert_eq!(
+        over.header("ratelimit"),
+        Some(format!("\"quota\";r=0;t={retry}").as_str())
+    );
+    assert_eq!(up.hits(), hits);
+}
+
+/// Quota beside the rate: requests the quota refuses are not charged to the rate.
+#[tokio::test]
+async fn a_quota_refusal_is_not_charged_to_the_rate() {
+    let up = start_upstream().await;
+    let key = keys::mint("bbk_");
+    let entry = |quota: &str| {
+        config_text(
+            &up.url(),
+            &key_entry(
+                "p",
+                &key,
+                &format!("rate = \"1/h\"\nburst = 3\nquota = \"{quota}\""),
+            ),
+        )
+    };
+    let gw = start_gateway(&entry("1/day")).await;
+    let c = http1_client();
+    assert_eq!(
+        get_with(&c, &gw, "/v1/guests", &key).await.status,
+        StatusCode::OK
+    );
+    for _ in 0..5 {
+        assert_eq!(
+            get_with(&c, &gw, "/v1/guests", &key).await.code(),
+            "quota_exceeded"
+        );
+    }
+    // A bigger quota: a fresh quota, the same rate limiter (its rate did not change).
+    gw.rewrite_config(&entry("10/day"));
+    let deadline = Instant::now() + SECOND;
+    let mut statuses = Vec::new();
+    loop {
+        let got = get_with(&c, &gw, "/v1/guests", &key).await;
+        if got.code() != "quota_exceeded" {
+            statuses.push(got.status);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the bigger quota was not loaded within 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    statuses.push(get_with(&c, &gw, "/v1/guests", &key).await.status);
+    let third = get_with(&c, &gw, "/v1/guests", &key).await;
+    assert_eq!(
+        statuses,
+        [StatusCode::OK, StatusCode::OK],
+        "the burst of 3 had 2 left: the quota refusals must not have spent it"
+    );
+    assert_eq!(third.code(), "rate_limited");
+}
+
+/// `X-Keygate-Signature` verifies with the configured secret, and fails with another secret or
+/// for another request; a client cannot send its own.
+#[tokio::test]
+async fn the_identity_signature_verifies_with_the_secret_only() {
+    let up = start_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "5f0c9a7e2b4d6f8a1c3e5a7b9d0f2a4c6e8b0d2f4a6c8e0b2d4f6a8c0e2b4d6f";
+    std::fs::write(dir.path().join("identity.secret"), format!("{secret}\n")).unwrap();
+    let key = "partner-key-0123456789abcdefghijklmnop";
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[upstream]\nurl = \"{}/api\"\nidentity_secret_file = \"identity.secret\"\n{}",
+        up.url(),
+        key_entry("review", key, "tenant = \"hotel-1042\"")
+    );
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, text).unwrap();
+    let gw = start_gateway_in(dir, path).await;
+    let c = http1_client();
+
+    let got = send(
+        &c,
+        Method::POST,
+        &gw.url("/v1/messages?lang=en"),
+        &[("x-api-key", key), ("x-keygate-signature", "t=1,v1=forged")],
+        full("hello"),
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
+    let seen = up.last();
+    let header = seen.headers["x-keygate-signature"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(header, "t=1,v1=forged");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let who = Identity {
+        key_id: seen.headers["x-keygate-key-id"].to_str().unwrap(),
+        tenant: Some(seen.headers["x-keygate-tenant"].to_str().unwrap()),
+        method: seen.method.as_str(),
+        path: seen.uri.path(),
+    };
+    assert_eq!(who.path, "/api/v1/messages");
+    let skew = Duration::from_secs(300);
+    let right = IdentityKey::from_secret(secret.as_bytes()).unwrap();
+    assert_eq!(identity::verify(&right, &header, now, skew, &who), Ok(()));
+    let wrong = IdentityKey::from_secret(
+        b"ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff",
+    )
+    .unwrap();
+    assert_eq!(
+        identity::verify(&wrong, &header, now, skew, &who),
+        Err(identity::VerifyError::Mismatch)
+    );
+    // The backend check the README shows, verbatim, accepts it.
+    let mut parts = http::Request::builder()
+        .method(seen.method.clone())
+        .uri(seen.uri.clone())
+        .body(())
+        .unwrap()
+        .into_parts()
+        .0;
+    parts.headers = seen.headers.clone();
+    assert!(keygate_signed(secret.as_bytes(), &parts, now));
+    assert!(!keygate_signed(&[b'f'; 64], &parts, now));
+    assert!(!keygate_signed(secret.as_bytes(), &parts, now + 3600));
+
+    let other_path = Identity {
+        path: "/api/v1/guests",
+        ..who
+    };
+    assert_eq!(
+        identity::verify(&right, &header, now, skew, &other_path),
+        Err(identity::VerifyError::Mismatch)
+    );
+}
+
+/// The backend-side check from the README, copied verbatim.
+#[rustfmt::skip]
+fn keygate_signed(secret: &[u8], req: &http::request::Parts, now: u64) -> bool {
+    let h = |n: &str| req.headers.get(n).and_then(|v| v.to_str().ok());
+    let Some((t, v1)) = h("x-keygate-signature").and_then(|s| s.split_once(",v1=")) else { return false };
+    let Some(t) = t.strip_prefix("t=").and_then(|t| t.parse::<u64>().ok()) else { return false };
+    let Ok(given) = blake3::Hash::from_hex(v1) else { return false };
+    let key = blake3::derive_key("keygate 2026-11 X-Keygate-Signature v1", secret);
+    let msg = format!("{t}\n{}\n{}\n{}\n{}", h("x-keygate-key-id").unwrap_or(""),
+        h("x-keygate-tenant").unwrap_or(""), req.method, req.uri.path());
+    now.abs_diff(t) <= 300 && blake3::keyed_hash(&key, msg.as_bytes()) == given // constant-time ==
+}
+
+/// `keys list`: every status, limits and scopes, never a key; hashes only in `--json`.
+#[tokio::test]
+async fn list_shows_status_limits_and_scopes_but_never_a_key() {
+    let up = start_upstream().await;
+    let expired_key = "old-partner-key-0123456789abcdefghij";
+    let gw = start_gateway(&config_text(
+        &up.url(),
+        &key_entry("expired", expired_key, "expires = 2020-01-01T00:00:00Z"),
+    ))
+    .await;
+    let mut secrets = vec![expired_key.to_string()];
+    secrets.push(minted(
+        &gw.path,
+        &[
+            "new",
+            "--id",
+            "active",
+            "--tenant",
+            "hotel-1",
+            "--quota",
+            "10000/day",
+            "--scope",
+            "GET /v1/guests/**",
+            "--ttl",
+            "90d",
+        ],
+    ));
+    secrets.push(minted(&gw.path, &["new", "--id", "revoked"]));
+    ok(keys_cmd(&gw.path, &["revoke", "revoked"]));
+    secrets.push(minted(&gw.path, &["new", "--id", "rotating"]));
+    secrets.push(minted(&gw.path, &["rotate", "rotating", "--grace", "24h"]));
+
+    let table = stdout(&ok(keys_cmd(&gw.path, &["list"])));
+    let line = |id: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(&format!("{id} ")))
+            .unwrap_or_else(|| panic!("{id} missing:\n{table}"))
+            .to_string()
+    };
+    assert!(table.starts_with("ID "), "{table}");
+    let active = line("active");
+    assert!(active.contains(" active "), "{active}");
+    assert!(active.contains("hotel-1"));
+    assert!(active.contains("quota 10000/day"), "{active}");
+    assert!(active.contains("GET /v1/guests/**"), "{active}");
+    assert!(line("revoked").contains(" disabled "));
+    assert!(line("expired").contains(" expired "));
+    assert!(line("rotating").contains(" rotating "));
+    for s in &secrets {
+        assert!(!table.contains(s.as_str()), "a key leaked into keys list");
+    }
+    assert!(!table.contains("blake3:"), "hashes only in --json");
+
+    let json: serde_json::Value =
+        serde_json::from_str(&stdout(&ok(keys_cmd(&gw.path, &["list", "--json"])))).unwrap();
+    let by_id = |id: &str| {
+        json.as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["id"] == id)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(by_id("active")["status"], "active");
+    assert_eq!(by_id("revoked")["status"], "disabled");
+    assert_eq!(by_id("expired")["status"], "expired");
+    assert_eq!(by_id("rotating")["status"], "rotating");
+    assert!(by_id("rotating")["previous_hash"]
+        .as_str()
+        .unwrap()
+        .starts_with("blake3:"));
+    assert!(by_id("active")["hash"]
+        .as_str()
+        .unwrap()
+        .starts_with("blake3:"));
+    let json_text = json.to_string();
+    for s in &secrets {
+        assert!(
+            !json_text.contains(s.as_str()),
+            "a key leaked into keys list --json"
+        );
+    }
+}
+
+/// `[auth] keys_file`: keys live in their own file, edited there and watched by the gateway.
+#[tokio::test]
+async fn a_separate_keys_file_is_edited_and_watched() {
+    let up = start_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let main = config_text(&up.url(), "[auth]\nkeys_file = \"keys.toml\"\n");
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, &main).unwrap();
+    std::fs::write(
+        dir.path().join("keys.toml"),
+        "# partner keys, owned by support\n",
+    )
+    .unwrap();
+    let gw = start_gateway_in(dir, path).await;
+    let c = http1_client();
+
+    let key = minted(&gw.path, &["new", "--id", "partner"]);
+    assert!(until_status(&c, &gw, &key, StatusCode::OK, SECOND).await);
+    assert_eq!(
+        std::fs::read_to_string(&gw.path).unwrap(),
+        main,
+        "gateway.toml untouched"
+    );
+    let keys_text = std::fs::read_to_string(gw.dir.path().join("keys.toml")).unwrap();
+    assert!(keys_text.starts_with("# partner keys, owned by support\n"));
+    assert!(keys_text.contains("id = \"partner\""));
+
+    ok(keys_cmd(&gw.path, &["revoke", "partner"]));
+    assert!(until_status(&c, &gw, &key, StatusCode::UNAUTHORIZED, SECOND).await);
+}
+
+/// Bad input changes nothing: a flag that does not parse, a config that is already broken.
+#[tokio::test]
+async fn refused_edits_leave_the_file_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, config_text("http://127.0.0.1:9", "")).unwrap();
+    let before = std::fs::read_to_string(&path).unwrap();
+    for (args, needle) in [
+        (vec!["new", "--id", "a", "--scope", "GET v1"], "--scope"),
+        (vec!["new", "--id", "a", "--quota", "5/s"], "--quota"),
+        (vec!["new", "--id", "a", "--rate", "5/fortnight"], "--rate"),
+        (vec!["new", "--id", "has space"], "--id"),
+        (
+            vec!["new", "--id", "a", "--expires", "2001-01-01T00:00:00Z"],
+            "past",
+        ),
+        (vec!["rotate", "nobody"], "no key with id"),
+    ] {
+        let out = keys_cmd(&path, &args);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(stdout(&out).is_empty(), "{args:?} printed on stdout");
+        assert!(stderr(&out).contains(needle), "{args:?}: {}", stderr(&out));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), before);
+    }
+    let broken = format!("{before}[limits]\nburst = 0\n");
+    std::fs::write(&path, &broken).unwrap();
+    let out = keys_cmd(&path, &["new", "--id", "a"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("gateway.toml:"), "{}", stderr(&out));
+    assert!(stdout(&out).is_empty());
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), broken);
+}
+
+/// The whole life of a partner's key against `keygate run` in its own process: mint, use,
+/// rotate, revoke; and at trace level no log line ever holds a key or a hash.
+#[tokio::test]
+async fn a_keys_whole_life_against_a_running_gateway_process_logs_no_secret() {
+    let up = start_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, config_text(&up.url(), "")).unwrap();
+    let gw = spawn_keygate(&path, &[]);
+    let c = http1_client();
+    let url = format!("http://{}/v1/guests", gw.addr);
+    let status = |key: String| {
+        let (c, url) = (c.clone(), url.clone());
+        async move { get(&c, &url, &[("x-api-key", &key)]).await.status }
+    };
+
+    let first = minted(
+        &path,
+        &["new", "--id", "partner", "--scope", "GET /v1/guests/**"],
+    );
+    assert!(
+        eventually(SECOND, || status(first.clone())
+            .map(|s| s == StatusCode::OK))
+        .await
+    );
+    let second = minted(&path, &["rotate", "partner", "--grace", "1h"]);
+    assert!(
+        eventually(SECOND, || status(second.clone())
+            .map(|s| s == StatusCode::OK))
+        .await
+    );
+    assert_eq!(status(first.clone()).await, StatusCode::OK);
+    let got = send(&c, Method::POST, &url, &[("x-api-key", &second)], empty()).await;
+    assert_eq!(got.code(), "forbidden_scope");
+
+    // A one-character typo is refused like an unknown key, but logged apart.
+    let mut typo = second.clone().into_bytes();
+    typo[10] = if typo[10] == b'Z' { b'Y' } else { b'Z' };
+    let typo = String::from_utf8(typo).unwrap();
+    let got = get(&c, &url, &[("x-api-key", &typo)]).await;
+    assert_eq!(got.code(), "invalid_api_key");
+    assert!(gw.wait_for_log("bad_checksum", SECOND));
+    let unknown = keys::mint("bbk_");
+    assert_eq!(status(unknown.clone()).await, StatusCode::UNAUTHORIZED);
+    assert!(gw.wait_for_log("reason=\"invalid_api_key\"", SECOND));
+
+    ok(keys_cmd(&path, &["revoke", "partner"]));
+    assert!(
+        eventually(SECOND, || status(second.clone())
+            .map(|s| s == StatusCode::UNAUTHORIZED))
+        .await
+    );
+    assert_eq!(status(first.clone()).await, StatusCode::UNAUTHORIZED);
+
+    assert!(gw.wait_for_log("config reloaded", SECOND));
+    let logs = gw.logs();
+    let config = Config::load(&path).unwrap();
+    let k = &config.keys[0];
+    for secret in [
+        first.clone(),
+        second.clone(),
+        typo,
+        unknown,
+        k.hash.to_config_string(),
+        k.previous.unwrap().hash.to_config_string(),
+    ] {
+        assert!(!logs.contains(&secret), "a key or hash reached the log");
+        assert!(
+            !logs.contains(&secret[7..]),
+            "a key or hash reached the log"
+        );
+    }
+}

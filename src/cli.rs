@@ -144,12 +144,16 @@ fn serve(path: PathBuf) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    telemetry::init();
+    telemetry::init_with(&config.log);
+    let grace = config.server.shutdown_timeout;
     runtime(config.server.workers)?.block_on(async move {
         let gateway = Gateway::start(config).await?;
         wait_for_signal().await;
-        tracing::info!("shutting down: finishing requests in flight");
-        gateway.shutdown(std::time::Duration::from_secs(30)).await;
+        tracing::info!("shutting down: finishing requests in flight (up to {grace:?})");
+        tokio::select! {
+            () = gateway.shutdown(grace) => tracing::info!("shutdown complete"),
+            () = wait_for_signal() => tracing::warn!("second signal: exiting without waiting"),
+        }
         Ok(ExitCode::SUCCESS)
     })
 }

@@ -147,27 +147,48 @@ fn serve(path: PathBuf) -> anyhow::Result<ExitCode> {
     telemetry::init_with(&config.log);
     let grace = config.server.shutdown_timeout;
     runtime(config.server.workers)?.block_on(async move {
+        // Handlers first: a signal that arrives while starting must not kill the process.
+        let mut signals = Signals::new()?;
         let gateway = Gateway::start(config).await?;
-        wait_for_signal().await;
+        signals.recv().await;
         tracing::info!("shutting down: finishing requests in flight (up to {grace:?})");
         tokio::select! {
             () = gateway.shutdown(grace) => tracing::info!("shutdown complete"),
-            () = wait_for_signal() => tracing::warn!("second signal: exiting without waiting"),
+            () = signals.recv() => tracing::warn!("second signal: exiting without waiting"),
         }
         Ok(ExitCode::SUCCESS)
     })
 }
 
-async fn wait_for_signal() {
+/// SIGTERM and SIGINT, listened for from creation on.
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Signals {
+                term: signal(SignalKind::terminate())?,
+                int: signal(SignalKind::interrupt())?,
+            })
         }
+        #[cfg(not(unix))]
+        Ok(Signals {})
     }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
+
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

@@ -170,8 +170,15 @@ async fn metrics_count_known_traffic_exactly_per_key_and_reason() {
         env!("CARGO_PKG_VERSION")
     );
     assert_eq!(value(&m, &version), 1.0);
-    // The client pool holds its keep-alive connection: one open partner connection.
-    assert_eq!(value(&m, "keygate_open_connections"), 1.0);
+    // The client's keep-alive connection is open; once the client is gone, none is.
+    assert!(value(&m, "keygate_open_connections") >= 1.0, "{m}");
+    drop(client);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            sample(&scrape(&admin, &url).await, "keygate_open_connections") == Some(0.0)
+        })
+        .await
+    );
     // Only ids from the table appear as key_id values; no key or hash is ever exposed.
     for line in m.lines().filter(|l| l.contains("key_id=")) {
         let id = line
@@ -360,8 +367,8 @@ async fn readyz_with_health_path_needs_a_good_answer() {
     server.abort();
 }
 
-/// An upstream whose `/drip` answer streams `CHUNKS` chunks of `CHUNK` bytes, `GAP` apart;
-/// `started` counts answers begun.
+/// An upstream that streams `CHUNKS` chunks of `CHUNK` bytes, `GAP` apart; on `/cut` it breaks
+/// the connection after the first chunk. `started` counts answers begun.
 const CHUNKS: usize = 8;
 const CHUNK: usize = 16 * 1024;
 const GAP: Duration = Duration::from_millis(150);
@@ -378,17 +385,21 @@ async fn start_drip_upstream() -> (SocketAddr, Arc<AtomicUsize>, tokio::task::Jo
             };
             let counter = counter.clone();
             tokio::spawn(async move {
-                let svc = service_fn(move |_req| {
+                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                     counter.fetch_add(1, Ordering::SeqCst);
-                    let stream = futures_util::stream::unfold(0usize, |i| async move {
+                    let cut = req.uri().path() == "/cut";
+                    let stream = futures_util::stream::unfold(0usize, move |i| async move {
                         if i == CHUNKS {
                             return None;
                         }
                         if i > 0 {
                             tokio::time::sleep(GAP).await;
+                            if cut {
+                                return Some((Err(std::io::Error::other("cut")), CHUNKS));
+                            }
                         }
                         let chunk = Bytes::from(vec![b'a' + i as u8; CHUNK]);
-                        Some((Ok::<_, Infallible>(Frame::data(chunk)), i + 1))
+                        Some((Ok(Frame::data(chunk)), i + 1))
                     });
                     let mut resp = Response::new(StreamBody::new(stream).boxed());
                     resp.headers_mut()
@@ -495,6 +506,55 @@ async fn sigterm_lets_a_slow_request_in_flight_finish_with_its_full_body() {
         .unwrap_or_else(|| panic!("still running 5 s after the drain:\n{}", proc.logs()));
     assert!(exit.success(), "exit status {exit:?}");
     assert!(proc.logs().contains("shutdown complete"), "{}", proc.logs());
+}
+
+/// An upstream that breaks off mid-body counts as an upstream reset; the client sees the head
+/// and a cut-off body (never a complete-looking short one), and the request is still counted.
+#[tokio::test]
+async fn upstream_cut_off_mid_body_counts_as_a_reset() {
+    let (up, _started, _task) = start_drip_upstream().await;
+    let text = ops_config(
+        &format!("http://{up}"),
+        "",
+        "",
+        &key_entry("alpha", ALPHA, ""),
+    );
+    let gw = start_gateway(&text).await;
+    let client = http1_client();
+    let resp = client
+        .request(
+            http::Request::get(gw.url("/cut"))
+                .header("x-api-key", ALPHA)
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.into_body().collect().await.is_err());
+
+    let admin = http1_client();
+    let url = admin_url(&gw, "/metrics");
+    let series = "keygate_requests_total{key_id=\"alpha\",class=\"2xx\"}";
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            sample(&scrape(&admin, &url).await, series) == Some(1.0)
+        })
+        .await
+    );
+    let m = scrape(&admin, &url).await;
+    assert_eq!(
+        value(&m, "keygate_upstream_errors_total{kind=\"reset\"}"),
+        1.0
+    );
+    assert_eq!(
+        value(&m, "keygate_upstream_errors_total{kind=\"connect\"}"),
+        0.0
+    );
+    assert_eq!(
+        value(&m, "keygate_upstream_errors_total{kind=\"timeout\"}"),
+        0.0
+    );
 }
 
 /// SIGINT (Ctrl-C) shuts down the same way: exit 0.

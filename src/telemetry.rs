@@ -71,12 +71,13 @@ fn json_object(event: &Event<'_>) -> Map<String, Value> {
     map.insert("ts".into(), Value::String(ts));
     map.insert("level".into(), meta.level().as_str().into());
     map.insert("target".into(), meta.target().into());
-    event.record(&mut JsonVisitor(&mut map));
     if meta.target() == access::TARGET {
+        // Every access field present and in one order; recording fills in the values.
         for name in access::FIELDS {
             map.entry(name).or_insert(Value::Null);
         }
     }
+    event.record(&mut JsonVisitor(&mut map));
     map
 }
 

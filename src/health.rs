@@ -4,7 +4,8 @@
 //! the upstream's host and port, or, when `health_path` is set, sends `GET health_path` to the
 //! upstream's scheme and authority (the url's path prefix is not added) and wants a 2xx or 3xx
 //! answer. The probe reads the live config each round, so a reload that changes the upstream is
-//! probed from the next round on. keygate is ready when the last probe succeeded and it is not
+//! probed from the next round on. The probe runs only when `[admin]` is configured, since
+//! `/readyz` and `keygate_upstream_up` are where its result is seen. keygate is ready when the last probe succeeded and it is not
 //! shutting down; a valid config is always loaded (start-up refuses an invalid one and a broken
 //! reload keeps the running one).
 

@@ -85,7 +85,10 @@ impl Gateway {
         if let Some(certs) = &certs {
             certs.spawn_watcher(Arc::clone(&shared.metrics), stop_rx.clone())?;
         }
-        health::spawn(Arc::clone(&shared), Arc::clone(&readiness), stop_rx.clone());
+        // Readiness is only reported by the admin listener: no probes unless one is asked for.
+        if admin_listen.is_some() {
+            health::spawn(Arc::clone(&shared), Arc::clone(&readiness), stop_rx.clone());
+        }
         let task = tokio::spawn(accept_loop(
             listener,
             acceptor,

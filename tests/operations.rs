@@ -371,7 +371,7 @@ async fn readyz_with_health_path_needs_a_good_answer() {
 /// the connection after the first chunk. `started` counts answers begun.
 const CHUNKS: usize = 8;
 const CHUNK: usize = 16 * 1024;
-const GAP: Duration = Duration::from_millis(150);
+const GAP: Duration = Duration::from_millis(250);
 
 async fn start_drip_upstream() -> (SocketAddr, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

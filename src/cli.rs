@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 
 use crate::{
     config::Config,
-    keys::{KeyHash, KeyStatus},
+    keys::{KeyHash, StatusCounts},
     server::Gateway,
     telemetry,
 };
@@ -119,14 +119,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// The summary `keygate check` prints.
 pub fn summary(config: &Config) -> String {
     let now = SystemTime::now();
-    let (mut active, mut disabled, mut expired) = (0, 0, 0);
-    for key in &config.keys {
-        match KeyStatus::of(key, now) {
-            KeyStatus::Active | KeyStatus::Rotating => active += 1,
-            KeyStatus::Disabled => disabled += 1,
-            KeyStatus::Expired => expired += 1,
-        }
-    }
+    let StatusCounts {
+        active,
+        disabled,
+        expired,
+    } = StatusCounts::of(&config.keys, now);
     format!(
         "{}: ok\n  listen:   {}\n  tls:      {}\n  upstream: {}\n  keys:     {active} active, {disabled} disabled, {expired} expired\n",
         config.path.display(),
@@ -152,26 +149,51 @@ fn serve(path: PathBuf) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    telemetry::init();
+    telemetry::init_with(&config.log);
+    let grace = config.server.shutdown_timeout;
     runtime(config.server.workers)?.block_on(async move {
+        // Handlers first: a signal that arrives while starting must not kill the process.
+        let mut signals = Signals::new()?;
         let gateway = Gateway::start(config).await?;
-        wait_for_signal().await;
-        tracing::info!("shutting down: finishing requests in flight");
-        gateway.shutdown(std::time::Duration::from_secs(30)).await;
+        signals.recv().await;
+        tracing::info!("shutting down: finishing requests in flight (up to {grace:?})");
+        tokio::select! {
+            () = gateway.shutdown(grace) => tracing::info!("shutdown complete"),
+            () = signals.recv() => tracing::warn!("second signal: exiting without waiting"),
+        }
         Ok(ExitCode::SUCCESS)
     })
 }
 
-async fn wait_for_signal() {
+/// SIGTERM and SIGINT, listened for from creation on.
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Signals {
+                term: signal(SignalKind::terminate())?,
+                int: signal(SignalKind::interrupt())?,
+            })
         }
+        #[cfg(not(unix))]
+        Ok(Signals {})
     }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
+
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

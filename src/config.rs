@@ -15,6 +15,8 @@
 //! - a key's `quota` falls back to `[limits] quota` (none by default);
 //! - `scopes = []` is refused (it would admit nothing): leave `scopes` out for full access;
 //! - `previous_hash` and `previous_expires` (a rotation's grace) go together.
+//! - `[admin]` absent means no admin listener; its address may not be the partner-facing one;
+//! - `[log] level` is one of `error`, `warn`, `info`, `debug`, `trace` (`RUST_LOG` overrides it).
 
 use std::{
     net::SocketAddr,
@@ -24,7 +26,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use http::{uri::Authority, uri::Scheme, HeaderName, Uri};
+use http::{uri::Authority, uri::PathAndQuery, uri::Scheme, HeaderName, Uri};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -63,6 +65,44 @@ pub struct Config {
     pub quota: Option<QuotaLimit>,
     /// `[[keys]]`, in file order.
     pub keys: Vec<KeyConfig>,
+    /// `[admin]`: the operator's listener; `None` when the section is absent.
+    pub admin: Option<AdminConfig>,
+    /// `[log]`.
+    pub log: LogConfig,
+}
+
+/// `[admin]`: where `/healthz`, `/readyz` and `/metrics` are served (no API key needed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Address to bind; never the partner-facing one.
+    pub listen: SocketAddr,
+}
+
+/// `[log]`: how log lines are written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// Text lines for people or one JSON object per line for log shippers.
+    pub format: LogFormat,
+    /// The level used when `RUST_LOG` is not set (`info` by default).
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".to_string(),
+        }
+    }
+}
+
+/// `[log] format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines (the default).
+    Text,
+    /// One JSON object per line with fixed field names.
+    Json,
 }
 
 /// `[server]`: the partner-facing listener.
@@ -74,6 +114,8 @@ pub struct ServerConfig {
     pub tls: Option<TlsFiles>,
     /// Runtime worker threads; `None` means one per core.
     pub workers: Option<usize>,
+    /// How long requests in flight may take to finish after SIGTERM/SIGINT (default 30 s).
+    pub shutdown_timeout: Duration,
 }
 
 /// PEM files of the listener's certificate chain and private key.
@@ -102,6 +144,10 @@ pub struct UpstreamConfig {
     pub timeout: Duration,
     /// Signs `X-Keygate-Signature` when set (`identity_secret` or `identity_secret_file`).
     pub identity: Option<IdentityKey>,
+    /// Path probed with `GET` for readiness; `None` probes with a TCP connect.
+    pub health_path: Option<String>,
+    /// Time between readiness probes (default 5 s).
+    pub health_interval: Duration,
 }
 
 /// `[auth]`: where keys are read from.
@@ -162,6 +208,22 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     keys: Vec<RawKey>,
+    admin: Option<RawAdmin>,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Spanned<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<Spanned<String>>,
+    level: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -171,6 +233,7 @@ struct RawServer {
     tls_cert: Option<Spanned<String>>,
     tls_key: Option<Spanned<String>>,
     workers: Option<Spanned<i64>>,
+    shutdown_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -181,6 +244,8 @@ struct RawUpstream {
     timeout: Option<Spanned<String>>,
     identity_secret: Option<Spanned<String>>,
     identity_secret_file: Option<Spanned<String>>,
+    health_path: Option<Spanned<String>>,
+    health_interval: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -355,7 +420,16 @@ impl Config {
             None => None,
         };
 
+        let shutdown_timeout = match &raw.server.shutdown_timeout {
+            Some(d) => parse_duration(d.get_ref()).map_err(|m| src.at(d, m))?,
+            None => Duration::from_secs(30),
+        };
         let upstream = parse_upstream(&src, &raw.upstream)?;
+        let admin = match &raw.admin {
+            Some(a) => Some(parse_admin(&src, a, listen)?),
+            None => None,
+        };
+        let log = parse_log(&src, &raw.log)?;
 
         let header = match &raw.auth.header {
             Some(h) => HeaderName::try_from(h.get_ref().to_ascii_lowercase())
@@ -435,6 +509,7 @@ impl Config {
                 listen,
                 tls,
                 workers,
+                shutdown_timeout,
             },
             upstream,
             auth: AuthConfig {
@@ -445,6 +520,8 @@ impl Config {
             limits,
             quota,
             keys,
+            admin,
+            log,
         })
     }
 }
@@ -580,6 +657,60 @@ fn parse_burst(src: &Source<'_>, b: &Spanned<i64>) -> Result<NonZeroU32, ConfigE
         .ok_or_else(|| src.at(b, "burst must be a whole number from 1 to 4294967295"))
 }
 
+fn parse_admin(
+    src: &Source<'_>,
+    raw: &RawAdmin,
+    partner: SocketAddr,
+) -> Result<AdminConfig, ConfigError> {
+    let listen = raw.listen.get_ref().parse::<SocketAddr>().map_err(|_| {
+        src.at(
+            &raw.listen,
+            "listen must be an address with a port, like \"127.0.0.1:9901\"",
+        )
+    })?;
+    // Port 0 picks a free port, so two zeros never collide.
+    let overlaps = listen.port() != 0
+        && listen.port() == partner.port()
+        && (listen.ip() == partner.ip()
+            || listen.ip().is_unspecified()
+            || partner.ip().is_unspecified());
+    if overlaps {
+        return Err(src.at(
+            &raw.listen,
+            "the admin listener cannot share the partner-facing [server] listen address",
+        ));
+    }
+    Ok(AdminConfig { listen })
+}
+
+fn parse_log(src: &Source<'_>, raw: &RawLog) -> Result<LogConfig, ConfigError> {
+    let format = match &raw.format {
+        Some(f) => match f.get_ref().as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            _ => return Err(src.at(f, "format must be \"text\" or \"json\"")),
+        },
+        None => LogFormat::Text,
+    };
+    let level = match &raw.level {
+        Some(l) => {
+            let level = l.get_ref().to_ascii_lowercase();
+            if !matches!(
+                level.as_str(),
+                "error" | "warn" | "info" | "debug" | "trace"
+            ) {
+                return Err(src.at(
+                    l,
+                    "level must be one of \"error\", \"warn\", \"info\", \"debug\", \"trace\"",
+                ));
+            }
+            level
+        }
+        None => "info".to_string(),
+    };
+    Ok(LogConfig { format, level })
+}
+
 fn parse_upstream(src: &Source<'_>, raw: &RawUpstream) -> Result<UpstreamConfig, ConfigError> {
     let url = raw.url.get_ref();
     let uri: Uri = url
@@ -618,6 +749,16 @@ fn parse_upstream(src: &Source<'_>, raw: &RawUpstream) -> Result<UpstreamConfig,
         }
         (None, None) => None,
     };
+    let health_path = match &raw.health_path {
+        Some(p) => {
+            let path = p.get_ref();
+            if !path.starts_with('/') || PathAndQuery::try_from(path.as_str()).is_err() {
+                return Err(src.at(p, "health_path must be a path starting with '/'"));
+            }
+            Some(path.clone())
+        }
+        None => None,
+    };
     Ok(UpstreamConfig {
         identity,
         url: url.clone(),
@@ -626,6 +767,8 @@ fn parse_upstream(src: &Source<'_>, raw: &RawUpstream) -> Result<UpstreamConfig,
         path_prefix,
         connect_timeout: duration(&raw.connect_timeout, Duration::from_secs(2))?,
         timeout: duration(&raw.timeout, Duration::from_secs(30))?,
+        health_path,
+        health_interval: duration(&raw.health_interval, Duration::from_secs(5))?,
     })
 }
 
@@ -828,6 +971,59 @@ mod tests {
             err.to_string().contains("cannot read the keys file"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn operations_sections_are_parsed_with_defaults() {
+        let c = parse(&minimal("")).unwrap();
+        assert!(c.admin.is_none());
+        assert_eq!(c.log, LogConfig::default());
+        assert_eq!(c.server.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(c.upstream.health_interval, Duration::from_secs(5));
+        assert!(c.upstream.health_path.is_none());
+
+        let text = "[server]\nlisten = \"127.0.0.1:8443\"\nshutdown_timeout = \"5s\"\n\
+                    [upstream]\nurl = \"http://127.0.0.1:9000\"\nhealth_path = \"/health\"\nhealth_interval = \"250ms\"\n\
+                    [admin]\nlisten = \"127.0.0.1:9901\"\n[log]\nformat = \"json\"\nlevel = \"DEBUG\"\n";
+        let c = parse(text).unwrap();
+        assert_eq!(c.admin.unwrap().listen, "127.0.0.1:9901".parse().unwrap());
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert_eq!(c.log.level, "debug");
+        assert_eq!(c.server.shutdown_timeout, Duration::from_secs(5));
+        assert_eq!(c.upstream.health_path.as_deref(), Some("/health"));
+        assert_eq!(c.upstream.health_interval, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn operations_sections_refuse_bad_values_with_positions() {
+        let cases = [
+            (
+                "[server]\nlisten = \"0.0.0.0:8443\"\n[upstream]\nurl = \"http://x\"\n[admin]\nlisten = \"127.0.0.1:8443\"\n",
+                "gw.toml:6:10: the admin listener cannot share",
+            ),
+            (
+                &minimal("[admin]\nlisten = \"nowhere\"\n") as &str,
+                "gw.toml:6:10: listen must be",
+            ),
+            (&minimal("[log]\nformat = \"xml\"\n"), "gw.toml:6:10: format must be"),
+            (&minimal("[log]\nlevel = \"loud\"\n"), "gw.toml:6:9: level must be"),
+            (&minimal("[log]\nfile = \"x\"\n"), "unknown field"),
+            (&minimal("[admin]\nport = 1\n"), "unknown field"),
+        ];
+        for (text, needle) in cases {
+            let err = parse(text).expect_err(text).to_string();
+            assert!(err.contains(needle), "{err} should contain {needle}");
+        }
+        let bad_health = "[server]\nlisten = \"127.0.0.1:1\"\nshutdown_timeout = \"0s\"\n[upstream]\nurl = \"http://x\"\n";
+        assert!(parse(bad_health)
+            .unwrap_err()
+            .to_string()
+            .starts_with("gw.toml:3:20:"));
+        let bad_path = "[server]\nlisten = \"127.0.0.1:1\"\n[upstream]\nurl = \"http://x\"\nhealth_path = \"health\"\n";
+        assert!(parse(bad_path)
+            .unwrap_err()
+            .to_string()
+            .contains("health_path must be"));
     }
 
     #[test]

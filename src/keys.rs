@@ -188,6 +188,32 @@ impl KeyStatus {
     }
 }
 
+/// How many configured keys are in each status; what `keygate check` and `keygate_keys` show.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatusCounts {
+    /// Admitted, including keys in a rotation's grace.
+    pub active: i64,
+    /// `disabled = true`.
+    pub disabled: i64,
+    /// Past `expires`.
+    pub expired: i64,
+}
+
+impl StatusCounts {
+    /// Counts `keys` as of `now`.
+    pub fn of(keys: &[KeyConfig], now: SystemTime) -> StatusCounts {
+        let mut counts = StatusCounts::default();
+        for key in keys {
+            match KeyStatus::of(key, now) {
+                KeyStatus::Active | KeyStatus::Rotating => counts.active += 1,
+                KeyStatus::Disabled => counts.disabled += 1,
+                KeyStatus::Expired => counts.expired += 1,
+            }
+        }
+        counts
+    }
+}
+
 /// One key id as the request path sees it, with what forwarding needs precomputed.
 #[derive(Debug)]
 pub struct KeyEntry {

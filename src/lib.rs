@@ -17,24 +17,34 @@
 //! - [`proxy`]: the request path, phase by phase (authenticate, scope, limit, rewrite, forward).
 //! - [`upstream`]: the pooled upstream client (HTTP and verified HTTPS).
 //! - [`tls`]: the listener's rustls config and certificate loading.
+//! - [`certs`]: certificate hot reload behind one `ArcSwap`, keeping the last good pair.
 //! - [`server`]: accept loop, HTTP/1.1 + HTTP/2 serving, graceful shutdown.
 //! - [`reload`]: file watch + SIGHUP → validate → one atomic swap, or keep the old.
 //! - [`error`]: the gateway's error enum → status + JSON body, in one place.
-//! - [`telemetry`]: logging set-up; the access log.
+//! - [`telemetry`]: logging set-up, text or json.
+//! - [`access`]: the access line and request metrics, written when a response body is done.
+//! - [`metrics`]: the Prometheus registry and its typed handles.
+//! - [`health`]: the upstream readiness probe.
+//! - [`admin`]: the admin listener: `/healthz`, `/readyz`, `/metrics`.
 //! - [`demo`]: `keygate demo`, a sample upstream with keygate in front.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod access;
+pub mod admin;
+pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod health;
 pub mod identity;
 pub mod keyfile;
 pub mod keys;
 pub mod keys_cli;
 pub mod limit;
+pub mod metrics;
 pub mod proxy;
 pub mod quota;
 pub mod reload;

@@ -13,7 +13,8 @@
 //!    URI at the upstream (a scoped key's request goes with its normalised path);
 //! 6. **forward** – send it on the pooled client, the body streamed both ways, with a deadline
 //!    on the response head;
-//! 7. **respond** – add the rate-limit fields and the request id, write one access-log line.
+//! 7. **respond** – add the rate-limit fields and the request id; the access line and the
+//!    request metrics are written when the response body is done ([`crate::access`]).
 //!
 //! A refusal in any phase is a [`GatewayError`], turned into a response in one place
 //! ([`GatewayError::to_response`]).
@@ -24,7 +25,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc, OnceLock,
     },
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use arc_swap::ArcSwap;
@@ -38,10 +39,12 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
 use crate::{
+    access::{AccessRecord, CountedBody, LoggedBody},
     config::Config,
     error::GatewayError,
     identity::Identity,
     keys::{self, KeyEntry, KeyHash, KeyTable},
+    metrics::{Metrics, UpstreamErrorKind},
     quota::{self, Admission},
     scope::{self, NormalPath},
     upstream::UpstreamClient,
@@ -92,6 +95,8 @@ pub struct Shared {
     pub live: ArcSwap<Live>,
     /// Pooled upstream connections.
     pub client: UpstreamClient,
+    /// Where requests, refusals and upstream errors are counted.
+    pub metrics: Arc<Metrics>,
 }
 
 /// What the request path knows about the client connection.
@@ -115,14 +120,19 @@ enum KeySource {
 struct Caller {
     key: Option<Arc<KeyEntry>>,
     ratelimit: Option<HeaderValue>,
+    /// Time to the upstream's response head, once forwarded.
+    upstream: Option<Duration>,
+    /// Request body bytes forwarded, once forwarding starts.
+    bytes_in: Option<Arc<AtomicU64>>,
 }
 
-/// Handles one request end to end; never fails (errors become responses).
+/// Handles one request end to end; never fails (errors become responses). The access line is
+/// written when the returned body is finished or dropped.
 pub async fn handle(
     shared: &Shared,
     conn: &ConnInfo,
     req: Request<Incoming>,
-) -> Response<ResponseBody> {
+) -> Response<LoggedBody<ResponseBody>> {
     let start = Instant::now();
     let live = shared.live.load_full();
     let request_id = request_id(req.headers());
@@ -133,7 +143,10 @@ pub async fn handle(
     let mut resp = match admit_and_forward(shared, &live, conn, req, &request_id, &mut caller).await
     {
         Ok(resp) => resp,
-        Err(err) => refuse(&err, &request_id),
+        Err(err) => {
+            shared.metrics.refused(&err);
+            refuse(&err, &request_id)
+        }
     };
     let headers = resp.headers_mut();
     if let (Some(key), Some(ratelimit)) = (&caller.key, caller.ratelimit) {
@@ -142,23 +155,19 @@ pub async fn handle(
     }
     headers.insert(X_REQUEST_ID.clone(), request_id.clone());
 
-    let key_id = caller.key.as_ref().map_or("-", |k| &*k.id);
-    let tenant = caller
-        .key
-        .as_ref()
-        .and_then(|k| k.tenant.as_deref())
-        .unwrap_or("-");
-    tracing::info!(
-        target: "keygate::access",
-        request_id = request_id.to_str().unwrap_or("-"),
-        key_id,
-        tenant,
-        method = method.as_str(),
-        path = uri.path(),
-        status = resp.status().as_u16(),
-        duration_ms = start.elapsed().as_secs_f64() * 1000.0,
-    );
-    resp
+    let record = AccessRecord {
+        start,
+        request_id,
+        key: caller.key,
+        method,
+        uri,
+        status: resp.status().as_u16(),
+        upstream: caller.upstream,
+        bytes_in: caller.bytes_in,
+        client_ip: conn.peer.ip(),
+        metrics: Arc::clone(&shared.metrics),
+    };
+    resp.map(|body| LoggedBody::new(body, record))
 }
 
 /// Phases 2 to 5; records the key and its rate-limit state in `caller` as soon as known.
@@ -185,7 +194,13 @@ async fn admit_and_forward(
         }
     }
     let up = rewrite(live, conn, req, &entry, source, request_id, normal)?;
-    forward(shared, live, up, request_id).await
+    let bytes_in = Arc::new(AtomicU64::new(0));
+    caller.bytes_in = Some(Arc::clone(&bytes_in));
+    let up = up.map(|body| CountedBody::new(body, bytes_in));
+    let sent = Instant::now();
+    let result = forward(shared, live, up, request_id).await;
+    caller.upstream = Some(sent.elapsed());
+    result
 }
 
 /// Turns a refusal into its response and logs the cause once.
@@ -445,11 +460,21 @@ fn strip_keygate_headers(headers: &mut HeaderMap) {
 async fn forward(
     shared: &Shared,
     live: &Live,
-    req: Request<Incoming>,
+    req: Request<crate::upstream::RequestBody>,
     request_id: &HeaderValue,
 ) -> Result<Response<ResponseBody>, GatewayError> {
     let deadline = live.config.upstream.timeout;
-    match tokio::time::timeout(deadline, shared.client.request(req)).await {
+    let sent = Instant::now();
+    let result = tokio::time::timeout(deadline, shared.client.request(req)).await;
+    match &result {
+        Ok(Ok(_)) => shared.metrics.upstream_head(sent.elapsed()),
+        Ok(Err(err)) if err.is_connect() => {
+            shared.metrics.upstream_error(UpstreamErrorKind::Connect)
+        }
+        Ok(Err(_)) => shared.metrics.upstream_error(UpstreamErrorKind::Reset),
+        Err(_) => shared.metrics.upstream_error(UpstreamErrorKind::Timeout),
+    }
+    match result {
         Ok(Ok(resp)) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);

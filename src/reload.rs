@@ -35,6 +35,9 @@ pub fn reload_now(shared: &Shared, path: &Path) -> Result<usize, ConfigError> {
     {
         tracing::warn!("[server] listen/tls changes take effect after a restart");
     }
+    if config.admin != old.config.admin || config.log != old.config.log {
+        tracing::warn!("[admin] and [log] changes take effect after a restart");
+    }
     let live = Live::new(config, Some(&old));
     let keys = live.table.len();
     shared.live.store(Arc::new(live));
@@ -99,9 +102,12 @@ pub fn spawn(shared: Arc<Shared>, stop: watch::Receiver<Option<Duration>>) -> an
             }
             tokio::time::sleep(DEBOUNCE).await;
             while rx.try_recv().is_ok() {}
-            let shared = Arc::clone(&shared);
-            let path = path.clone();
-            let result = tokio::task::spawn_blocking(move || reload_now(&shared, &path)).await;
+            let result = {
+                let shared = Arc::clone(&shared);
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || reload_now(&shared, &path)).await
+            };
+            shared.metrics.config_reload(matches!(result, Ok(Ok(_))));
             match result {
                 Ok(Ok(keys)) => tracing::info!(keys, "config reloaded"),
                 Ok(Err(err)) => {

@@ -4,6 +4,12 @@
 //! HTTP/2 (over TLS when configured, chosen by ALPN; h2c prior knowledge on plain listeners),
 //! and starts the reload watcher. Accept errors (such as running out of file descriptors) are
 //! logged and retried after a short back-off instead of ending the loop.
+//!
+//! It also starts what operations need: the admin listener ([`crate::admin`]) when `[admin]` is
+//! set, the upstream readiness probe ([`crate::health`]) and, on TLS listeners, the certificate
+//! watcher ([`crate::certs`]). [`Gateway::shutdown`] marks the gateway not ready, stops
+//! accepting, closes idle keep-alive connections and lets requests in flight finish within the
+//! grace period; the admin listener answers until the drain is over.
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -22,7 +28,11 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 
 use crate::{
+    admin::Admin,
+    certs::CertStore,
     config::Config,
+    health::{self, Readiness},
+    metrics::Metrics,
     proxy::{self, ConnInfo, Live, Shared},
     reload, tls, upstream,
 };
@@ -38,6 +48,9 @@ pub struct Gateway {
     shared: Arc<Shared>,
     stop: watch::Sender<Option<Duration>>,
     task: JoinHandle<()>,
+    readiness: Arc<Readiness>,
+    admin: Option<Admin>,
+    certs: Option<Arc<CertStore>>,
 }
 
 impl Gateway {
@@ -51,18 +64,31 @@ impl Gateway {
 
     /// Starts serving on an already bound listener.
     pub async fn start_on(listener: TcpListener, config: Config) -> anyhow::Result<Gateway> {
-        let acceptor = match &config.server.tls {
-            Some(files) => Some(TlsAcceptor::from(tls::server_config(files)?)),
+        let certs = match &config.server.tls {
+            Some(files) => Some(CertStore::load(files)?),
             None => None,
         };
+        let acceptor = certs
+            .as_ref()
+            .map(|c| TlsAcceptor::from(tls::server_config_with_resolver(c.clone())));
         let local_addr = listener.local_addr()?;
         let client = upstream::client(&config.upstream);
+        let admin_listen = config.admin.as_ref().map(|a| a.listen);
         let shared = Arc::new(Shared {
             live: ArcSwap::from_pointee(Live::new(config, None)),
             client,
+            metrics: Arc::new(Metrics::new()),
         });
+        let readiness = Arc::new(Readiness::default());
         let (stop, stop_rx) = watch::channel(None);
         reload::spawn(Arc::clone(&shared), stop_rx.clone())?;
+        if let Some(certs) = &certs {
+            certs.spawn_watcher(Arc::clone(&shared.metrics), stop_rx.clone())?;
+        }
+        // Readiness is only reported by the admin listener: no probes unless one is asked for.
+        if admin_listen.is_some() {
+            health::spawn(Arc::clone(&shared), Arc::clone(&readiness), stop_rx.clone());
+        }
         let task = tokio::spawn(accept_loop(
             listener,
             acceptor,
@@ -77,11 +103,21 @@ impl Gateway {
                 "http"
             }
         );
+        // After the "listening on" line, which tools and tests wait for.
+        let admin = match admin_listen {
+            Some(listen) => {
+                Some(Admin::start(listen, Arc::clone(&shared), Arc::clone(&readiness)).await?)
+            }
+            None => None,
+        };
         Ok(Gateway {
             local_addr,
             shared,
             stop,
             task,
+            readiness,
+            admin,
+            certs,
         })
     }
 
@@ -95,10 +131,30 @@ impl Gateway {
         &self.shared
     }
 
-    /// Stops accepting, lets requests in flight finish for up to `grace`, then returns.
+    /// The admin listener's address, when `[admin]` is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(Admin::local_addr)
+    }
+
+    /// Whether the gateway is ready for traffic, and if not, why (what `/readyz` reports).
+    pub fn readiness(&self) -> &Arc<Readiness> {
+        &self.readiness
+    }
+
+    /// The listener's certificate store, on TLS listeners.
+    pub fn certs(&self) -> Option<&Arc<CertStore>> {
+        self.certs.as_ref()
+    }
+
+    /// Stops accepting, closes idle connections, lets requests in flight finish for up to
+    /// `grace`, then stops the admin listener and returns.
     pub async fn shutdown(self, grace: Duration) {
+        self.readiness.set_draining();
         let _ = self.stop.send(Some(grace));
         let _ = self.task.await;
+        if let Some(admin) = self.admin {
+            admin.shutdown().await;
+        }
     }
 }
 
@@ -143,11 +199,13 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
+        let open = shared.metrics.connection_opened();
         let shared = Arc::clone(&shared);
         let builder = Arc::clone(&builder);
         let acceptor = acceptor.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
+            let _open = open;
             let info = ConnInfo {
                 peer,
                 tls: acceptor.is_some(),
@@ -158,8 +216,14 @@ async fn accept_loop(
                     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
                     {
                         Ok(Ok(tls)) => serve(tls, &builder, shared, info, watcher).await,
-                        Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        Ok(Err(e)) => {
+                            shared.metrics.tls_handshake_failed();
+                            tracing::debug!(%peer, "TLS handshake failed: {e}");
+                        }
+                        Err(_) => {
+                            shared.metrics.tls_handshake_failed();
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                        }
                     }
                 }
             }

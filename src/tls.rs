@@ -32,6 +32,14 @@ pub enum TlsError {
     /// rustls refused the pair (for example, the key does not match the certificate).
     #[error("certificate and key cannot be used together: {0}")]
     Pair(#[from] rustls::Error),
+    /// The private key is not the certificate's key.
+    #[error("the private key {key} does not match the certificate {cert}")]
+    Mismatch {
+        /// The certificate file.
+        cert: String,
+        /// The key file.
+        key: String,
+    },
 }
 
 /// Installs ring as the process-wide rustls crypto provider (a no-op after the first call).
@@ -76,6 +84,22 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     .with_single_cert(certs, key)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// Builds the listener's rustls config around a certificate resolver (see [`crate::certs`]),
+/// so the certificate can change while the listener runs.
+pub fn server_config_with_resolver(
+    resolver: Arc<dyn rustls::server::ResolvesServerCert>,
+) -> Arc<ServerConfig> {
+    install_crypto_provider();
+    let mut config = ServerConfig::builder_with_protocol_versions(&[
+        &rustls::version::TLS13,
+        &rustls::version::TLS12,
+    ])
+    .with_no_client_auth()
+    .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Arc::new(config)
 }
 
 /// Writes a self-signed certificate for `localhost` and `127.0.0.1` to `dir/gateway.crt` and

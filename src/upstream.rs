@@ -15,8 +15,8 @@ use hyper_util::{
 
 use crate::config::UpstreamConfig;
 
-/// The body type sent upstream: the client's own body, streamed.
-pub type RequestBody = Incoming;
+/// The body type sent upstream: the client's own body, streamed, its bytes counted.
+pub type RequestBody = crate::access::CountedBody<Incoming>;
 
 /// The upstream client type.
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, RequestBody>;

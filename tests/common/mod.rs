@@ -512,3 +512,97 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The first socket address printed after `marker` in `logs` (text or json lines), skipping a
+/// `scheme://` in front of it.
+pub fn addr_after(logs: &str, marker: &str) -> Option<SocketAddr> {
+    logs.lines().find_map(|line| {
+        let rest = line.split(marker).nth(1)?;
+        let rest = rest.split("://").nth(1).unwrap_or(rest);
+        let addr: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '[' | ']'))
+            .collect();
+        addr.parse().ok()
+    })
+}
+
+/// Like [`spawn_keygate`], but `RUST_LOG` is left unset unless `envs` sets it, and the listen
+/// address is found in text or json logs.
+pub fn spawn_keygate_plain_env(path: &Path, envs: &[(&str, &str)]) -> Process {
+    let mut cmd = Command::new(keygate_bin());
+    cmd.args(["run", "--config"])
+        .arg(path)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn keygate");
+    let stderr = child.stderr.take().unwrap();
+    let logs = Arc::new(Mutex::new(String::new()));
+    let sink = logs.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let mut l = sink.lock().unwrap();
+            l.push_str(&line);
+            l.push('\n');
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let addr = loop {
+        if let Some(addr) = addr_after(&logs.lock().unwrap(), "listening on ") {
+            break addr;
+        }
+        if std::time::Instant::now() > deadline {
+            panic!("keygate did not start; logs:\n{}", logs.lock().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Process { child, addr, logs }
+}
+
+impl Process {
+    /// The admin listener's address, from its start-up line.
+    pub fn admin_addr(&self) -> SocketAddr {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(addr) = addr_after(
+                &self.logs(),
+                "admin endpoints (/healthz /readyz /metrics) on ",
+            ) {
+                return addr;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no admin line in the logs:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit; its status, or `None` if it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The value of the exposition sample `series` (name and labels exactly as exposed).
+pub fn sample(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        value.split(' ').next()?.parse().ok()
+    })
+}

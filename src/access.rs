@@ -1,0 +1,212 @@
+//! The access log line and the request metrics, written once per request when its response
+//! body is finished (or dropped: a client that goes away mid-body still gets its line).
+//!
+//! Two thin body wrappers count bytes on the way through: [`CountedBody`] for the request body
+//! sent upstream (one shared atomic, bumped once per data frame) and [`LoggedBody`] for the
+//! response body, which owns the [`AccessRecord`] and writes it on drop. Nothing is buffered.
+//!
+//! Fields of the line (target `keygate::access`), the same in text and json:
+//! `request_id`, `key_id`, `tenant`, `method`, `path` (never the query string), `status`,
+//! `duration_ms` (head to last body byte), `upstream_ms` (until the upstream's response head;
+//! absent when nothing was forwarded), `bytes_in` (request body bytes forwarded), `bytes_out`
+//! (response body bytes sent), `client_ip` (the peer address). No key, hash or `Authorization`
+//! value is ever part of it.
+
+use std::{
+    net::IpAddr,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::Buf;
+use http::{HeaderValue, Method, Uri};
+use hyper::body::{Body, Frame, SizeHint};
+
+use crate::{
+    keys::KeyEntry,
+    metrics::{Metrics, UpstreamErrorKind},
+};
+
+/// The `tracing` target of access lines.
+pub const TARGET: &str = "keygate::access";
+
+/// The fields every json access line carries (missing values are `null`).
+pub const FIELDS: [&str; 12] = [
+    "ts",
+    "request_id",
+    "key_id",
+    "tenant",
+    "method",
+    "path",
+    "status",
+    "duration_ms",
+    "upstream_ms",
+    "bytes_in",
+    "bytes_out",
+    "client_ip",
+];
+
+/// What the access line and the request metrics need, gathered along the request path.
+#[derive(Debug)]
+pub struct AccessRecord {
+    /// When the request head arrived.
+    pub start: Instant,
+    /// The request id (the client's when sane, else made).
+    pub request_id: HeaderValue,
+    /// The key, once it is known (admitted or rate-limited).
+    pub key: Option<Arc<KeyEntry>>,
+    /// The request method.
+    pub method: Method,
+    /// The request target as received (only its path is logged).
+    pub uri: Uri,
+    /// The response status sent.
+    pub status: u16,
+    /// Time to the upstream's response head; `None` when nothing was forwarded.
+    pub upstream: Option<Duration>,
+    /// Request body bytes forwarded, counted by [`CountedBody`].
+    pub bytes_in: Option<Arc<AtomicU64>>,
+    /// The client's address.
+    pub client_ip: IpAddr,
+    /// Where the request is counted.
+    pub metrics: Arc<Metrics>,
+}
+
+impl AccessRecord {
+    /// Writes the access line and records the request metrics.
+    fn finish(&self, bytes_out: u64) {
+        let duration = self.start.elapsed();
+        let key_id = self.key.as_ref().map(|k| &k.id);
+        self.metrics.request_done(key_id, self.status, duration);
+        tracing::info!(
+            target: TARGET,
+            request_id = self.request_id.to_str().unwrap_or("-"),
+            key_id = key_id.map(|k| &**k),
+            tenant = self.key.as_ref().and_then(|k| k.tenant.as_deref()),
+            method = self.method.as_str(),
+            path = self.uri.path(),
+            status = self.status,
+            duration_ms = millis(duration),
+            upstream_ms = self.upstream.map(millis),
+            bytes_in = self
+                .bytes_in
+                .as_ref()
+                .map_or(0, |b| b.load(Ordering::Relaxed)),
+            bytes_out,
+            client_ip = %self.client_ip,
+        );
+    }
+}
+
+fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
+}
+
+/// A request body that counts the data bytes it yields into a shared counter.
+#[derive(Debug)]
+pub struct CountedBody<B> {
+    inner: B,
+    count: Arc<AtomicU64>,
+}
+
+impl<B> CountedBody<B> {
+    /// Wraps `inner`, adding every data frame's length to `count`.
+    pub fn new(inner: B, count: Arc<AtomicU64>) -> Self {
+        CountedBody { inner, count }
+    }
+}
+
+impl<B> Body for CountedBody<B>
+where
+    B: Body + Unpin,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.count
+                    .fetch_add(data.remaining() as u64, Ordering::Relaxed);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body that counts what it sends and writes the access line when it is done.
+#[derive(Debug)]
+pub struct LoggedBody<B> {
+    inner: B,
+    bytes_out: u64,
+    record: AccessRecord,
+}
+
+impl<B> LoggedBody<B> {
+    /// Wraps the response body `inner`; `record` is written when the body is dropped.
+    pub fn new(inner: B, record: AccessRecord) -> Self {
+        LoggedBody {
+            inner,
+            bytes_out: 0,
+            record,
+        }
+    }
+}
+
+impl<B> Body for LoggedBody<B>
+where
+    B: Body + Unpin,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.bytes_out += data.remaining() as u64;
+                }
+            }
+            // Only a streamed upstream body can fail: the upstream broke off mid-response.
+            Poll::Ready(Some(Err(_))) => {
+                self.record.metrics.upstream_error(UpstreamErrorKind::Reset)
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for LoggedBody<B> {
+    fn drop(&mut self) {
+        self.record.finish(self.bytes_out);
+    }
+}

@@ -1,0 +1,157 @@
+//! The admin listener (`[admin] listen`): health, readiness and metrics for the platform.
+//!
+//! Plain HTTP on its own address, never the partner-facing one, no API key:
+//! - `GET /healthz`: 200 `ok` while the process serves;
+//! - `GET /readyz`: 200 `{"status":"ready"}`, or 503 `{"status":"not_ready","reason":…}` when the
+//!   last upstream probe failed or keygate is shutting down ([`crate::health`]);
+//! - `GET /metrics`: the Prometheus exposition ([`crate::metrics`]).
+//!
+//! It keeps answering while the partner listener drains, and stops after it.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::{conn::auto, graceful::GracefulShutdown},
+};
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+
+use crate::{error::json_string, health::Readiness, proxy::Shared};
+
+/// The running admin listener.
+#[derive(Debug)]
+pub struct Admin {
+    local_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Admin {
+    /// Binds `listen` and starts answering.
+    pub async fn start(
+        listen: SocketAddr,
+        shared: Arc<Shared>,
+        readiness: Arc<Readiness>,
+    ) -> anyhow::Result<Admin> {
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {listen} for [admin]: {e}"))?;
+        let local_addr = listener.local_addr()?;
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(serve(listener, shared, readiness, stop_rx));
+        tracing::info!("admin endpoints (/healthz /readyz /metrics) on http://{local_addr}");
+        Ok(Admin {
+            local_addr,
+            stop,
+            task,
+        })
+    }
+
+    /// The address the admin listener is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting and waits (briefly) for open admin requests.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    readiness: Arc<Readiness>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let graceful = GracefulShutdown::new();
+    loop {
+        let accepted = tokio::select! {
+            res = listener.accept() => res,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!("admin accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let shared = Arc::clone(&shared);
+        let readiness = Arc::clone(&readiness);
+        let service = service_fn(move |req| {
+            let resp = answer(&shared, &readiness, &req);
+            async move { Ok::<_, Infallible>(resp) }
+        });
+        let conn = auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), graceful.shutdown()).await;
+}
+
+/// Answers one admin request.
+fn answer(
+    shared: &Shared,
+    readiness: &Readiness,
+    req: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut resp = reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET only\n".into(),
+        );
+        resp.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return resp;
+    }
+    match req.uri().path() {
+        "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" => match readiness.check() {
+            Ok(()) => reply(
+                StatusCode::OK,
+                "application/json",
+                "{\"status\":\"ready\"}".into(),
+            ),
+            Err(why) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "application/json",
+                format!(
+                    "{{\"status\":\"not_ready\",\"reason\":{}}}",
+                    json_string(&why)
+                ),
+            ),
+        },
+        "/metrics" => {
+            let live = shared.live.load();
+            reply(
+                StatusCode::OK,
+                crate::metrics::CONTENT_TYPE,
+                shared.metrics.encode(&live.config),
+            )
+        }
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}

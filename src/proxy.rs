@@ -47,11 +47,11 @@ use crate::{
     metrics::{Metrics, UpstreamErrorKind},
     quota::{self, Admission},
     scope::{self, NormalPath},
-    upstream::UpstreamClient,
+    upstream::{UpstreamBody, UpstreamClient},
 };
 
 /// The body of every response keygate sends: the upstream's, streamed, or its own.
-pub type ResponseBody = Either<Incoming, Full<Bytes>>;
+pub type ResponseBody = Either<UpstreamBody, Full<Bytes>>;
 
 /// `X-Request-Id`.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -94,7 +94,7 @@ pub struct Shared {
     /// The current live state; one `load` per request, one `store` per reload.
     pub live: ArcSwap<Live>,
     /// Pooled upstream connections.
-    pub client: UpstreamClient,
+    pub client: Arc<UpstreamClient>,
     /// Where requests, refusals and upstream errors are counted.
     pub metrics: Arc<Metrics>,
 }

@@ -496,3 +496,49 @@ async fn reload_adds_removes_keeps_on_error_and_keeps_limiter_state() {
         "invalid_api_key"
     );
 }
+
+/// Line 4: an upstream that closes its keep-alive connections after each response never
+/// surfaces as a 502: a request the gateway could not write on a closed idle connection goes
+/// out on a fresh one.
+#[tokio::test]
+async fn an_upstream_closing_idle_connections_costs_no_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                }
+                // Keep-alive by the headers, but the socket closes right after.
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    let gw = start_gateway(&config_text(
+        &format!("http://{addr}"),
+        &key_entry("a", KEY, "rate = \"1000/s\"\nburst = 1000"),
+    ))
+    .await;
+    let c = http1_client();
+    for i in 0..30 {
+        let got = get(&c, &gw.url("/v1/guests"), &[("x-api-key", KEY)]).await;
+        assert_eq!(got.status, StatusCode::OK, "request {i}: {}", got.text());
+        assert_eq!(got.text(), "ok");
+        if i % 3 == 0 {
+            // Give the close time to land, so the next request meets a closed idle connection.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

@@ -9,7 +9,8 @@
 //! - relative paths (`tls_cert`, `tls_key`) are resolved against the config file's directory;
 //! - a key's `rate` and `burst` each fall back to `[limits]` on their own;
 //! - `[limits]` defaults to `rate = "10/s"`, `burst = 20`;
-//! - `expires` must be a full date-time with an offset (`2027-06-30T00:00:00Z`).
+//! - `expires` must be a full date-time with an offset (`2027-06-30T00:00:00Z`);
+//! - `[limits] on_store_error` without `store` is refused (it would do nothing).
 
 use std::{
     net::SocketAddr,
@@ -23,7 +24,11 @@ use http::{uri::Authority, uri::Scheme, HeaderName, Uri};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::{keys::KeyHash, limit::RateLimit};
+use crate::{
+    keys::KeyHash,
+    limit::RateLimit,
+    store::{redis::StoreUrl, OnStoreError, StoreConfig},
+};
 
 /// A config problem, located in its file.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -52,6 +57,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// `[limits]`: the defaults each key falls back to.
     pub limits: RateLimit,
+    /// `[limits] store` and `on_store_error`: the shared limit store, if any.
+    pub limit_store: Option<StoreConfig>,
     /// `[[keys]]`, in file order.
     pub keys: Vec<KeyConfig>,
 }
@@ -161,6 +168,8 @@ struct RawAuth {
 struct RawLimits {
     rate: Option<Spanned<String>>,
     burst: Option<Spanned<i64>>,
+    store: Option<Spanned<String>>,
+    on_store_error: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -322,6 +331,8 @@ impl Config {
             burst: default_burst,
         };
 
+        let limit_store = parse_limit_store(&src, &raw.limits)?;
+
         let mut keys = Vec::with_capacity(raw.keys.len());
         let mut ids = std::collections::HashSet::with_capacity(raw.keys.len());
         let mut hashes = std::collections::HashSet::with_capacity(raw.keys.len());
@@ -385,8 +396,27 @@ impl Config {
             upstream,
             auth: AuthConfig { header, key_prefix },
             limits,
+            limit_store,
             keys,
         })
+    }
+}
+
+fn parse_limit_store(
+    src: &Source<'_>,
+    raw: &RawLimits,
+) -> Result<Option<StoreConfig>, ConfigError> {
+    let on_error = match &raw.on_store_error {
+        Some(v) => OnStoreError::parse(v.get_ref()).map_err(|m| src.at(v, m))?,
+        None => OnStoreError::default(),
+    };
+    match (&raw.store, &raw.on_store_error) {
+        (Some(url), _) => Ok(Some(StoreConfig {
+            url: StoreUrl::parse(url.get_ref()).map_err(|m| src.at(url, m))?,
+            on_error,
+        })),
+        (None, Some(v)) => Err(src.at(v, "on_store_error needs a store = \"redis://...\"")),
+        (None, None) => Ok(None),
     }
 }
 
@@ -518,6 +548,31 @@ mod tests {
             assert!(err.starts_with("gw.toml:"), "{err}");
             assert!(err.contains(needle), "{err} should mention {needle}");
         }
+    }
+
+    #[test]
+    fn limit_store_is_optional_checked_and_located() {
+        assert!(parse(&minimal("")).unwrap().limit_store.is_none());
+        let c = parse(&minimal(
+            "[limits]\nstore = \"rediss://gw:pw@cache:6380/1\"\non_store_error = \"deny\"\n",
+        ))
+        .unwrap();
+        let store = c.limit_store.unwrap();
+        assert_eq!(store.on_error, OnStoreError::Deny);
+        assert_eq!(store.url.to_string(), "rediss://gw:***@cache:6380/1");
+        let c = parse(&minimal("[limits]\nstore = \"redis://127.0.0.1:6379\"\n")).unwrap();
+        assert_eq!(c.limit_store.unwrap().on_error, OnStoreError::Local);
+
+        let err = parse(&minimal("[limits]\nstore = \"memcached://x\"\n")).unwrap_err();
+        assert_eq!(err.line, 6);
+        assert_eq!(err.col, 9);
+        let err = parse(&minimal(
+            "[limits]\nstore = \"redis://x\"\non_store_error = \"maybe\"\n",
+        ))
+        .unwrap_err();
+        assert!(err.to_string().starts_with("gw.toml:7:18:"), "{err}");
+        let err = parse(&minimal("[limits]\non_store_error = \"deny\"\n")).unwrap_err();
+        assert!(err.message.contains("needs a store"), "{err}");
     }
 
     #[test]

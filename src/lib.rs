@@ -9,6 +9,7 @@
 //! - [`config`]: gateway.toml → raw serde structs → validated [`config::Config`].
 //! - [`keys`]: key format and checksum, blake3 hashing, the [`keys::KeyTable`].
 //! - [`limit`]: per-key GCRA limiters that outlive reloads, rate-limit header fields.
+//! - [`store`]: limits shared by several instances through Redis, with a fallback.
 //! - [`proxy`]: the request path, phase by phase (authenticate, limit, rewrite, forward).
 //! - [`upstream`]: the pooled upstream client (HTTP and verified HTTPS).
 //! - [`tls`]: the listener's rustls config and certificate loading.
@@ -30,6 +31,7 @@ pub mod limit;
 pub mod proxy;
 pub mod reload;
 pub mod server;
+pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

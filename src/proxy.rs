@@ -4,7 +4,8 @@
 //! 2. **authenticate** – find the key (configured header, else `Authorization: Bearer`), hash it
 //!    once with blake3, look it up in the live [`KeyTable`](crate::keys::KeyTable), refuse
 //!    missing, unknown, disabled and expired keys;
-//! 3. **limit** – ask the key id's limiter; refuse with 429 and `Retry-After` when it is spent;
+//! 3. **limit** – ask the key id's budget through [`Limits`] (in process, or shared in Redis);
+//!    refuse with 429 and `Retry-After` when it is spent;
 //! 4. **rewrite** – drop the key, hop-by-hop headers and any client-sent `X-Keygate-*`, set the
 //!    forwarding and identity headers, point the URI at the upstream;
 //! 5. **forward** – send it on the pooled client, the body streamed both ways, with a deadline
@@ -38,6 +39,7 @@ use crate::{
     error::GatewayError,
     keys::{self, KeyEntry, KeyHash, KeyTable},
     limit::{self, Decision},
+    store::{Budget, Limits},
     upstream::UpstreamClient,
 };
 
@@ -78,10 +80,12 @@ impl Live {
     }
 }
 
-/// State shared by every connection: the live config and the upstream client.
+/// State shared by every connection: the live config, the limits front and the upstream client.
 pub struct Shared {
     /// The current live state; one `load` per request, one `store` per reload.
     pub live: ArcSwap<Live>,
+    /// Where limits are decided (in process, or Redis with a fallback); outlives reloads.
+    pub limits: Limits,
     /// Pooled upstream connections.
     pub client: UpstreamClient,
 }
@@ -167,15 +171,20 @@ async fn admit_and_forward(
 ) -> Result<Response<ResponseBody>, GatewayError> {
     let (entry, source) = authenticate(live, req.headers())?;
     caller.key = Some(Arc::clone(&entry));
-    let decision = entry.limiter.check();
+    let decision = shared
+        .limits
+        .check(&entry.id, Budget::Rate, &entry.limiter)
+        .await?;
     match decision {
-        Decision::Admit { remaining, reset } => {
+        Some(Decision::Admit { remaining, reset }) => {
             caller.ratelimit = Some(limit::ratelimit_field(remaining, reset));
         }
-        Decision::Deny { retry_after } => {
+        Some(Decision::Deny { retry_after }) => {
             caller.ratelimit = Some(limit::ratelimit_field(0, retry_after));
             return Err(GatewayError::RateLimited { retry_after });
         }
+        // Store down under on_store_error = "allow": no limit applies, so none is advertised.
+        None => {}
     }
     let up = rewrite(live, conn, req, &entry, source, request_id)?;
     forward(shared, live, up, request_id).await

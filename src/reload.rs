@@ -33,6 +33,9 @@ pub fn reload_now(shared: &Shared, path: &Path) -> Result<usize, ConfigError> {
     {
         tracing::warn!("[server] listen/tls changes take effect after a restart");
     }
+    if config.limit_store != old.config.limit_store {
+        tracing::warn!("[limits] store/on_store_error changes take effect after a restart");
+    }
     let live = Live::new(config, Some(&old));
     let keys = live.table.len();
     shared.live.store(Arc::new(live));

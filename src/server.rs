@@ -24,7 +24,9 @@ use tokio_rustls::TlsAcceptor;
 use crate::{
     config::Config,
     proxy::{self, ConnInfo, Live, Shared},
-    reload, tls, upstream,
+    reload,
+    store::Limits,
+    tls, upstream,
 };
 
 /// How long a client may take to finish the TLS handshake.
@@ -57,11 +59,13 @@ impl Gateway {
         };
         let local_addr = listener.local_addr()?;
         let client = upstream::client(&config.upstream);
+        let (stop, stop_rx) = watch::channel(None);
+        let limits = Limits::start(config.limit_store.as_ref(), stop_rx.clone()).await?;
         let shared = Arc::new(Shared {
             live: ArcSwap::from_pointee(Live::new(config, None)),
+            limits,
             client,
         });
-        let (stop, stop_rx) = watch::channel(None);
         reload::spawn(Arc::clone(&shared), stop_rx.clone())?;
         let task = tokio::spawn(accept_loop(
             listener,

@@ -1,0 +1,294 @@
+//! The Redis limit store: one multiplexed connection, the GCRA script, and its answers turned
+//! into the same [`Decision`]s the in-process limiter gives.
+//!
+//! The script (`gcra.lua` beside this file) is loaded when a connection is made and then called
+//! by its SHA (`EVALSHA`); the redis crate's [`Script`] reloads it by itself if Redis answers
+//! `NOSCRIPT` (a restarted Redis without persistence). One call is one round trip, and the read,
+//! the decision and the write happen atomically inside Redis, so any number of instances can
+//! share a bucket.
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use arc_swap::ArcSwapOption;
+use redis::{aio::MultiplexedConnection, AsyncConnectionConfig, IntoConnectionInfo, Script};
+
+use crate::limit::{self, Decision, RateLimit};
+
+/// Time allowed to open a connection (TCP, TLS, AUTH, SELECT) and load the script. Off the
+/// request path: only start-up and the background probe connect.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Prefix of every key keygate writes in Redis.
+pub const KEY_PREFIX: &str = "keygate:";
+
+/// The GCRA, run inside Redis.
+const GCRA_LUA: &str = include_str!("gcra.lua");
+
+/// A Redis URL (`redis://` or `rediss://`, optionally `user:password@`, optionally `/db`).
+///
+/// Its `Debug` and `Display` hide the password, so the URL can be logged and printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoreUrl(String);
+
+impl StoreUrl {
+    /// Checks `s` is a Redis URL keygate can use; the message never repeats the URL (it may
+    /// hold a password).
+    pub fn parse(s: &str) -> Result<StoreUrl, String> {
+        let s = s.trim();
+        if !(s.starts_with("redis://") || s.starts_with("rediss://")) {
+            return Err(
+                "store must be a URL like \"redis://host:6379/0\" or \"rediss://user:password@host:6380/0\""
+                    .into(),
+            );
+        }
+        match s.into_connection_info() {
+            Ok(_) => Ok(StoreUrl(s.to_string())),
+            Err(e) => Err(format!(
+                "store is not a usable Redis URL ({})",
+                e.detail().unwrap_or("malformed")
+            )),
+        }
+    }
+
+    /// Whether the connection uses TLS (`rediss://`).
+    pub fn is_tls(&self) -> bool {
+        self.0.starts_with("rediss://")
+    }
+
+    /// The URL with its password replaced by `***`, for logs.
+    pub fn redacted(&self) -> String {
+        let (scheme, rest) = self.0.split_once("://").expect("checked in parse");
+        let authority_end = rest.find('/').unwrap_or(rest.len());
+        let (authority, path) = rest.split_at(authority_end);
+        match authority.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+                let hidden = if userinfo.contains(':') || user.is_empty() {
+                    ":***"
+                } else {
+                    ""
+                };
+                format!("{scheme}://{user}{hidden}@{host}{path}")
+            }
+            None => self.0.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "StoreUrl({})", self.redacted())
+    }
+}
+
+impl fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// Why the store could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No connection is open (never made, or dropped after a failure).
+    #[error("not connected")]
+    NotConnected,
+    /// Redis did not answer within the allowed time.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// Redis or the connection to it failed.
+    #[error(transparent)]
+    Redis(#[from] redis::RedisError),
+    /// The script answered something other than `{admitted, n}`.
+    #[error("unexpected answer from the GCRA script")]
+    Protocol,
+}
+
+/// A connection to the limit store and the GCRA script.
+pub struct RedisStore {
+    url: StoreUrl,
+    client: redis::Client,
+    script: Script,
+    conn: ArcSwapOption<MultiplexedConnection>,
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The connection a [`RedisStore::check`] used, so a failure only drops that one.
+pub type ConnHandle = Arc<MultiplexedConnection>;
+
+impl RedisStore {
+    /// A store for `url`; nothing is connected until [`connect`](Self::connect).
+    pub fn new(url: &StoreUrl) -> Result<RedisStore, StoreError> {
+        if url.is_tls() {
+            crate::tls::install_crypto_provider();
+        }
+        Ok(RedisStore {
+            url: url.clone(),
+            client: redis::Client::open(url.0.as_str())?,
+            script: Script::new(GCRA_LUA),
+            conn: ArcSwapOption::empty(),
+        })
+    }
+
+    /// The store's URL (its `Display` hides the password).
+    pub fn url(&self) -> &StoreUrl {
+        &self.url
+    }
+
+    /// Opens a new connection, loads the script, and makes it the one requests use.
+    /// `response_timeout` bounds every later call on this connection.
+    pub async fn connect(&self, response_timeout: Duration) -> Result<(), StoreError> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(CONNECT_TIMEOUT)
+            .set_response_timeout(CONNECT_TIMEOUT);
+        let open = async {
+            let mut conn = self
+                .client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await?;
+            self.script.load_async(&mut conn).await?;
+            conn.set_response_timeout(response_timeout);
+            Ok::<_, StoreError>(conn)
+        };
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, open)
+            .await
+            .map_err(|_| StoreError::Timeout(CONNECT_TIMEOUT))??;
+        self.conn.store(Some(Arc::new(conn)));
+        Ok(())
+    }
+
+    /// Forgets `used` if it is still the current connection (a later one is kept).
+    pub fn disconnect(&self, used: &ConnHandle) {
+        let current = self.conn.load();
+        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, used)) {
+            self.conn.compare_and_swap(&*current, None);
+        }
+    }
+
+    /// Takes one request from `bucket` under `limit`, atomically across every instance.
+    ///
+    /// The clock is the Redis server's, so there is no `now` argument: instances whose clocks
+    /// disagree still share one timeline. On failure the connection used is returned with the
+    /// error, so the caller can drop it.
+    pub async fn check(
+        &self,
+        bucket: &str,
+        limit: &RateLimit,
+    ) -> Result<Decision, (StoreError, Option<ConnHandle>)> {
+        let Some(handle) = self.conn.load_full() else {
+            return Err((StoreError::NotConnected, None));
+        };
+        let mut conn = MultiplexedConnection::clone(&handle);
+        let answer: Result<(u8, u64), _> = self
+            .script
+            .key(bucket)
+            .arg(period_micros(limit))
+            .arg(limit.burst.get())
+            .invoke_async(&mut conn)
+            .await;
+        match answer {
+            Ok(answer) => decision(limit, answer).map_err(|e| (e, Some(handle))),
+            Err(e) => Err((StoreError::Redis(e), Some(handle))),
+        }
+    }
+}
+
+/// The Redis key of a key id's budget (`keygate:<id>:<budget>`).
+pub fn bucket_key(key_id: &str, budget: &str) -> String {
+    let mut key = String::with_capacity(KEY_PREFIX.len() + key_id.len() + 1 + budget.len());
+    key.push_str(KEY_PREFIX);
+    key.push_str(key_id);
+    key.push(':');
+    key.push_str(budget);
+    key
+}
+
+/// The GCRA's `t` in whole microseconds (at least 1), the script's resolution.
+pub fn period_micros(limit: &RateLimit) -> u64 {
+    u64::try_from(limit.period().as_micros())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
+/// The script's `{admitted, n}` as a [`Decision`], rounded as the in-process limiter rounds.
+pub fn decision(limit: &RateLimit, (admitted, n): (u8, u64)) -> Result<Decision, StoreError> {
+    match admitted {
+        1 => {
+            let remaining = u32::try_from(n).map_err(|_| StoreError::Protocol)?;
+            Ok(Decision::Admit {
+                remaining,
+                reset: limit::reset_secs(limit, remaining),
+            })
+        }
+        0 => Ok(Decision::Deny {
+            retry_after: limit::retry_after_secs(Duration::from_micros(n)),
+        }),
+        _ => Err(StoreError::Protocol),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::num::NonZeroU32;
+
+    fn limit(rate: &str, burst: u32) -> RateLimit {
+        let (count, per) = RateLimit::parse_rate(rate, false).unwrap();
+        RateLimit {
+            count,
+            per,
+            burst: NonZeroU32::new(burst).unwrap(),
+        }
+    }
+
+    #[test]
+    fn urls_are_checked_and_passwords_never_shown() {
+        let u = StoreUrl::parse("redis://app:s3cret@10.0.0.5:6380/2").unwrap();
+        assert_eq!(u.to_string(), "redis://app:***@10.0.0.5:6380/2");
+        assert!(!format!("{u:?}").contains("s3cret"));
+        let u = StoreUrl::parse("rediss://:s3cret@cache.internal").unwrap();
+        assert!(u.is_tls());
+        assert_eq!(u.to_string(), "rediss://:***@cache.internal");
+        let u = StoreUrl::parse("redis://127.0.0.1:6379/0").unwrap();
+        assert_eq!(u.to_string(), "redis://127.0.0.1:6379/0");
+        assert!(StoreUrl::parse("http://127.0.0.1:6379").is_err());
+        assert!(StoreUrl::parse("127.0.0.1:6379").is_err());
+        let err = StoreUrl::parse("redis://u:s3cret@host:notaport/0").unwrap_err();
+        assert!(!err.contains("s3cret"), "{err}");
+    }
+
+    #[test]
+    fn script_answers_round_like_the_in_process_limiter() {
+        let l = limit("10/s", 20);
+        assert_eq!(period_micros(&l), 100_000);
+        assert_eq!(
+            decision(&l, (1, 19)).unwrap(),
+            Decision::Admit {
+                remaining: 19,
+                reset: 1
+            }
+        );
+        assert_eq!(
+            decision(&l, (0, 1)).unwrap(),
+            Decision::Deny { retry_after: 1 }
+        );
+        assert_eq!(
+            decision(&limit("1/min", 3), (0, 59_999_001)).unwrap(),
+            Decision::Deny { retry_after: 60 }
+        );
+        assert!(decision(&l, (2, 0)).is_err());
+        assert_eq!(period_micros(&limit("4000000/s", 1)), 1);
+    }
+
+    #[test]
+    fn bucket_keys_are_namespaced_by_id_and_budget() {
+        assert_eq!(bucket_key("partner-a", "rate"), "keygate:partner-a:rate");
+    }
+}

@@ -190,7 +190,7 @@ impl Limits {
             mode: AtomicU8::new(LimitMode::Fallback.as_u8()),
             wake: Notify::new(),
         });
-        match link.redis.connect(STORE_TIMEOUT).await {
+        match link.redis.connect().await {
             Ok(()) => {
                 link.mode
                     .store(LimitMode::Shared.as_u8(), Ordering::Release);
@@ -292,7 +292,7 @@ async fn probe(link: Arc<StoreLink>, mut stop: watch::Receiver<Option<Duration>>
                 _ = stop.wait_for(Option::is_some) => return,
             }
         }
-        match link.redis.connect(STORE_TIMEOUT).await {
+        match link.redis.connect().await {
             Ok(()) => {
                 link.mode
                     .store(LimitMode::Shared.as_u8(), Ordering::Release);

@@ -79,9 +79,23 @@ impl RedisServer {
         s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
     }
 
+    /// Sends `sig` (`STOP`, `CONT`) to the server, to make it hang or resume.
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} redis-server");
+    }
+
     /// SIGKILL: the dataset is gone, as after a crash without persistence.
     fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-CONT", &c.id().to_string()])
+                .status();
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -515,5 +529,69 @@ async fn an_instance_started_before_redis_switches_over_when_it_answers() {
     assert_eq!(
         alternate(&[a.url("/v1/guests"), b.url("/v1/guests")], &[KEY], 12).await,
         4
+    );
+}
+
+/// A Redis that hangs (no error, no answer) costs a request at most the store timeout; then the
+/// instance stops waiting for it, and returns to it once it answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_costs_at_most_the_timeout_then_nothing() {
+    let up = start_upstream().await;
+    let redis = RedisServer::start();
+    let a = Instance::start(
+        &up.url(),
+        &format!(
+            "{}{}",
+            store_section(&redis, "local"),
+            key_entry("partner", KEY, "rate = \"100/s\"\nburst = 100")
+        ),
+    );
+    let c = http1_client();
+    let url = a.url("/v1/guests");
+    assert_eq!(
+        get(&c, &url, &[("x-api-key", KEY)]).await.status,
+        StatusCode::OK
+    );
+
+    redis.signal("STOP");
+    let started = Instant::now();
+    let got = get(&c, &url, &[("x-api-key", KEY)]).await;
+    let first = started.elapsed();
+    assert_eq!(got.status, StatusCode::OK, "answered by the local limiter");
+    assert!(
+        first < Duration::from_secs(1),
+        "waited {first:?} for a hung Redis"
+    );
+    assert!(
+        a.process
+            .wait_for_log("no answer within 100ms", Duration::from_secs(2)),
+        "{}",
+        store_lines(&a.process.logs())
+    );
+    let started = Instant::now();
+    for _ in 0..20 {
+        assert_eq!(
+            get(&c, &url, &[("x-api-key", KEY)]).await.status,
+            StatusCode::OK
+        );
+    }
+    // Twenty waits for the 100 ms timeout would take 2 s.
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "20 requests in fallback took {:?}: they still wait for Redis",
+        started.elapsed()
+    );
+
+    redis.signal("CONT");
+    assert!(
+        a.process.wait_for_log(BACK, Duration::from_secs(5)),
+        "{}",
+        store_lines(&a.process.logs())
+    );
+    assert_eq!(
+        a.count_logs(TRIPPED),
+        1,
+        "{}",
+        store_lines(&a.process.logs())
     );
 }

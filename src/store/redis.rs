@@ -143,8 +143,10 @@ impl RedisStore {
     }
 
     /// Opens a new connection, loads the script, and makes it the one requests use.
-    /// `response_timeout` bounds every later call on this connection.
-    pub async fn connect(&self, response_timeout: Duration) -> Result<(), StoreError> {
+    ///
+    /// [`CONNECT_TIMEOUT`] also bounds each later call on the connection, as a backstop: the
+    /// request path puts its own, shorter deadline around [`check`](Self::check).
+    pub async fn connect(&self) -> Result<(), StoreError> {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(CONNECT_TIMEOUT)
             .set_response_timeout(CONNECT_TIMEOUT);
@@ -154,7 +156,6 @@ impl RedisStore {
                 .get_multiplexed_async_connection_with_config(&config)
                 .await?;
             self.script.load_async(&mut conn).await?;
-            conn.set_response_timeout(response_timeout);
             Ok::<_, StoreError>(conn)
         };
         let conn = tokio::time::timeout(CONNECT_TIMEOUT, open)

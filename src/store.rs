@@ -203,7 +203,7 @@ impl Limits {
                 store = %link.redis.url(),
                 on_store_error = link.on_error.as_str(),
                 "limit store unavailable at start-up ({}); applying on_store_error until it answers",
-                crate::proxy::error_chain(&e)
+                describe(&e)
             ),
         }
         tokio::spawn(probe(Arc::clone(&link), stop));
@@ -268,7 +268,7 @@ impl StoreLink {
                 store = %self.redis.url(),
                 on_store_error = self.on_error.as_str(),
                 "limit store unavailable ({}); applying on_store_error until it answers",
-                crate::proxy::error_chain(cause)
+                describe(cause)
             );
             self.wake.notify_one();
         }
@@ -305,7 +305,7 @@ async fn probe(link: Arc<StoreLink>, mut stop: watch::Receiver<Option<Duration>>
             Err(e) => tracing::debug!(
                 store = %link.redis.url(),
                 "limit store still unavailable: {}",
-                crate::proxy::error_chain(&e)
+                describe(&e)
             ),
         }
         tokio::select! {
@@ -313,6 +313,22 @@ async fn probe(link: Arc<StoreLink>, mut stop: watch::Receiver<Option<Duration>>
             _ = stop.wait_for(Option::is_some) => return,
         }
     }
+}
+
+/// An error and its sources for one log line, leaving out a source the message already
+/// repeats (the redis crate's errors print their I/O cause and also return it as the source).
+fn describe(err: &StoreError) -> String {
+    let mut s = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        source = e.source();
+    }
+    s
 }
 
 #[cfg(test)]
@@ -334,5 +350,17 @@ mod tests {
             assert_eq!(LimitMode::from_u8(m.as_u8()), m);
         }
         assert_eq!(Limits::in_process().mode(), LimitMode::InProcess);
+    }
+
+    #[test]
+    fn causes_are_described_once() {
+        let io = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let text = io.to_string();
+        let described = describe(&StoreError::Redis(io.into()));
+        assert_eq!(described.matches(&text).count(), 1, "{described}");
+        assert_eq!(
+            describe(&StoreError::Timeout(STORE_TIMEOUT)),
+            "no answer within 100ms"
+        );
     }
 }

@@ -28,18 +28,22 @@ const PROBE_KEY: &str = "probe-key-0123456789abcdefghijklmnopqr";
 /// A redis-server of our own on a free loopback port; killed on drop.
 struct RedisServer {
     port: u16,
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
 impl RedisServer {
     fn start() -> RedisServer {
-        // Pick a free port (bind :0, read it, release it): redis-server cannot take port 0.
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut r = RedisServer { port, child: None };
+        RedisServer::start_with(Vec::new())
+    }
+
+    /// Starts with `extra` arguments (TLS, ACL users, ...).
+    fn start_with(extra: Vec<String>) -> RedisServer {
+        let mut r = RedisServer {
+            port: free_port(),
+            extra,
+            child: None,
+        };
         r.restart();
         r
     }
@@ -58,6 +62,7 @@ impl RedisServer {
         let child = Command::new(bin)
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -76,7 +81,10 @@ impl RedisServer {
         };
         let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
         let mut buf = [0u8; 7];
-        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+        // A server that wants a password answers -NOAUTH: it is up all the same.
+        s.write_all(b"PING\r\n").is_ok()
+            && s.read_exact(&mut buf).is_ok()
+            && (&buf == b"+PONG\r\n" || buf.starts_with(b"-NOAUTH"))
     }
 
     /// Sends `sig` (`STOP`, `CONT`) to the server, to make it hang or resume.
@@ -108,6 +116,15 @@ impl Drop for RedisServer {
     }
 }
 
+/// A free loopback port (bind :0, read it, release it): redis-server cannot take port 0.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// One keygate process with its own config file (as each instance has its own copy).
 struct Instance {
     process: Process,
@@ -116,10 +133,16 @@ struct Instance {
 
 impl Instance {
     fn start(upstream: &str, rest: &str) -> Instance {
+        Instance::start_with_env(upstream, rest, &[])
+    }
+
+    fn start_with_env(upstream: &str, rest: &str, envs: &[(&str, &str)]) -> Instance {
         let dir = tempfile::tempdir().unwrap();
         let path: PathBuf = dir.path().join("gateway.toml");
         std::fs::write(&path, config_text(upstream, rest)).unwrap();
-        let process = spawn_keygate(&path, &[("RUST_LOG", "info")]);
+        let mut envs = envs.to_vec();
+        envs.push(("RUST_LOG", "info"));
+        let process = spawn_keygate(&path, &envs);
         Instance { process, _dir: dir }
     }
 
@@ -594,4 +617,79 @@ async fn a_hung_redis_costs_at_most_the_timeout_then_nothing() {
         "{}",
         store_lines(&a.process.logs())
     );
+}
+
+/// `rediss://user:password@`: TLS verified against the roots keygate trusts (here a certificate
+/// made by the test, given as SSL_CERT_FILE), an ACL user, one shared budget, and no password in
+/// any log line, also when the password is wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_with_user_and_password_shares_limits_and_never_logs_the_password() {
+    let up = start_upstream().await;
+    let certs = tempfile::tempdir().unwrap();
+    let cert = make_cert();
+    let (cert_file, key_file) = (
+        certs.path().join("redis.crt"),
+        certs.path().join("redis.key"),
+    );
+    std::fs::write(&cert_file, &cert.cert_pem).unwrap();
+    std::fs::write(&key_file, &cert.key_pem).unwrap();
+    let tls_port = free_port();
+    let args = [
+        "--tls-port",
+        &tls_port.to_string(),
+        "--tls-cert-file",
+        cert_file.to_str().unwrap(),
+        "--tls-key-file",
+        key_file.to_str().unwrap(),
+        "--tls-auth-clients",
+        "no",
+        "--user",
+        "default",
+        "off",
+        "--user",
+        "keygate",
+        "on",
+        ">s3cret-pw",
+        "~keygate:*",
+        "+@all",
+    ];
+    let _redis = RedisServer::start_with(args.iter().map(|a| a.to_string()).collect());
+    let section = |password: &str| {
+        format!(
+            "[limits]\nstore = \"rediss://keygate:{password}@127.0.0.1:{tls_port}/0\"\n\n{}",
+            key_entry("partner", KEY, "rate = \"1/min\"\nburst = 6")
+        )
+    };
+    let env = [("SSL_CERT_FILE", cert_file.to_str().unwrap())];
+    let a = Instance::start_with_env(&up.url(), &section("s3cret-pw"), &env);
+    let b = Instance::start_with_env(&up.url(), &section("s3cret-pw"), &env);
+    let wrong = Instance::start_with_env(&up.url(), &section("wrong-pw"), &env);
+    for i in [&a, &b] {
+        assert_eq!(
+            i.count_logs(SHARED),
+            1,
+            "{}",
+            store_lines(&i.process.logs())
+        );
+        assert!(i
+            .process
+            .logs()
+            .contains(&format!("rediss://keygate:***@127.0.0.1:{tls_port}/0")));
+    }
+    assert!(
+        wrong.process.logs().contains("unavailable at start-up"),
+        "{}",
+        store_lines(&wrong.process.logs())
+    );
+    assert_eq!(
+        alternate(&[a.url("/v1/guests"), b.url("/v1/guests")], &[KEY], 12).await,
+        6
+    );
+    for i in [&a, &b, &wrong] {
+        let logs = i.process.logs();
+        assert!(
+            !logs.contains("s3cret-pw") && !logs.contains("wrong-pw"),
+            "{logs}"
+        );
+    }
 }

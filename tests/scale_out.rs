@@ -128,6 +128,7 @@ fn free_port() -> u16 {
 /// One keygate process with its own config file (as each instance has its own copy).
 struct Instance {
     process: Process,
+    path: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -143,11 +144,30 @@ impl Instance {
         let mut envs = envs.to_vec();
         envs.push(("RUST_LOG", "info"));
         let process = spawn_keygate(&path, &envs);
-        Instance { process, _dir: dir }
+        Instance {
+            process,
+            path,
+            _dir: dir,
+        }
     }
 
     fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.process.addr)
+    }
+
+    /// Replaces the config file as editors do and waits for the reload to be logged.
+    fn rewrite_config(&self, upstream: &str, rest: &str) {
+        let before = self.count_logs("config reloaded");
+        write_atomically(&self.path, &config_text(upstream, rest));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.count_logs("config reloaded") == before {
+            assert!(
+                Instant::now() < deadline,
+                "no reload: {}",
+                self.process.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn count_logs(&self, needle: &str) -> usize {
@@ -692,4 +712,42 @@ async fn rediss_with_user_and_password_shares_limits_and_never_logs_the_password
             "{logs}"
         );
     }
+}
+
+/// A reload neither refills nor forgets a shared budget, and revoking the key refuses it at
+/// once, as with in-process limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_keeps_the_shared_budget_and_revocation_still_refuses() {
+    let up = start_upstream().await;
+    let redis = RedisServer::start();
+    let limit = "rate = \"1/min\"\nburst = 3";
+    let store = store_section(&redis, "local");
+    let rest = format!("{store}{}", key_entry("partner", KEY, limit));
+    let a = Instance::start(&up.url(), &rest);
+    let b = Instance::start(&up.url(), &rest);
+    let urls = [a.url("/v1/guests"), b.url("/v1/guests")];
+    assert_eq!(alternate(&urls, &[KEY], 5).await, 3);
+
+    // Another key added on both: the spent budget stays spent.
+    let rest = format!(
+        "{store}{}{}",
+        key_entry("partner", KEY, limit),
+        key_entry("other", PROBE_KEY, limit)
+    );
+    a.rewrite_config(&up.url(), &rest);
+    b.rewrite_config(&up.url(), &rest);
+    assert_eq!(alternate(&urls, &[KEY], 4).await, 0);
+    assert_eq!(alternate(&urls, &[PROBE_KEY], 4).await, 3);
+
+    // Revoked on one instance: refused there at once, whatever the budget.
+    a.rewrite_config(
+        &up.url(),
+        &format!(
+            "{store}{}",
+            key_entry("partner", KEY, &format!("{limit}\ndisabled = true"))
+        ),
+    );
+    let got = get(&http1_client(), &urls[0], &[("x-api-key", KEY)]).await;
+    assert_eq!(got.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(got.code(), "invalid_api_key");
 }

@@ -17,6 +17,7 @@
 //! - `previous_hash` and `previous_expires` (a rotation's grace) go together.
 //! - `[admin]` absent means no admin listener; its address may not be the partner-facing one;
 //! - `[log] level` is one of `error`, `warn`, `info`, `debug`, `trace` (`RUST_LOG` overrides it).
+//! - `[limits] on_store_error` without `store` is refused (it would do nothing).
 
 use std::{
     net::SocketAddr,
@@ -31,7 +32,12 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::{
-    identity::IdentityKey, keys::KeyHash, limit::RateLimit, quota::QuotaLimit, scope::Scope,
+    identity::IdentityKey,
+    keys::KeyHash,
+    limit::RateLimit,
+    quota::QuotaLimit,
+    scope::Scope,
+    store::{redis::StoreUrl, OnStoreError, StoreConfig},
 };
 
 /// A config problem, located in its file.
@@ -63,6 +69,8 @@ pub struct Config {
     pub limits: RateLimit,
     /// `[limits] quota`: the default long-window quota, if any.
     pub quota: Option<QuotaLimit>,
+    /// `[limits] store` and `on_store_error`: the shared limit store, if any.
+    pub limit_store: Option<StoreConfig>,
     /// `[[keys]]`, in file order.
     pub keys: Vec<KeyConfig>,
     /// `[admin]`: the operator's listener; `None` when the section is absent.
@@ -262,6 +270,8 @@ struct RawLimits {
     rate: Option<Spanned<String>>,
     burst: Option<Spanned<i64>>,
     quota: Option<Spanned<String>>,
+    store: Option<Spanned<String>>,
+    on_store_error: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -469,6 +479,7 @@ impl Config {
             burst: default_burst,
         };
 
+        let limit_store = parse_limit_store(&src, &raw.limits)?;
         let quota = match &raw.limits.quota {
             Some(q) => Some(QuotaLimit::parse(q.get_ref()).map_err(|m| src.at(q, m))?),
             None => None,
@@ -519,6 +530,7 @@ impl Config {
             },
             limits,
             quota,
+            limit_store,
             keys,
             admin,
             log,
@@ -648,6 +660,24 @@ fn parse_keys(
         });
     }
     Ok(keys)
+}
+
+fn parse_limit_store(
+    src: &Source<'_>,
+    raw: &RawLimits,
+) -> Result<Option<StoreConfig>, ConfigError> {
+    let on_error = match &raw.on_store_error {
+        Some(v) => OnStoreError::parse(v.get_ref()).map_err(|m| src.at(v, m))?,
+        None => OnStoreError::default(),
+    };
+    match (&raw.store, &raw.on_store_error) {
+        (Some(url), _) => Ok(Some(StoreConfig {
+            url: StoreUrl::parse(url.get_ref()).map_err(|m| src.at(url, m))?,
+            on_error,
+        })),
+        (None, Some(v)) => Err(src.at(v, "on_store_error needs a store = \"redis://...\"")),
+        (None, None) => Ok(None),
+    }
 }
 
 fn parse_burst(src: &Source<'_>, b: &Spanned<i64>) -> Result<NonZeroU32, ConfigError> {
@@ -1024,6 +1054,31 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("health_path must be"));
+    }
+
+    #[test]
+    fn limit_store_is_optional_checked_and_located() {
+        assert!(parse(&minimal("")).unwrap().limit_store.is_none());
+        let c = parse(&minimal(
+            "[limits]\nstore = \"rediss://gw:pw@cache:6380/1\"\non_store_error = \"deny\"\n",
+        ))
+        .unwrap();
+        let store = c.limit_store.unwrap();
+        assert_eq!(store.on_error, OnStoreError::Deny);
+        assert_eq!(store.url.to_string(), "rediss://gw:***@cache:6380/1");
+        let c = parse(&minimal("[limits]\nstore = \"redis://127.0.0.1:6379\"\n")).unwrap();
+        assert_eq!(c.limit_store.unwrap().on_error, OnStoreError::Local);
+
+        let err = parse(&minimal("[limits]\nstore = \"memcached://x\"\n")).unwrap_err();
+        assert_eq!(err.line, 6);
+        assert_eq!(err.col, 9);
+        let err = parse(&minimal(
+            "[limits]\nstore = \"redis://x\"\non_store_error = \"maybe\"\n",
+        ))
+        .unwrap_err();
+        assert!(err.to_string().starts_with("gw.toml:7:18:"), "{err}");
+        let err = parse(&minimal("[limits]\non_store_error = \"deny\"\n")).unwrap_err();
+        assert!(err.message.contains("needs a store"), "{err}");
     }
 
     #[test]

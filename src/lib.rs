@@ -15,6 +15,7 @@
 //! - [`scope`]: key scopes (`GET /v1/guests/**`) and the path normalisation they rely on.
 //! - [`identity`]: the `X-Keygate-Signature` header the backend can verify.
 //! - [`proxy`]: the request path, phase by phase (authenticate, scope, limit, rewrite, forward).
+//! - [`store`]: limits shared by several instances through Redis, with a fallback.
 //! - [`upstream`]: the pooled upstream client (HTTP and verified HTTPS).
 //! - [`tls`]: the listener's rustls config and certificate loading.
 //! - [`certs`]: certificate hot reload behind one `ArcSwap`, keeping the last good pair.
@@ -50,6 +51,7 @@ pub mod quota;
 pub mod reload;
 pub mod scope;
 pub mod server;
+pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

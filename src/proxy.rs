@@ -6,8 +6,8 @@
 //!    missing, unknown, disabled and expired keys (and a rotated key's old hash after its grace);
 //! 3. **scope** – for a key with scopes, normalise the path ([`scope::normalise`]) and refuse
 //!    with 403 what no scope covers; nothing is charged or forwarded;
-//! 4. **limit** – ask the key's quota and rate ([`quota::admit`]: both are charged or neither);
-//!    refuse with 429 and `Retry-After` when one is spent;
+//! 4. **limit** – ask the key's quota and rate through [`Limits`] (in process, or shared in
+//!    Redis; both are charged or neither); refuse with 429 and `Retry-After` when one is spent;
 //! 5. **rewrite** – drop the key, hop-by-hop headers and any client-sent `X-Keygate-*`, set the
 //!    forwarding and identity headers (and `X-Keygate-Signature` when configured), point the
 //!    URI at the upstream (a scoped key's request goes with its normalised path);
@@ -47,6 +47,7 @@ use crate::{
     metrics::{Metrics, UpstreamErrorKind},
     quota::{self, Admission},
     scope::{self, NormalPath},
+    store::Limits,
     upstream::{UpstreamBody, UpstreamClient},
 };
 
@@ -89,10 +90,12 @@ impl Live {
     }
 }
 
-/// State shared by every connection: the live config and the upstream client.
+/// State shared by every connection: the live config, the limits front and the upstream client.
 pub struct Shared {
     /// The current live state; one `load` per request, one `store` per reload.
     pub live: ArcSwap<Live>,
+    /// Where limits are decided (in process, or Redis with a fallback); outlives reloads.
+    pub limits: Limits,
     /// Pooled upstream connections.
     pub client: Arc<UpstreamClient>,
     /// Where requests, refusals and upstream errors are counted.
@@ -182,16 +185,20 @@ async fn admit_and_forward(
     let (entry, source) = authenticate(live, req.headers())?;
     caller.key = Some(Arc::clone(&entry));
     let normal = check_scope(&entry, req.method(), req.uri())?;
-    let admission = quota::admit(&entry.limiter, entry.quota.as_deref());
-    caller.ratelimit = Some(quota::ratelimit_header(&admission));
+    let admission = shared.limits.check(&entry).await?;
+    if let Some(admission) = &admission {
+        caller.ratelimit = Some(quota::ratelimit_header(admission));
+    }
     match admission {
-        Admission::Admit { .. } => {}
-        Admission::RateLimited { retry_after } => {
+        Some(Admission::Admit { .. }) => {}
+        Some(Admission::RateLimited { retry_after }) => {
             return Err(GatewayError::RateLimited { retry_after })
         }
-        Admission::QuotaExceeded { retry_after } => {
+        Some(Admission::QuotaExceeded { retry_after }) => {
             return Err(GatewayError::QuotaExceeded { retry_after })
         }
+        // Store down under on_store_error = "allow": no limit applies, so none is advertised.
+        None => {}
     }
     let up = rewrite(live, conn, req, &entry, source, request_id, normal)?;
     let bytes_in = Arc::new(AtomicU64::new(0));

@@ -38,6 +38,9 @@ pub fn reload_now(shared: &Shared, path: &Path) -> Result<usize, ConfigError> {
     if config.admin != old.config.admin || config.log != old.config.log {
         tracing::warn!("[admin] and [log] changes take effect after a restart");
     }
+    if config.limit_store != old.config.limit_store {
+        tracing::warn!("[limits] store/on_store_error changes take effect after a restart");
+    }
     let live = Live::new(config, Some(&old));
     let keys = live.table.len();
     shared.live.store(Arc::new(live));

@@ -34,7 +34,9 @@ use crate::{
     health::{self, Readiness},
     metrics::Metrics,
     proxy::{self, ConnInfo, Live, Shared},
-    reload, tls, upstream,
+    reload,
+    store::Limits,
+    tls, upstream,
 };
 
 /// How long a client may take to finish the TLS handshake.
@@ -74,13 +76,15 @@ impl Gateway {
         let local_addr = listener.local_addr()?;
         let client = upstream::client(&config.upstream);
         let admin_listen = config.admin.as_ref().map(|a| a.listen);
+        let (stop, stop_rx) = watch::channel(None);
+        let limits = Limits::start(config.limit_store.as_ref(), stop_rx.clone()).await?;
         let shared = Arc::new(Shared {
             live: ArcSwap::from_pointee(Live::new(config, None)),
+            limits,
             client,
             metrics: Arc::new(Metrics::new()),
         });
         let readiness = Arc::new(Readiness::default());
-        let (stop, stop_rx) = watch::channel(None);
         reload::spawn(Arc::clone(&shared), stop_rx.clone())?;
         if let Some(certs) = &certs {
             certs.spawn_watcher(Arc::clone(&shared.metrics), stop_rx.clone())?;

@@ -1,0 +1,53 @@
+-- keygate's GCRA in Redis: the same algorithm, state and rounding as the in-process limiters
+-- (governor 0.10 `Gcra::test_and_update` for the rate, quota.rs for the quota), so both answer
+-- with the same headers.
+--
+-- KEYS[1]  the rate bucket, e.g. "keygate:<key id>:rate"
+-- KEYS[2]  optional: the quota bucket, e.g. "keygate:<key id>:quota"
+-- ARGV[1]  rate t: microseconds to earn back one request (>= 1)
+-- ARGV[2]  rate burst: requests that may arrive at once on a full budget (>= 1)
+-- ARGV[3]  quota t (with KEYS[2])
+-- ARGV[4]  quota size: the whole quota, usable at once (with KEYS[2])
+-- returns  {1, rate remaining, quota remaining or -1} when admitted,
+--          {0, wait in microseconds, 1 (rate) or 2 (quota)} when refused.
+--
+-- Both budgets are tested before either is charged: a request refused by one is not charged to
+-- the other (the quota is tested first, as in process). The clock is the Redis server's (TIME),
+-- so instances with skewed clocks still agree. Times are whole microseconds since the epoch
+-- (~1.8e15), exact in Lua's doubles (< 2^53).
+local now = redis.call('TIME')
+local t0 = tonumber(now[1]) * 1000000 + tonumber(now[2])
+
+local function test(key, t, burst)
+  local tau = t * (burst - 1)
+  local tat = tonumber(redis.call('GET', key)) or t0
+  local earliest = tat - tau
+  if t0 < earliest then
+    return false, earliest - t0, 0
+  end
+  local next = math.max(tat, t0) + t
+  return true, next, math.floor(math.min(t0 + tau + t - next, tau + t) / t)
+end
+
+local function commit(key, next)
+  -- Once next has passed, the state is the same as no state: let Redis forget it then.
+  redis.call('SET', key, string.format('%d', next), 'PX', math.ceil((next - t0) / 1000))
+end
+
+local quota_next, quota_remaining = nil, -1
+if KEYS[2] then
+  local ok, v, r = test(KEYS[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
+  if not ok then
+    return {0, v, 2}
+  end
+  quota_next, quota_remaining = v, r
+end
+local ok, v, r = test(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))
+if not ok then
+  return {0, v, 1}
+end
+commit(KEYS[1], v)
+if quota_next then
+  commit(KEYS[2], quota_next)
+end
+return {1, r, quota_remaining}

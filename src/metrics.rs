@@ -19,6 +19,7 @@
 //! | `keygate_open_connections` | gauge | partner-facing client connections |
 //! | `keygate_tls_handshake_failures_total` | counter | |
 //! | `keygate_upstream_up` | gauge | 1 when the last readiness probe succeeded |
+//! | `keygate_limit_store_mode` | gauge | `mode` (`in_process`, `shared`, `fallback`): 1 for the current |
 //! | `keygate_build_info` | info | `version` |
 
 use std::{
@@ -33,7 +34,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{config::Config, error::GatewayError, keys::StatusCounts};
+use crate::{config::Config, error::GatewayError, keys::StatusCounts, store::LimitMode};
 
 /// The content type of [`Metrics::encode`]'s output (OpenMetrics text, which Prometheus reads).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -106,6 +107,7 @@ pub struct Metrics {
     open_connections: Gauge,
     tls_handshake_failures: Counter,
     upstream_up: Gauge,
+    limit_store_mode: Family<OneLabel, Gauge>,
     no_key: Arc<str>,
 }
 
@@ -137,6 +139,7 @@ impl Metrics {
             open_connections: Gauge::default(),
             tls_handshake_failures: Counter::default(),
             upstream_up: Gauge::default(),
+            limit_store_mode: Family::default(),
             no_key: Arc::from(""),
             registry: Registry::default(),
         };
@@ -190,6 +193,11 @@ impl Metrics {
             "upstream_up",
             "1 when the upstream answered the last readiness probe, else 0",
             m.upstream_up.clone(),
+        );
+        registry.register(
+            "limit_store_mode",
+            "Where limits are decided: 1 for the current mode (in_process, shared, fallback)",
+            m.limit_store_mode.clone(),
         );
         registry.register(
             "build",
@@ -277,8 +285,14 @@ impl Metrics {
         ConnectionGuard(self.open_connections.clone())
     }
 
-    /// The exposition text, with `keygate_keys` computed from `config` as of now.
-    pub fn encode(&self, config: &Config) -> String {
+    /// The exposition text, with `keygate_keys` computed from `config` as of now and
+    /// `keygate_limit_store_mode` from `mode`.
+    pub fn encode(&self, config: &Config, mode: LimitMode) -> String {
+        for m in [LimitMode::InProcess, LimitMode::Shared, LimitMode::Fallback] {
+            self.limit_store_mode
+                .get_or_create(&[("mode", m.as_str())])
+                .set(i64::from(m == mode));
+        }
         let StatusCounts {
             active,
             disabled,
@@ -344,7 +358,7 @@ mod tests {
         m.refused(&GatewayError::BadChecksum);
         m.refused(&GatewayError::UpstreamTimeout);
         m.upstream_error(UpstreamErrorKind::Timeout);
-        let text = m.encode(&config());
+        let text = m.encode(&config(), LimitMode::InProcess);
         for line in [
             "keygate_requests_total{key_id=\"partner-a\",class=\"2xx\"} 2",
             "keygate_requests_total{key_id=\"\",class=\"4xx\"} 1",
@@ -361,6 +375,15 @@ mod tests {
         }
         assert!(!text.contains("upstream_timeout"), "{text}");
         assert!(text.ends_with("# EOF\n"));
+        let text = m.encode(&config(), LimitMode::Fallback);
+        assert!(
+            text.contains("keygate_limit_store_mode{mode=\"fallback\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("keygate_limit_store_mode{mode=\"shared\"} 0"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -369,7 +392,9 @@ mod tests {
         let a = m.connection_opened();
         let b = m.connection_opened();
         drop(a);
-        assert!(m.encode(&config()).contains("keygate_open_connections 1\n"));
+        assert!(m
+            .encode(&config(), LimitMode::InProcess)
+            .contains("keygate_open_connections 1\n"));
         drop(b);
     }
 

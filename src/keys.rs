@@ -138,13 +138,18 @@ pub fn mint(prefix: &str) -> String {
 
 /// The base62 CRC32 of `s`, always [`CHECKSUM_CHARS`] characters.
 pub fn checksum(s: &str) -> String {
+    String::from_utf8(checksum_bytes(s).to_vec()).expect("base62 is ASCII")
+}
+
+/// [`checksum`] without an allocation, for the request path.
+fn checksum_bytes(s: &str) -> [u8; CHECKSUM_CHARS] {
     let mut n = crc32fast::hash(s.as_bytes());
     let mut out = [b'0'; CHECKSUM_CHARS];
     for slot in out.iter_mut().rev() {
         *slot = BASE62[(n % 62) as usize];
         n /= 62;
     }
-    String::from_utf8(out.to_vec()).expect("base62 is ASCII")
+    out
 }
 
 /// For a key with `prefix`: whether its last six characters are the checksum of the rest.
@@ -157,7 +162,7 @@ pub fn checksum_ok(key: &str, prefix: &str) -> Option<bool> {
         return Some(false);
     }
     let (body, sum) = key.split_at(key.len() - CHECKSUM_CHARS);
-    Some(checksum(body) == sum)
+    Some(checksum_bytes(body) == sum.as_bytes())
 }
 
 /// Whether a key is usable now, as `keygate check` and `keys list` report it.

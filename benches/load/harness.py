@@ -194,6 +194,7 @@ burst = 1000000
             start([keygate, "run", "--config", path], 0, env=env, stderr=subprocess.DEVNULL)
 
         key_map = "\n".join(f'        "{k}" "partner-{i}";' for i, k in enumerate(keys))
+        tenant_map = "\n".join(f'        "{k}" "hotel-{i % 50}";' for i, k in enumerate(keys))
         location = f"""        default_type application/json;
         if ($key_id = "") {{
             return 401 '{{"error":"invalid_api_key","message":"The API key is not valid."}}';
@@ -204,7 +205,12 @@ burst = 1000000
         proxy_set_header Connection "";
         proxy_set_header X-Api-Key "";
         proxy_set_header X-Keygate-Key-Id $key_id;
-        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;"""
+        proxy_set_header X-Keygate-Tenant $tenant;
+        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        proxy_set_header X-Forwarded-Proto $scheme;
+        proxy_set_header X-Forwarded-Host $host;
+        proxy_set_header X-Request-Id $request_id;
+        add_header X-Request-Id $request_id always;"""
         ng_conf = nginx_conf(
             work,
             "gateway",
@@ -213,6 +219,10 @@ burst = 1000000
     map $http_x_api_key $key_id {{
         default "";
 {key_map}
+    }}
+    map $http_x_api_key $tenant {{
+        default "";
+{tenant_map}
     }}
     limit_req_zone $key_id zone=perkey:10m rate=1000000r/s;
     upstream backend {{
@@ -310,7 +320,8 @@ def report(args, results, modes):
         f"- command: `benches/load/run.sh --duration {args.duration} --rounds {args.rounds} --connections {args.connections}`",
         f"- load: wrk, 1 thread, {args.connections} connections, {args.duration} s per run, {args.rounds} interleaved rounds (means shown); "
         "proxies pinned to CPU 0 with one worker, wrk and the upstream (nginx returning a small JSON body) on CPU 1",
-        f"- both gateways: {KEYS} keys, per-key limit too high to trigger, key header removed, identity header added, keep-alive upstream",
+        f"- both gateways: {KEYS} keys, per-key limit too high to trigger, key header removed, identity (key id, tenant), "
+        "X-Forwarded-* and X-Request-Id headers added, keep-alive upstream; no access logs",
         "",
         "| mode | target | req/s | p50 ms | p99 ms | CPU µs/req | non-2xx |",
         "|---|---|---:|---:|---:|---:|---:|",

@@ -195,6 +195,8 @@ pub struct KeyEntry {
     pub id_header: HeaderValue,
     /// `X-Keygate-Tenant` value.
     pub tenant_header: Option<HeaderValue>,
+    /// Largest request body this key may send, in bytes.
+    pub max_body: u64,
 }
 
 /// The key table: blake3 hash → entry. Immutable once built; a reload builds a new one.
@@ -227,6 +229,7 @@ impl KeyTable {
                     .tenant
                     .as_deref()
                     .map(|t| HeaderValue::try_from(t).expect("validated tenant")),
+                max_body: key.max_body,
             });
             by_hash.insert(key.hash, entry);
         }

@@ -1,21 +1,23 @@
 //! The request path, phase by phase.
 //!
 //! 1. **identify** – take the request id the client sent (when sane) or make one;
-//! 2. **authenticate** – find the key (configured header, else `Authorization: Bearer`), hash it
-//!    once with blake3, look it up in the live [`KeyTable`](crate::keys::KeyTable), refuse
-//!    missing, unknown, disabled and expired keys;
+//! 2. **authenticate** – find the key (configured header, else `Authorization: Bearer`, else
+//!    the query parameter when `allow_query_key`), hash it once with blake3, look it up in the
+//!    live [`KeyTable`](crate::keys::KeyTable), refuse missing, unknown, disabled and expired
+//!    keys; count failures per client IP ([`bruteforce`](crate::bruteforce)) and answer 429 to an
+//!    address past its budget; refuse a body the key may not send (`max_body`, 413);
 //! 3. **limit** – ask the key id's limiter; refuse with 429 and `Retry-After` when it is spent;
 //! 4. **rewrite** – drop the key, hop-by-hop headers and any client-sent `X-Keygate-*`, set the
 //!    forwarding and identity headers, point the URI at the upstream;
-//! 5. **forward** – send it on the pooled client, the body streamed both ways, with a deadline
-//!    on the response head;
+//! 5. **forward** – send it on the pooled client, the body streamed both ways through
+//!    [`GuardedBody`] (size limit, idle timeout), with a deadline on the response head;
 //! 6. **respond** – add the rate-limit fields and the request id, write one access-log line.
 //!
 //! A refusal in any phase is a [`GatewayError`], turned into a response in one place
 //! ([`GatewayError::to_response`]).
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, OnceLock,
@@ -34,15 +36,17 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
 use crate::{
+    body::{BodyOutcome, GuardedBody},
+    bruteforce::FailureGuard,
     config::Config,
     error::GatewayError,
     keys::{self, KeyEntry, KeyHash, KeyTable},
     limit::{self, Decision},
-    upstream::UpstreamClient,
+    upstream::{RequestBody, UpstreamClient},
 };
 
 /// The body of every response keygate sends: the upstream's, streamed, or its own.
-pub type ResponseBody = Either<Incoming, Full<Bytes>>;
+pub type ResponseBody = Either<GuardedBody<Incoming>, Full<Bytes>>;
 
 /// `X-Request-Id`.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -65,15 +69,25 @@ pub struct Live {
     pub config: Arc<Config>,
     /// hash → key entry.
     pub table: KeyTable,
+    /// Failed attempts per client IP; `None` when `failures_per_ip = "off"`.
+    pub failures: Option<Arc<FailureGuard>>,
 }
 
 impl Live {
     /// Builds the live state for `config`, keeping the limiters of `previous` where ids stay.
     pub fn new(config: Config, previous: Option<&Live>) -> Live {
         let table = KeyTable::build(&config, previous.map(|p| &p.table));
+        // Like the key limiters, the failure budgets survive a reload that keeps their rate.
+        let failures = config.auth.failures_per_ip.map(|limit| {
+            match previous.and_then(|p| p.failures.as_ref()) {
+                Some(old) if *old.limit() == limit => Arc::clone(old),
+                _ => Arc::new(FailureGuard::new(limit)),
+            }
+        });
         Live {
             config: Arc::new(config),
             table,
+            failures,
         }
     }
 }
@@ -100,6 +114,7 @@ pub struct ConnInfo {
 enum KeySource {
     Header,
     Bearer,
+    Query,
 }
 
 /// What the request path learned about the caller, for the response headers and the log.
@@ -165,7 +180,16 @@ async fn admit_and_forward(
     request_id: &HeaderValue,
     caller: &mut Caller,
 ) -> Result<Response<ResponseBody>, GatewayError> {
-    let (entry, source) = authenticate(live, req.headers())?;
+    let client_ip = live
+        .config
+        .server
+        .trusted_proxies
+        .client_ip(conn.peer.ip(), req.headers());
+    let blocked = live.failures.as_ref().and_then(|g| g.blocked(client_ip));
+    let (entry, source) = match authenticate(live, req.headers(), req.uri()) {
+        Ok(found) => found,
+        Err(err) => return Err(judge_failure(live, client_ip, blocked, err)),
+    };
     caller.key = Some(Arc::clone(&entry));
     let decision = entry.limiter.check();
     match decision {
@@ -177,8 +201,57 @@ async fn admit_and_forward(
             return Err(GatewayError::RateLimited { retry_after });
         }
     }
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > entry.max_body) {
+        return Err(GatewayError::PayloadTooLarge);
+    }
     let up = rewrite(live, conn, req, &entry, source, request_id)?;
-    forward(shared, live, up, request_id).await
+    let (parts, body) = up.into_parts();
+    let body = GuardedBody::new(
+        body,
+        Some(entry.max_body),
+        live.config.upstream.body_timeout,
+    );
+    let outcome = body.outcome();
+    forward(
+        shared,
+        live,
+        Request::from_parts(parts, body),
+        &outcome,
+        request_id,
+    )
+    .await
+}
+
+/// The answer to a failed authentication from `client_ip`, counting the failure against the
+/// address's budget. `blocked` is the address's state before this request.
+fn judge_failure(
+    live: &Live,
+    client_ip: IpAddr,
+    blocked: Option<u64>,
+    err: GatewayError,
+) -> GatewayError {
+    let Some(guard) = &live.failures else {
+        return err;
+    };
+    if let Some(retry_after) = blocked {
+        return GatewayError::TooManyFailures { retry_after };
+    }
+    match err {
+        GatewayError::InvalidApiKey | GatewayError::BadChecksum => {
+            match guard.record_failure(client_ip) {
+                Some(retry_after) => {
+                    tracing::warn!(%client_ip, "too many failed key attempts; address blocked for {retry_after}s");
+                    GatewayError::TooManyFailures { retry_after }
+                }
+                None => err,
+            }
+        }
+        other => other,
+    }
 }
 
 /// Turns a refusal into its response and logs the cause once.
@@ -195,6 +268,7 @@ fn refuse(err: &GatewayError, request_id: &HeaderValue) -> Response<ResponseBody
 fn authenticate(
     live: &Live,
     headers: &HeaderMap,
+    uri: &Uri,
 ) -> Result<(Arc<KeyEntry>, KeySource), GatewayError> {
     let auth = &live.config.auth;
     let mut from_header = headers.get_all(&auth.header).iter();
@@ -210,11 +284,18 @@ fn authenticate(
             }
         }
     }
-    let (key, source) = match (header_key, bearer_key) {
-        (Some(_), Some(_)) => return Err(GatewayError::AmbiguousApiKey),
-        (Some(v), None) => (v.as_bytes(), KeySource::Header),
-        (None, Some(t)) => (t, KeySource::Bearer),
-        (None, None) => return Err(GatewayError::MissingApiKey),
+    let query_key = query_key(uri, &auth.query_key)?;
+    if query_key.is_some() && !auth.allow_query_key {
+        return Err(GatewayError::BadRequest(
+            "API keys are not accepted in the query string; send the key in a header.",
+        ));
+    }
+    let (key, source) = match (header_key, bearer_key, query_key.as_deref()) {
+        (Some(v), None, None) => (v.as_bytes(), KeySource::Header),
+        (None, Some(t), None) => (t, KeySource::Bearer),
+        (None, None, Some(q)) => (q, KeySource::Query),
+        (None, None, None) => return Err(GatewayError::MissingApiKey),
+        _ => return Err(GatewayError::AmbiguousApiKey),
     };
     if key.is_empty() {
         return Err(GatewayError::MissingApiKey);
@@ -240,6 +321,52 @@ fn authenticate(
     Ok((Arc::clone(entry), source))
 }
 
+/// The percent-decoded value of the `name` query parameter; two of them are ambiguous.
+fn query_key(uri: &Uri, name: &str) -> Result<Option<Vec<u8>>, GatewayError> {
+    let Some(query) = uri.query() else {
+        return Ok(None);
+    };
+    let mut found = None;
+    for pair in query.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if k == name && found.replace(percent_decode(v)).is_some() {
+            return Err(GatewayError::AmbiguousApiKey);
+        }
+    }
+    Ok(found)
+}
+
+/// `%XX` decoding (and `+` as a space, which no valid key contains); bad escapes stay as they
+/// are, and the key check refuses them.
+fn percent_decode(s: &str) -> Vec<u8> {
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push(h * 16 + l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    out
+}
+
+/// `query` without the `name` parameter; `None` when nothing is left.
+fn strip_query_param(query: &str, name: &str) -> Option<String> {
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| pair.split_once('=').map_or(*pair, |(k, _)| k) != name)
+        .collect();
+    let joined = kept.join("&");
+    (!joined.is_empty()).then_some(joined)
+}
+
 /// The token of an `Authorization: Bearer <token>` value (scheme matched case-insensitively).
 fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     if value.len() > 7 && value[..7].eq_ignore_ascii_case(b"bearer ") {
@@ -250,14 +377,14 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
 }
 
 /// Phase 4: the request as the upstream will see it.
-fn rewrite(
+fn rewrite<B>(
     live: &Live,
     conn: &ConnInfo,
-    req: Request<Incoming>,
+    req: Request<B>,
     entry: &KeyEntry,
     source: KeySource,
     request_id: &HeaderValue,
-) -> Result<Request<Incoming>, GatewayError> {
+) -> Result<Request<B>, GatewayError> {
     let (mut parts, body) = req.into_parts();
     if parts.method == Method::CONNECT {
         return Err(GatewayError::BadRequest("CONNECT is not supported."));
@@ -268,7 +395,17 @@ fn rewrite(
         ));
     }
     let upstream = &live.config.upstream;
-    let path_and_query = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
+    let without_key;
+    let path_and_query = match (source, parts.uri.query()) {
+        (KeySource::Query, Some(query)) => {
+            without_key = match strip_query_param(query, &live.config.auth.query_key) {
+                Some(q) => format!("{}?{q}", parts.uri.path()),
+                None => parts.uri.path().to_string(),
+            };
+            without_key.as_str()
+        }
+        _ => parts.uri.path_and_query().map_or("/", PathAndQuery::as_str),
+    };
     if !path_and_query.starts_with('/') {
         return Err(GatewayError::BadRequest(
             "The request target must be a path.",
@@ -395,7 +532,8 @@ fn strip_keygate_headers(headers: &mut HeaderMap) {
 async fn forward(
     shared: &Shared,
     live: &Live,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
+    sent: &BodyOutcome,
     request_id: &HeaderValue,
 ) -> Result<Response<ResponseBody>, GatewayError> {
     let deadline = live.config.upstream.timeout;
@@ -403,8 +541,12 @@ async fn forward(
         Ok(Ok(resp)) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
+            let body = GuardedBody::new(body, None, live.config.upstream.body_timeout);
             Ok(Response::from_parts(parts, Either::Left(body)))
         }
+        // The request body was cut by keygate: the client's fault, not the upstream's.
+        Ok(Err(_)) if sent.too_large() => Err(GatewayError::PayloadTooLarge),
+        Ok(Err(_)) if sent.idle() => Err(GatewayError::RequestTimeout),
         Ok(Err(err)) => {
             tracing::warn!(
                 request_id = request_id.to_str().unwrap_or("-"),

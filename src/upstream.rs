@@ -15,8 +15,9 @@ use hyper_util::{
 
 use crate::config::UpstreamConfig;
 
-/// The body type sent upstream: the client's own body, streamed.
-pub type RequestBody = Incoming;
+/// The body type sent upstream: the client's own body, streamed through the `max_body` and
+/// body-idle guards.
+pub type RequestBody = crate::body::GuardedBody<Incoming>;
 
 /// The upstream client type.
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, RequestBody>;

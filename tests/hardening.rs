@@ -1,0 +1,374 @@
+//! Hardening (issue 6), end to end over real sockets: limits and timeouts, hostile bytes, key
+//! edge cases and brute force, client IPs, upstream faults. Raw-byte tests talk to the gateway
+//! over a plain `TcpStream`, so nothing in a client library can tidy the bytes up first.
+
+mod common;
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use common::*;
+use http::{Method, StatusCode};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+const KEY: &str = "partner-key-0123456789abcdefghijklmnop";
+const BIG_KEY: &str = "bulk-upload-key-0123456789abcdefghijkl";
+
+/// A config with `server` lines added to `[server]`, `upstream` lines to `[upstream]`, then
+/// `rest`; the key `KEY` (id `partner`) is always in it.
+fn config(up: &str, server: &str, upstream: &str, rest: &str) -> String {
+    config_text(up, &format!("{rest}\n{}", key_entry("partner", KEY, "")))
+        .replace(
+            "listen = \"127.0.0.1:0\"\n",
+            &format!("listen = \"127.0.0.1:0\"\n{server}\n"),
+        )
+        .replace(
+            "connect_timeout = \"1s\"\n",
+            &format!("connect_timeout = \"1s\"\n{upstream}\n"),
+        )
+}
+
+async fn gateway(up: &Upstream, server: &str, upstream: &str, rest: &str) -> TestGateway {
+    start_gateway(&config(&up.url(), server, upstream, rest)).await
+}
+
+/// Sends `bytes`, then reads until the gateway closes the connection (or 5 s pass).
+async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    read_to_close(&mut s, Duration::from_secs(5)).await
+}
+
+async fn read_to_close(s: &mut TcpStream, limit: Duration) -> String {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(limit, async {
+        let mut buf = [0u8; 8192];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Reads one response head (through the blank line) and returns it.
+async fn read_head(s: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut b = [0u8; 1];
+    while !out.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await {
+            Ok(Ok(1)) => out.push(b[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn status_of(resp: &str) -> u16 {
+    resp.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {resp:?}"))
+}
+
+/// A well-formed request with the key, to check the gateway still serves.
+async fn still_serves(gw: &TestGateway) {
+    let got = get(&http1_client(), &gw.url("/v1/ok"), &[("x-api-key", KEY)]).await;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Limits and timeouts
+// ---------------------------------------------------------------------------------------------
+
+/// `[server] header_timeout`: a client trickling its head is cut off; others are served.
+#[tokio::test]
+async fn slowloris_head_is_cut_off_at_header_timeout_while_others_are_served() {
+    let up = start_upstream().await;
+    let gw = gateway(&up, "header_timeout = \"600ms\"", "", "").await;
+    let mut slow = TcpStream::connect(gw.addr()).await.unwrap();
+    let start = Instant::now();
+    slow.write_all(b"GET /v1/slow HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let trickle = tokio::spawn(async move {
+        for i in 0..40 {
+            if slow
+                .write_all(format!("X-Drip-{i}: 1\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let rest = read_to_close(&mut slow, Duration::from_secs(3)).await;
+        (rest, start.elapsed())
+    });
+    // Meanwhile another client is served at once.
+    still_serves(&gw).await;
+    let (rest, elapsed) = trickle.await.unwrap();
+    assert!(!rest.contains("200 OK"), "{rest}");
+    assert!(
+        elapsed < Duration::from_millis(4500),
+        "the slow client was not cut off: {elapsed:?}"
+    );
+    assert_eq!(
+        up.hits(),
+        1,
+        "only the well-formed request reached the upstream"
+    );
+}
+
+/// `[server] idle_timeout`: an idle keep-alive connection is closed; one whose request waits on
+/// the upstream is not.
+#[tokio::test]
+async fn idle_connections_are_closed_but_not_while_a_request_is_in_flight() {
+    let up = start_upstream().await;
+    let gw = gateway(
+        &up,
+        "idle_timeout = \"400ms\"\nheader_timeout = \"30s\"",
+        "",
+        "",
+    )
+    .await;
+    let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+    let req = format!("GET /v1/slow?ms=900 HTTP/1.1\r\nHost: x\r\nX-Api-Key: {KEY}\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let head = read_head(&mut s).await;
+    assert_eq!(status_of(&head), 200, "{head}");
+    // Now idle: the gateway closes the connection after ~400 ms.
+    let start = Instant::now();
+    let _ = read_to_close(&mut s, Duration::from_secs(5)).await;
+    let waited = start.elapsed();
+    assert!(
+        waited < Duration::from_secs(3),
+        "idle connection kept for {waited:?}"
+    );
+}
+
+/// `[server] max_connections`: beyond it a connection waits; those already in are served.
+#[tokio::test]
+async fn connections_beyond_max_connections_wait_and_those_in_are_served() {
+    let up = start_upstream().await;
+    let gw = gateway(&up, "max_connections = 2", "", "").await;
+    let req = format!("GET /v1/x HTTP/1.1\r\nHost: x\r\nX-Api-Key: {KEY}\r\n\r\n");
+    let mut a = TcpStream::connect(gw.addr()).await.unwrap();
+    let mut b = TcpStream::connect(gw.addr()).await.unwrap();
+    // Both admitted connections are served.
+    a.write_all(req.as_bytes()).await.unwrap();
+    assert_eq!(status_of(&read_head(&mut a).await), 200);
+    b.write_all(req.as_bytes()).await.unwrap();
+    assert_eq!(status_of(&read_head(&mut b).await), 200);
+    // A third connects (the kernel's backlog) but is not served while both are open.
+    let mut c = TcpStream::connect(gw.addr()).await.unwrap();
+    c.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(700), c.read(&mut buf)).await;
+    assert!(
+        early.is_err(),
+        "the third connection was served beyond max_connections"
+    );
+    // The ones in are still responsive.
+    a.write_all(req.as_bytes()).await.unwrap();
+    assert_eq!(status_of(&read_head(&mut a).await), 200);
+    // When one leaves, the waiting one is served.
+    drop(b);
+    let head = read_head(&mut c).await;
+    assert_eq!(status_of(&head), 200, "{head}");
+}
+
+/// Request head size and header count limits: 431, nothing forwarded.
+#[tokio::test]
+async fn oversized_heads_and_too_many_headers_get_431_and_are_not_forwarded() {
+    let up = start_upstream().await;
+    let gw = gateway(
+        &up,
+        "max_header_bytes = \"16KiB\"\nmax_headers = 50",
+        "",
+        "",
+    )
+    .await;
+    let big = format!(
+        "GET /v1/x HTTP/1.1\r\nHost: x\r\nX-Api-Key: {KEY}\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(20 * 1024)
+    );
+    assert_eq!(status_of(&raw(gw.addr(), big.as_bytes()).await), 431);
+    let mut many = format!("GET /v1/x HTTP/1.1\r\nHost: x\r\nX-Api-Key: {KEY}\r\n");
+    for i in 0..60 {
+        many.push_str(&format!("X-H{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    assert_eq!(status_of(&raw(gw.addr(), many.as_bytes()).await), 431);
+    // HTTP/2: the header list limit is announced and enforced the same way.
+    let h2 = h2c_client();
+    let big_value = "a".repeat(20 * 1024);
+    let res = h2
+        .request(
+            http::Request::get(gw.url("/v1/x"))
+                .header("x-api-key", KEY)
+                .header("x-big", big_value.as_str())
+                .body(empty())
+                .unwrap(),
+        )
+        .await;
+    match res {
+        Ok(resp) => assert_eq!(resp.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
+        Err(e) => panic!("h2 oversized head: expected 431, got {e:?}"),
+    }
+    assert_eq!(up.hits(), 0);
+    still_serves(&gw).await;
+}
+
+/// `max_body`: 413 as soon as Content-Length says so, without reading or forwarding the body.
+#[tokio::test]
+async fn content_length_over_max_body_gets_413_at_once() {
+    let up = start_upstream().await;
+    let gw = gateway(&up, "max_body = \"1MiB\"", "", "").await;
+    let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+    let head = format!(
+        "POST /v1/upload HTTP/1.1\r\nHost: x\r\nX-Api-Key: {KEY}\r\nContent-Length: {}\r\n\r\n",
+        2 << 20
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    // No body sent at all: the answer comes from the head alone.
+    let resp = read_head(&mut s).await;
+    assert_eq!(status_of(&resp), 413, "{resp}");
+    assert_eq!(up.hits(), 0);
+}
+
+/// `max_body`: a chunked body is cut when it passes the limit: 413, and the upstream never
+/// receives a byte beyond the limit. A key's own `max_body` overrides the default.
+#[tokio::test]
+async fn chunked_body_past_max_body_gets_413_and_nothing_beyond_reaches_upstream() {
+    let up = start_upstream().await;
+    let rest = key_entry("bulk", BIG_KEY, "max_body = \"4MiB\"");
+    let gw = gateway(&up, "max_body = \"1MiB\"", "", &rest).await;
+    let c = http1_client();
+    // stream_body has no Content-Length: hyper sends it chunked.
+    let got = send(
+        &c,
+        Method::POST,
+        &gw.url("/v1/upload"),
+        &[("x-api-key", KEY)],
+        stream_body(3 << 20),
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", got.text());
+    assert_eq!(got.code(), "payload_too_large");
+    let seen_by_upstream = up.seen.lock().unwrap().iter().map(|s| s.body_len).max();
+    if let Some(n) = seen_by_upstream {
+        assert!(
+            n <= 1 << 20,
+            "upstream received {n} bytes past the 1 MiB limit"
+        );
+    }
+    // Within the limit: forwarded whole.
+    let got = send(
+        &c,
+        Method::POST,
+        &gw.url("/v1/upload"),
+        &[("x-api-key", KEY)],
+        stream_body(1 << 20),
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.json()["bytes"], 1 << 20);
+    // The bulk key's own limit is 4 MiB.
+    let got = send(
+        &c,
+        Method::POST,
+        &gw.url("/v1/upload"),
+        &[("x-api-key", BIG_KEY)],
+        stream_body(3 << 20),
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text());
+    assert_eq!(got.json()["bytes"], 3 << 20);
+}
+
+/// `[upstream] body_timeout`, client side: a request body that stalls is cut (408) and the
+/// upstream sees an aborted body, not a short "complete" one.
+#[tokio::test]
+async fn a_stalled_request_body_is_cut_at_the_body_timeout() {
+    let up = start_upstream().await;
+    let gw = gateway(&up, "", "body_timeout = \"500ms\"", "").await;
+    let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+    let head = format!(
+        "POST /v1/upload HTTP/1.1\r\nHost: x\r\nX-Api-Key: {KEY}\r\nContent-Length: 100\r\n\r\n0123456789"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let start = Instant::now();
+    let resp = read_head(&mut s).await;
+    assert_eq!(status_of(&resp), 408, "{resp}");
+    assert!(start.elapsed() < Duration::from_secs(3));
+    still_serves(&gw).await;
+}
+
+/// A raw upstream: answers every request with a head promising `promised` bytes, sends `sent`
+/// bytes, then stalls (`hold`) or closes.
+async fn raw_upstream(promised: usize, sent: usize, hold: bool) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16384];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {promised}\r\n\r\n");
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(&vec![b'z'; sent]).await;
+                if hold {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// `[upstream] body_timeout`, upstream side: a response body that stalls is aborted towards the
+/// client (it never looks complete).
+#[tokio::test]
+async fn a_stalled_response_body_is_aborted_at_the_body_timeout() {
+    let up_addr = raw_upstream(1000, 10, true).await;
+    let text = config(
+        &format!("http://{up_addr}"),
+        "",
+        "body_timeout = \"500ms\"",
+        "",
+    );
+    let gw = start_gateway(&text).await;
+    let c = http1_client();
+    let resp = c
+        .request(
+            http::Request::get(gw.url("/v1/x"))
+                .header("x-api-key", KEY)
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let start = Instant::now();
+    let body = http_body_util::BodyExt::collect(resp.into_body()).await;
+    assert!(body.is_err(), "a stalled body must not end as complete");
+    assert!(start.elapsed() < Duration::from_secs(5));
+}

@@ -1,17 +1,19 @@
 //! The request path, phase by phase.
 //!
 //! 1. **identify** – take the request id the client sent (when sane) or make one;
-//! 2. **authenticate** – find the key (configured header, else `Authorization: Bearer`, else
+//! 2. **screen** – refuse framing hyper tolerates but a smuggler could use (a repeated
+//!    `Content-Length` or `Host`), before anything else is read;
+//! 3. **authenticate** – find the key (configured header, else `Authorization: Bearer`, else
 //!    the query parameter when `allow_query_key`), hash it once with blake3, look it up in the
 //!    live [`KeyTable`](crate::keys::KeyTable), refuse missing, unknown, disabled and expired
 //!    keys; count failures per client IP ([`bruteforce`](crate::bruteforce)) and answer 429 to an
 //!    address past its budget; refuse a body the key may not send (`max_body`, 413);
-//! 3. **limit** – ask the key id's limiter; refuse with 429 and `Retry-After` when it is spent;
-//! 4. **rewrite** – drop the key, hop-by-hop headers and any client-sent `X-Keygate-*`, set the
+//! 4. **limit** – ask the key id's limiter; refuse with 429 and `Retry-After` when it is spent;
+//! 5. **rewrite** – drop the key, hop-by-hop headers and any client-sent `X-Keygate-*`, set the
 //!    forwarding and identity headers, point the URI at the upstream;
-//! 5. **forward** – send it on the pooled client, the body streamed both ways through
+//! 6. **forward** – send it on the pooled client, the body streamed both ways through
 //!    [`GuardedBody`] (size limit, idle timeout), with a deadline on the response head;
-//! 6. **respond** – add the rate-limit fields and the request id, write one access-log line.
+//! 7. **respond** – add the rate-limit fields and the request id, write one access-log line.
 //!
 //! A refusal in any phase is a [`GatewayError`], turned into a response in one place
 //! ([`GatewayError::to_response`]).
@@ -180,6 +182,7 @@ async fn admit_and_forward(
     request_id: &HeaderValue,
     caller: &mut Caller,
 ) -> Result<Response<ResponseBody>, GatewayError> {
+    screen(req.version(), req.headers())?;
     let client_ip = live
         .config
         .server
@@ -226,6 +229,32 @@ async fn admit_and_forward(
     .await
 }
 
+/// Phase 2: refuses a request whose framing or target is stated twice, or missing. hyper already refuses
+/// conflicting lengths; identical repeats are refused too, so that no proxy in front of or
+/// behind keygate can read the request differently.
+fn screen(version: Version, headers: &HeaderMap) -> Result<(), GatewayError> {
+    if headers
+        .get_all(header::CONTENT_LENGTH)
+        .iter()
+        .nth(1)
+        .is_some()
+    {
+        return Err(GatewayError::BadRequest(
+            "Send at most one Content-Length header.",
+        ));
+    }
+    if headers.get_all(header::HOST).iter().nth(1).is_some() {
+        return Err(GatewayError::BadRequest("Send at most one Host header."));
+    }
+    // RFC 9112 §3.2: an HTTP/1.1 request without Host is answered 400.
+    if version == Version::HTTP_11 && !headers.contains_key(header::HOST) {
+        return Err(GatewayError::BadRequest(
+            "HTTP/1.1 requests need a Host header.",
+        ));
+    }
+    Ok(())
+}
+
 /// The answer to a failed authentication from `client_ip`, counting the failure against the
 /// address's budget. `blocked` is the address's state before this request.
 fn judge_failure(
@@ -264,7 +293,7 @@ fn refuse(err: &GatewayError, request_id: &HeaderValue) -> Response<ResponseBody
     err.to_response().map(Either::Right)
 }
 
-/// Phase 2: finds, hashes and looks up the key.
+/// Phase 3: finds, hashes and looks up the key.
 fn authenticate(
     live: &Live,
     headers: &HeaderMap,

@@ -37,11 +37,38 @@ async fn gateway(up: &Upstream, server: &str, upstream: &str, rest: &str) -> Tes
     start_gateway(&config(&up.url(), server, upstream, rest)).await
 }
 
-/// Sends `bytes`, then reads until the gateway closes the connection (or 5 s pass).
+/// Sends `bytes`, then reads the answer: until the gateway closes the connection, or a whole
+/// response with a Content-Length body has arrived, or 5 s pass.
 async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(bytes).await.unwrap();
-    read_to_close(&mut s, Duration::from_secs(5)).await
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 8192];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+            if response_complete(&out) {
+                break;
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether `out` holds a response head and all of its Content-Length body.
+fn response_complete(out: &[u8]) -> bool {
+    let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&out[..end]).to_ascii_lowercase();
+    head.lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .is_some_and(|len| out.len() >= end + 4 + len)
 }
 
 async fn read_to_close(s: &mut TcpStream, limit: Duration) -> String {
@@ -371,4 +398,155 @@ async fn a_stalled_response_body_is_aborted_at_the_body_timeout() {
     let body = http_body_util::BodyExt::collect(resp.into_body()).await;
     assert!(body.is_err(), "a stalled body must not end as complete");
     assert!(start.elapsed() < Duration::from_secs(5));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request smuggling and malformed heads: 400, never forwarded
+// ---------------------------------------------------------------------------------------------
+
+/// Each case is a complete request with a valid key, malformed in one way. Every one must be
+/// answered 400 and none may reach the upstream; the gateway keeps serving afterwards.
+#[tokio::test]
+async fn smuggling_and_malformed_heads_get_400_and_are_never_forwarded() {
+    let up = start_upstream().await;
+    let gw = gateway(&up, "", "", "").await;
+    let k = format!("X-Api-Key: {KEY}\r\n");
+    let cases: Vec<(&str, String)> = vec![
+        (
+            "conflicting Content-Length",
+            format!("POST /v1/a HTTP/1.1\r\nHost: x\r\n{k}Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"),
+        ),
+        (
+            "Content-Length list",
+            format!("POST /v1/a HTTP/1.1\r\nHost: x\r\n{k}Content-Length: 5, 5\r\n\r\nhello"),
+        ),
+        (
+            "Transfer-Encoding not ending in chunked",
+            format!("POST /v1/a HTTP/1.1\r\nHost: x\r\n{k}Transfer-Encoding: chunked, identity\r\n\r\n5\r\nhello\r\n0\r\n\r\n"),
+        ),
+        (
+            "unknown Transfer-Encoding",
+            format!("POST /v1/a HTTP/1.1\r\nHost: x\r\n{k}Transfer-Encoding: xchunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"),
+        ),
+        (
+            "negative Content-Length",
+            format!("POST /v1/a HTTP/1.1\r\nHost: x\r\n{k}Content-Length: -1\r\n\r\n"),
+        ),
+        (
+            "obsolete line folding",
+            format!("GET /v1/a HTTP/1.1\r\nHost: x\r\n{k}X-Folded: a\r\n b\r\n\r\n"),
+        ),
+        (
+            "space in a header name",
+            format!("GET /v1/a HTTP/1.1\r\nHost: x\r\n{k}X Bad: 1\r\n\r\n"),
+        ),
+        (
+            "space before the colon",
+            format!("GET /v1/a HTTP/1.1\r\nHost: x\r\n{k}Content-Length : 0\r\n\r\n"),
+        ),
+        (
+            "control character in a header name",
+            format!("GET /v1/a HTTP/1.1\r\nHost: x\r\n{k}X-\x01Bad: 1\r\n\r\n"),
+        ),
+        (
+            "NUL in a header value",
+            format!("GET /v1/a HTTP/1.1\r\nHost: x\r\n{k}X-Bad: a\x00b\r\n\r\n"),
+        ),
+        (
+            "bare CR in a header value",
+            format!("GET /v1/a HTTP/1.1\r\nHost: x\r\n{k}X-Bad: a\rb\r\n\r\n"),
+        ),
+        (
+            "absolute-form target",
+            format!("GET http://evil.example/v1/a HTTP/1.1\r\nHost: evil.example\r\n{k}\r\n"),
+        ),
+        (
+            "CONNECT",
+            format!("CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n{k}\r\n"),
+        ),
+        (
+            "space in the target",
+            format!("GET /v1/a b HTTP/1.1\r\nHost: x\r\n{k}\r\n"),
+        ),
+        (
+            "unknown HTTP version",
+            format!("GET /v1/a HTTP/1.7\r\nHost: x\r\n{k}\r\n"),
+        ),
+        (
+            "missing Host on HTTP/1.1",
+            format!("GET /v1/a HTTP/1.1\r\n{k}\r\n"),
+        ),
+        (
+            "two Host headers",
+            format!("GET /v1/a HTTP/1.1\r\nHost: x\r\nHost: y\r\n{k}\r\n"),
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, bytes) in &cases {
+        let resp = raw(gw.addr(), bytes.as_bytes()).await;
+        let status = resp.split(' ').nth(1).unwrap_or("(none)").to_string();
+        if status != "400" {
+            failures.push(format!("{name}: got {status} ({:?})", resp.lines().next()));
+        }
+        if up.hits() != 0 {
+            failures.push(format!("{name}: forwarded to the upstream"));
+            break;
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    still_serves(&gw).await;
+}
+
+/// Content-Length together with Transfer-Encoding (the classic CL.TE / TE.CL smuggle), in
+/// both orders: hyper drops the Content-Length, reads the body as chunked and closes the
+/// connection after answering (RFC 9112 §6.3), so the request hidden after the body is never
+/// read, answered, or forwarded, and the upstream sees one framing, no Content-Length.
+#[tokio::test]
+async fn content_length_with_transfer_encoding_cannot_smuggle_a_second_request() {
+    let up = start_upstream().await;
+    let gw = gateway(&up, "", "", "").await;
+    let smuggled = format!("GET /v1/smuggled HTTP/1.1\r\nHost: x\r\nX-Api-Key: {KEY}\r\n\r\n");
+    for framing in [
+        "Content-Length: 4\r\nTransfer-Encoding: chunked",
+        "Transfer-Encoding: chunked\r\nContent-Length: 40",
+    ] {
+        let bytes = format!(
+            "POST /v1/a HTTP/1.1\r\nHost: x\r\nX-Api-Key: {KEY}\r\n{framing}\r\n\r\n5\r\nhello\r\n0\r\n\r\n{smuggled}"
+        );
+        let mut conn = TcpStream::connect(gw.addr()).await.unwrap();
+        conn.write_all(bytes.as_bytes()).await.unwrap();
+        // Read everything until the gateway closes: exactly one answer.
+        let resp = read_to_close(&mut conn, Duration::from_secs(5)).await;
+        assert_eq!(resp.matches("HTTP/1.1 ").count(), 1, "{framing}: {resp}");
+        assert!(resp.contains("connection: close"), "{framing}: {resp}");
+        let seen = up.seen.lock().unwrap().clone();
+        assert!(
+            seen.iter().all(|s| s.uri.path() != "/v1/smuggled"),
+            "{framing}: the hidden request reached the upstream"
+        );
+        let last = seen.last().expect("the outer request");
+        assert!(last.headers.get("content-length").is_none(), "{framing}");
+        assert_eq!(last.body_len, 5, "{framing}");
+    }
+    still_serves(&gw).await;
+}
+
+/// Identical repeated Content-Length lines: hyper collapses them into one (RFC 9110 §8.6 allows
+/// a recipient to), so keygate and the upstream read the same framing. What reaches the
+/// upstream carries one Content-Length and exactly the declared body; the bytes after it are
+/// read as a separate request, the same way keygate read them.
+#[tokio::test]
+async fn identical_repeated_content_lengths_are_collapsed_into_one() {
+    let up = start_upstream().await;
+    let gw = gateway(&up, "", "", "").await;
+    let bytes = format!(
+        "POST /v1/a HTTP/1.1\r\nHost: x\r\nX-Api-Key: {KEY}\r\nContent-Length: 5\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
+    );
+    let resp = raw(gw.addr(), bytes.as_bytes()).await;
+    assert_eq!(status_of(&resp), 200, "{resp}");
+    let seen = up.last();
+    assert_eq!(seen.headers.get_all("content-length").iter().count(), 1);
+    assert_eq!(seen.headers["content-length"], "5");
+    assert_eq!(seen.body_len, 5);
+    assert_eq!(up.hits(), 1);
 }

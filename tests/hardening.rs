@@ -550,3 +550,392 @@ async fn identical_repeated_content_lengths_are_collapsed_into_one() {
     assert_eq!(seen.body_len, 5);
     assert_eq!(up.hits(), 1);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Keys: edge cases, query-string keys, brute force
+// ---------------------------------------------------------------------------------------------
+
+/// Over-long, non-ASCII, repeated and doubled keys: each a defined 401 or 400, none forwarded,
+/// no panic (the gateway keeps serving).
+#[tokio::test]
+async fn odd_keys_get_a_defined_answer_and_are_never_forwarded() {
+    let up = start_upstream().await;
+    let gw = gateway(&up, "", "", "[auth]\nfailures_per_ip = \"off\"").await;
+    let long = "k".repeat(513);
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        (
+            "over-long",
+            format!("X-Api-Key: {long}\r\n"),
+            401,
+            "invalid_api_key",
+        ),
+        (
+            "over-long Bearer",
+            format!("Authorization: Bearer {long}\r\n"),
+            401,
+            "invalid_api_key",
+        ),
+        (
+            "non-ASCII",
+            "X-Api-Key: cl\u{e9}-\u{1F511}\r\n".to_string(),
+            401,
+            "invalid_api_key",
+        ),
+        (
+            "obs-text bytes",
+            "X-Api-Key: \u{ff}\u{fe}key\r\n".to_string(),
+            401,
+            "invalid_api_key",
+        ),
+        (
+            "inner space",
+            "X-Api-Key: part ner\r\n".to_string(),
+            401,
+            "invalid_api_key",
+        ),
+        (
+            "tab inside",
+            "X-Api-Key: part\tner\r\n".to_string(),
+            401,
+            "invalid_api_key",
+        ),
+        (
+            "empty",
+            "X-Api-Key: \r\n".to_string(),
+            401,
+            "missing_api_key",
+        ),
+        (
+            "empty Bearer",
+            "Authorization: Bearer \r\n".to_string(),
+            401,
+            "missing_api_key",
+        ),
+        (
+            "two key headers",
+            format!("X-Api-Key: {KEY}\r\nX-Api-Key: {KEY}\r\n"),
+            400,
+            "ambiguous_api_key",
+        ),
+        (
+            "header and Bearer",
+            format!("X-Api-Key: {KEY}\r\nAuthorization: Bearer {KEY}\r\n"),
+            400,
+            "ambiguous_api_key",
+        ),
+        (
+            "two Bearer tokens",
+            format!("Authorization: Bearer {KEY}\r\nAuthorization: Bearer {KEY}\r\n"),
+            400,
+            "ambiguous_api_key",
+        ),
+    ];
+    for (name, header, status, code) in cases {
+        let req = format!("GET /v1/x HTTP/1.1\r\nHost: x\r\n{header}Connection: close\r\n\r\n");
+        // Send the bytes as they are: latin-1 chars become single bytes, others UTF-8.
+        let bytes: Vec<u8> = if name == "obs-text bytes" {
+            req.chars().map(|c| c as u32 as u8).collect()
+        } else {
+            req.into_bytes()
+        };
+        let resp = raw(gw.addr(), &bytes).await;
+        assert_eq!(status_of(&resp), status, "{name}: {resp}");
+        assert!(
+            resp.contains(&format!("\"error\":\"{code}\"")),
+            "{name}: {resp}"
+        );
+    }
+    assert_eq!(up.hits(), 0);
+    still_serves(&gw).await;
+}
+
+/// `[auth] allow_query_key = false` (the default): a key in the query string is refused and
+/// not forwarded, even a valid one.
+#[tokio::test]
+async fn query_string_keys_are_refused_by_default() {
+    let up = start_upstream().await;
+    let gw = gateway(&up, "", "", "").await;
+    let got = get(
+        &http1_client(),
+        &gw.url(&format!("/v1/x?api_key={KEY}")),
+        &[],
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::BAD_REQUEST);
+    assert!(got.text().contains("query string"), "{}", got.text());
+    assert_eq!(up.hits(), 0);
+}
+
+/// With `allow_query_key = true` the query key is accepted and removed from what is forwarded;
+/// the other parameters stay in order. A query key next to a header key is ambiguous.
+#[tokio::test]
+async fn an_allowed_query_key_is_stripped_from_the_forwarded_query() {
+    let up = start_upstream().await;
+    let gw = gateway(&up, "", "", "[auth]\nallow_query_key = true").await;
+    let c = http1_client();
+    let got = get(&c, &gw.url(&format!("/v1/x?a=1&api_key={KEY}&b=two")), &[]).await;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text());
+    let seen = up.last();
+    assert_eq!(seen.uri.query(), Some("a=1&b=two"));
+    assert_eq!(seen.headers["x-keygate-key-id"], "partner");
+    assert!(!seen.uri.to_string().contains(KEY));
+
+    let got = get(&c, &gw.url(&format!("/v1/x?api_key={KEY}")), &[]).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(up.last().uri.query(), None);
+
+    // Percent-encoded, it is the same key.
+    let encoded: String = KEY.bytes().map(|b| format!("%{b:02X}")).collect();
+    let got = get(&c, &gw.url(&format!("/v1/x?api_key={encoded}")), &[]).await;
+    assert_eq!(got.status, StatusCode::OK);
+
+    let got = get(
+        &c,
+        &gw.url(&format!("/v1/x?api_key={KEY}")),
+        &[("x-api-key", KEY)],
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::BAD_REQUEST);
+    assert_eq!(got.code(), "ambiguous_api_key");
+    let got = get(
+        &c,
+        &gw.url(&format!("/v1/x?api_key={KEY}&api_key={KEY}")),
+        &[],
+    )
+    .await;
+    assert_eq!(got.code(), "ambiguous_api_key");
+    assert_eq!(up.hits(), 3);
+}
+
+/// `[auth] failures_per_ip`: past the budget, the address gets 429 for anything but a valid
+/// key; a valid key from the same address keeps working; a reload does not forgive.
+#[tokio::test]
+async fn failed_attempts_per_ip_are_limited_and_valid_keys_keep_working() {
+    let up = start_upstream().await;
+    let gw = gateway(&up, "", "", "[auth]\nfailures_per_ip = \"5/min\"").await;
+    let c = http1_client();
+    let url = gw.url("/v1/x");
+    for i in 0..5 {
+        let got = get(&c, &url, &[("x-api-key", &format!("guess-{i}"))]).await;
+        assert_eq!(got.status, StatusCode::UNAUTHORIZED, "attempt {i}");
+    }
+    let got = get(&c, &url, &[("x-api-key", "guess-5")]).await;
+    assert_eq!(got.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(got.code(), "too_many_failures");
+    let retry: u64 = got.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=12).contains(&retry), "retry-after {retry}");
+    // Without a key, with junk, with a wrong key: all 429 now.
+    assert_eq!(get(&c, &url, &[]).await.code(), "too_many_failures");
+    assert_eq!(
+        get(&c, &url, &[("x-api-key", &"j".repeat(600))])
+            .await
+            .code(),
+        "too_many_failures"
+    );
+    // The partner behind the same address is not locked out.
+    let got = get(&c, &url, &[("x-api-key", KEY)]).await;
+    assert_eq!(got.status, StatusCode::OK);
+    // A reload (same rate) keeps the block.
+    let text = std::fs::read_to_string(&gw.path).unwrap();
+    gw.rewrite_config(&format!("{text}\n# touched\n"));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        get(&c, &url, &[("x-api-key", "guess-6")]).await.code(),
+        "too_many_failures"
+    );
+    assert_eq!(up.hits(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client IP: socket peer, trusted proxies, PROXY protocol v2
+// ---------------------------------------------------------------------------------------------
+
+/// Connects from `local` (any 127/8 address works on loopback) to `addr`.
+async fn connect_from(local: &str, addr: SocketAddr) -> TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{local}:0").parse().unwrap()).unwrap();
+    sock.connect(addr).await.unwrap()
+}
+
+/// One request over a fresh connection from `local`, with `headers` (raw lines); the status.
+async fn status_from(local: &str, gw: &TestGateway, prefix: &[u8], headers: &str) -> u16 {
+    let mut s = connect_from(local, gw.addr()).await;
+    let mut bytes = prefix.to_vec();
+    bytes.extend_from_slice(
+        format!("GET /v1/x HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n").as_bytes(),
+    );
+    s.write_all(&bytes).await.unwrap();
+    let resp = read_to_close(&mut s, Duration::from_secs(5)).await;
+    status_of(&resp)
+}
+
+/// A peer that is not a trusted proxy cannot pick its address with `X-Forwarded-For`: its
+/// failures count against the socket address whatever the header says.
+#[tokio::test]
+async fn forwarding_headers_of_untrusted_peers_do_not_escape_the_failure_budget() {
+    let up = start_upstream().await;
+    let gw = gateway(
+        &up,
+        "trusted_proxies = [\"127.0.0.1\"]",
+        "",
+        "[auth]\nfailures_per_ip = \"3/min\"",
+    )
+    .await;
+    for i in 0..3 {
+        let h = format!("X-Api-Key: wrong\r\nX-Forwarded-For: 198.51.100.{i}\r\nForwarded: for=198.51.100.{i}\r\n");
+        assert_eq!(status_from("127.0.0.2", &gw, b"", &h).await, 401);
+    }
+    let h = "X-Api-Key: wrong\r\nX-Forwarded-For: 198.51.100.99\r\n";
+    assert_eq!(status_from("127.0.0.2", &gw, b"", h).await, 429);
+    // Another address is not affected.
+    assert_eq!(
+        status_from("127.0.0.3", &gw, b"", "X-Api-Key: wrong\r\n").await,
+        401
+    );
+}
+
+/// Behind a trusted proxy, the client is the rightmost untrusted `X-Forwarded-For` hop (or
+/// `Forwarded: for=`): two clients behind one proxy have separate budgets, and a client cannot
+/// move itself by writing a hop of its own to the left.
+#[tokio::test]
+async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_budget() {
+    let up = start_upstream().await;
+    let gw = gateway(
+        &up,
+        "trusted_proxies = [\"127.0.0.0/8\"]",
+        "",
+        "[auth]\nfailures_per_ip = \"2/min\"",
+    )
+    .await;
+    let attacker = "X-Api-Key: wrong\r\nX-Forwarded-For: 203.0.113.7\r\n";
+    assert_eq!(status_from("127.0.0.1", &gw, b"", attacker).await, 401);
+    assert_eq!(status_from("127.0.0.1", &gw, b"", attacker).await, 401);
+    assert_eq!(status_from("127.0.0.1", &gw, b"", attacker).await, 429);
+    // A forged hop to the left of the one the proxy appended changes nothing.
+    let forged = "X-Api-Key: wrong\r\nX-Forwarded-For: 192.0.2.1, 203.0.113.7\r\n";
+    assert_eq!(status_from("127.0.0.1", &gw, b"", forged).await, 429);
+    // Another client behind the same proxy is judged on its own, in either header.
+    let other = "X-Api-Key: wrong\r\nX-Forwarded-For: 203.0.113.8\r\n";
+    assert_eq!(status_from("127.0.0.1", &gw, b"", other).await, 401);
+    let forwarded = "X-Api-Key: wrong\r\nForwarded: for=\"203.0.113.9:5000\"\r\n";
+    assert_eq!(status_from("127.0.0.1", &gw, b"", forwarded).await, 401);
+    let forwarded_blocked = "X-Api-Key: wrong\r\nForwarded: for=203.0.113.7\r\n";
+    assert_eq!(
+        status_from("127.0.0.1", &gw, b"", forwarded_blocked).await,
+        429
+    );
+}
+
+/// `[server] proxy_protocol = true`: a trusted peer's connection starts with a PROXY v2 header
+/// whose source is the client (its failures, its X-Forwarded-For hop); a trusted peer without
+/// the header is refused; an untrusted peer is served without one.
+#[tokio::test]
+async fn proxy_protocol_v2_from_a_trusted_peer_names_the_client() {
+    use keygate::client_ip::encode_proxy_v2;
+    let up = start_upstream().await;
+    let gw = gateway(
+        &up,
+        "trusted_proxies = [\"127.0.0.1\"]\nproxy_protocol = true",
+        "",
+        "[auth]\nfailures_per_ip = \"1/min\"",
+    )
+    .await;
+    let dst = gw.addr();
+    let client_a = encode_proxy_v2("203.0.113.7:40000".parse().unwrap(), dst);
+    let client_b = encode_proxy_v2("[2001:db8::9]:40000".parse().unwrap(), dst);
+    let key = format!("X-Api-Key: {KEY}\r\n");
+    assert_eq!(status_from("127.0.0.1", &gw, &client_a, &key).await, 200);
+    assert_eq!(
+        up.last().headers["x-forwarded-for"],
+        "203.0.113.7",
+        "the upstream sees the PROXY source as the client"
+    );
+    let wrong = "X-Api-Key: wrong\r\n";
+    assert_eq!(status_from("127.0.0.1", &gw, &client_a, wrong).await, 401);
+    assert_eq!(status_from("127.0.0.1", &gw, &client_a, wrong).await, 429);
+    assert_eq!(status_from("127.0.0.1", &gw, &client_b, wrong).await, 401);
+    // A trusted peer that skips the header gets no answer at all.
+    let mut s = connect_from("127.0.0.1", gw.addr()).await;
+    s.write_all(format!("GET /v1/x HTTP/1.1\r\nHost: x\r\n{key}\r\n").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(read_to_close(&mut s, Duration::from_secs(3)).await, "");
+    // An untrusted peer speaks plain HTTP.
+    assert_eq!(status_from("127.0.0.2", &gw, b"", &key).await, 200);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Logs never carry a key
+// ---------------------------------------------------------------------------------------------
+
+/// Run as its own process at `RUST_LOG=trace`: whatever arrives (valid key in each place, bad
+/// keys, refused query keys, upstream down), no log line carries a key, its hash, or the
+/// Authorization value.
+#[tokio::test]
+async fn no_log_line_carries_a_key_its_hash_or_an_authorization_value() {
+    let up = start_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(
+        &path,
+        config(
+            &up.url(),
+            "",
+            "",
+            "[auth]\nallow_query_key = true\nfailures_per_ip = \"2/min\"",
+        ),
+    )
+    .unwrap();
+    let gw = spawn_keygate(&path, &[]);
+    let c = http1_client();
+    let base = format!("http://{}", gw.addr);
+    let wrong = "wrong-key-that-must-not-be-logged-42";
+    let basic = "Basic c2VjcmV0LXVzZXI6c2VjcmV0LXB3";
+    let _ = get(&c, &format!("{base}/v1/a"), &[("x-api-key", KEY)]).await;
+    let _ = get(
+        &c,
+        &format!("{base}/v1/a"),
+        &[("authorization", &format!("Bearer {KEY}"))],
+    )
+    .await;
+    let _ = get(&c, &format!("{base}/v1/a?api_key={KEY}&x=1"), &[]).await;
+    let _ = get(
+        &c,
+        &format!("{base}/v1/a"),
+        &[("x-api-key", KEY), ("authorization", basic)],
+    )
+    .await;
+    for _ in 0..4 {
+        let _ = get(
+            &c,
+            &format!("{base}/v1/a?api_key={wrong}"),
+            &[("x-api-key", wrong)],
+        )
+        .await;
+        let _ = get(&c, &format!("{base}/v1/a"), &[("x-api-key", wrong)]).await;
+    }
+    let _ = get(
+        &c,
+        &format!("{base}/v1/a"),
+        &[("x-api-key", &"z".repeat(600))],
+    )
+    .await;
+    up.stop();
+    let _ = get(&c, &format!("{base}/v1/down"), &[("x-api-key", KEY)]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let logs = gw.logs();
+    assert!(logs.contains("keygate::access"), "no access log: {logs}");
+    let hash_hex = blake3::hash(KEY.as_bytes()).to_hex().to_string();
+    for secret in [
+        KEY,
+        wrong,
+        &hash_hex[..16],
+        "c2VjcmV0LXVzZXI6c2VjcmV0LXB3",
+        "zzzzzzzzzzzzzzzz",
+    ] {
+        assert!(
+            !logs.contains(secret),
+            "the log carries {secret:?}:\n{logs}"
+        );
+    }
+}

@@ -939,3 +939,94 @@ async fn no_log_line_carries_a_key_its_hash_or_an_authorization_value() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Upstream faults
+// ---------------------------------------------------------------------------------------------
+
+/// The upstream dies mid-response: the client's body ends in an error (never a short body that
+/// looks complete), and the gateway keeps serving others, over the same pool.
+#[tokio::test]
+async fn an_upstream_dying_mid_body_aborts_the_clients_body_and_others_are_served() {
+    let up = start_upstream().await;
+    let gw = gateway(&up, "", "", "").await;
+    // A raw upstream that promises 128 KiB, sends 64 KiB and closes its socket.
+    let dying = raw_upstream(128 << 10, 64 << 10, false).await;
+    let gw_dying = start_gateway(&config(&format!("http://{dying}"), "", "", "")).await;
+    let c = http1_client();
+    for _ in 0..3 {
+        let resp = c
+            .request(
+                http::Request::get(gw_dying.url("/v1/x"))
+                    .header("x-api-key", KEY)
+                    .body(empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["content-length"], "131072");
+        let body = http_body_util::BodyExt::collect(resp.into_body()).await;
+        assert!(body.is_err(), "a truncated body was delivered as complete");
+        // The gateway in front of the dying upstream still answers, and so does the other.
+        still_serves(&gw).await;
+        let got = get(&c, &gw_dying.url("/v1/x"), &[]).await;
+        assert_eq!(got.status, StatusCode::UNAUTHORIZED);
+    }
+}
+
+/// A hung upstream: each waiting request gets 504 at `[upstream] timeout`; while they wait,
+/// the same key's other requests are served at once (waiting holds no limiter budget and no
+/// lock).
+#[tokio::test]
+async fn a_hung_upstream_gives_504_at_the_timeout_without_blocking_others() {
+    let up = start_upstream().await;
+    let text = config(&up.url(), "", "", "").replace("timeout = \"2s\"", "timeout = \"800ms\"");
+    let gw = start_gateway(&text).await;
+    let url = gw.url("/v1/slow?ms=10000");
+    let started = Instant::now();
+    let hung: Vec<_> = (0..8)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { get(&http1_client(), &url, &[("x-api-key", KEY)]).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..5 {
+        let t = Instant::now();
+        still_serves(&gw).await;
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "blocked by the hung requests"
+        );
+    }
+    for h in hung {
+        let got = h.await.unwrap();
+        assert_eq!(got.status, StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(got.code(), "upstream_timeout");
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_secs(4),
+        "{waited:?}"
+    );
+}
+
+/// A panic in one connection's task ends that connection only: every connection is its own
+/// tokio task, which catches the unwind. That holds only while panics unwind, so this guards
+/// the profiles against `panic = "abort"`.
+#[test]
+fn panics_unwind_so_a_connection_task_cannot_take_the_process_down() {
+    let manifest =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")).unwrap();
+    let manifest: toml::Table = manifest.parse().unwrap();
+    if let Some(profiles) = manifest.get("profile").and_then(|p| p.as_table()) {
+        for (name, profile) in profiles {
+            assert_ne!(
+                profile.get("panic").and_then(|p| p.as_str()),
+                Some("abort"),
+                "profile.{name} sets panic = \"abort\": one panicking connection would end the process"
+            );
+        }
+    }
+}

@@ -1030,3 +1030,111 @@ fn panics_unwind_so_a_connection_task_cannot_take_the_process_down() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Reloads under load
+// ---------------------------------------------------------------------------------------------
+
+const STAY: &str = "stays-key-0123456789abcdefghijklmnopqr";
+const GONE: &str = "goes-away-key-0123456789abcdefghijklmn";
+
+/// 100 reloads, alternating valid and broken files, under sustained load from several
+/// clients: zero 5xx, zero refusals of the key that stays, and once the removal of a key has
+/// settled, zero admissions of it (broken files in between never bring it back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_reloads_under_load_lose_nothing_and_admit_no_removed_key() {
+    use std::sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    };
+    let up = start_upstream().await;
+    let high = "rate = \"100000/s\"\nburst = 100000";
+    let valid = |with_gone: bool, n: usize| {
+        let mut keys = key_entry("stays", STAY, high);
+        if with_gone {
+            keys.push_str(&key_entry("goes", GONE, high));
+        }
+        // Each valid file differs, so every write is a real change.
+        config(&up.url(), "", "", &format!("# version {n}\n{keys}"))
+    };
+    let broken = |n: usize| {
+        if n % 4 == 1 {
+            "[server\nlisten = ".to_string()
+        } else {
+            // Valid TOML, invalid config: a duplicate id.
+            format!(
+                "{}{}",
+                valid(true, n),
+                key_entry("stays", "another-key-0123456789abcdefghijklmno", "")
+            )
+        }
+    };
+    let gw = start_gateway(&valid(true, 0)).await;
+    let url = gw.url("/v1/load");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let settled = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let bad: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let mut load = Vec::new();
+    for worker in 0..4 {
+        let (stop, settled, ok, bad, url) = (
+            stop.clone(),
+            settled.clone(),
+            ok.clone(),
+            bad.clone(),
+            url.clone(),
+        );
+        load.push(tokio::spawn(async move {
+            let c = http1_client();
+            while !stop.load(Ordering::Relaxed) {
+                let got = get(&c, &url, &[("x-api-key", STAY)]).await;
+                if got.status == StatusCode::OK {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    bad.lock().unwrap().push(format!("stays: {}", got.status));
+                }
+                if worker == 0 {
+                    let was_settled = settled.load(Ordering::SeqCst);
+                    let got = get(&c, &url, &[("x-api-key", GONE)]).await;
+                    if got.status.is_server_error() {
+                        bad.lock().unwrap().push(format!("goes: {}", got.status));
+                    }
+                    // Refused: 401, or 429 once the brute-force guard has seen enough.
+                    if was_settled && got.status.is_success() {
+                        bad.lock().unwrap().push(format!("removed key: {}", got.status));
+                    }
+                }
+            }
+        }));
+    }
+
+    let c = http1_client();
+    for n in 1..=100 {
+        let text = if n % 2 == 1 {
+            broken(n)
+        } else {
+            valid(n < 50, n)
+        };
+        gw.rewrite_config(&text);
+        if n == 50 {
+            // The removal settles when the gateway refuses the key; from then on, never again.
+            let removed = eventually(Duration::from_secs(5), || async {
+                !get(&c, &url, &[("x-api-key", GONE)]).await.status.is_success()
+            })
+            .await;
+            assert!(removed, "the removed key is still admitted");
+            settled.store(true, Ordering::SeqCst);
+        } else {
+            tokio::time::sleep(Duration::from_millis(70)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        l.await.unwrap();
+    }
+    let bad = bad.lock().unwrap();
+    assert!(bad.is_empty(), "{} bad answers: {:?}", bad.len(), &bad[..bad.len().min(20)]);
+    assert!(ok.load(Ordering::Relaxed) > 200, "too little load: {ok:?}");
+}

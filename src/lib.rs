@@ -13,6 +13,7 @@
 //! - [`bruteforce`]: failed key attempts per client IP, and the 429 past the budget.
 //! - [`body`]: body guards: the `max_body` size limit and the body idle timeout.
 //! - [`proxy`]: the request path, phase by phase (authenticate, limit, rewrite, forward).
+//! - [`upgrade`]: WebSocket / `Upgrade` pass-through after the key check.
 //! - [`upstream`]: the pooled upstream client (HTTP and verified HTTPS).
 //! - [`tls`]: the listener's rustls config and certificate loading.
 //! - [`server`]: accept loop, HTTP/1.1 + HTTP/2 serving, graceful shutdown.
@@ -40,4 +41,5 @@ pub mod reload;
 pub mod server;
 pub mod telemetry;
 pub mod tls;
+pub mod upgrade;
 pub mod upstream;

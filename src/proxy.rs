@@ -10,7 +10,8 @@
 //!    address past its budget; refuse a body the key may not send (`max_body`, 413);
 //! 4. **limit** – ask the key id's limiter; refuse with 429 and `Retry-After` when it is spent;
 //! 5. **rewrite** – drop the key, hop-by-hop headers and any client-sent `X-Keygate-*`, set the
-//!    forwarding and identity headers, point the URI at the upstream;
+//!    forwarding and identity headers, point the URI at the upstream; an `Upgrade` request keeps
+//!    its upgrade fields and, on `101`, is spliced through ([`upgrade`](crate::upgrade));
 //! 6. **forward** – send it on the pooled client, the body streamed both ways through
 //!    [`GuardedBody`] (size limit, idle timeout), with a deadline on the response head;
 //! 7. **respond** – add the rate-limit fields and the request id, write one access-log line.
@@ -44,6 +45,7 @@ use crate::{
     error::GatewayError,
     keys::{self, KeyEntry, KeyHash, KeyTable},
     limit::{self, Decision},
+    upgrade,
     upstream::{RequestBody, UpstreamClient},
 };
 
@@ -178,7 +180,7 @@ async fn admit_and_forward(
     shared: &Shared,
     live: &Live,
     conn: &ConnInfo,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     request_id: &HeaderValue,
     caller: &mut Caller,
 ) -> Result<Response<ResponseBody>, GatewayError> {
@@ -211,22 +213,33 @@ async fn admit_and_forward(
     if declared.is_some_and(|len| len > entry.max_body) {
         return Err(GatewayError::PayloadTooLarge);
     }
+    let upgrade = upgrade::requested(&req);
+    let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let up = rewrite(live, conn, req, &entry, source, request_id)?;
-    let (parts, body) = up.into_parts();
+    let (mut parts, body) = up.into_parts();
+    if let Some(value) = upgrade {
+        upgrade::restore(&mut parts.headers, value);
+    }
     let body = GuardedBody::new(
         body,
         Some(entry.max_body),
         live.config.upstream.body_timeout,
     );
     let outcome = body.outcome();
-    forward(
+    let mut resp = forward(
         shared,
         live,
         Request::from_parts(parts, body),
         &outcome,
         request_id,
     )
-    .await
+    .await?;
+    if let Some(client) = client_upgrade {
+        if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            upgrade::splice(client, &mut resp, request_id.clone());
+        }
+    }
+    Ok(resp)
 }
 
 /// Phase 2: refuses a request whose framing or target is stated twice, or missing. hyper already refuses
@@ -569,7 +582,11 @@ async fn forward(
     match tokio::time::timeout(deadline, shared.client.request(req)).await {
         Ok(Ok(resp)) => {
             let (mut parts, body) = resp.into_parts();
+            let switched = parts.headers.get(header::UPGRADE).cloned();
             strip_hop_by_hop(&mut parts.headers);
+            if let (http::StatusCode::SWITCHING_PROTOCOLS, Some(value)) = (parts.status, switched) {
+                upgrade::restore(&mut parts.headers, value);
+            }
             let body = GuardedBody::new(body, None, live.config.upstream.body_timeout);
             Ok(Response::from_parts(parts, Either::Left(body)))
         }

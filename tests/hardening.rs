@@ -1102,7 +1102,9 @@ async fn a_hundred_reloads_under_load_lose_nothing_and_admit_no_removed_key() {
                     }
                     // Refused: 401, or 429 once the brute-force guard has seen enough.
                     if was_settled && got.status.is_success() {
-                        bad.lock().unwrap().push(format!("removed key: {}", got.status));
+                        bad.lock()
+                            .unwrap()
+                            .push(format!("removed key: {}", got.status));
                     }
                 }
             }
@@ -1120,7 +1122,10 @@ async fn a_hundred_reloads_under_load_lose_nothing_and_admit_no_removed_key() {
         if n == 50 {
             // The removal settles when the gateway refuses the key; from then on, never again.
             let removed = eventually(Duration::from_secs(5), || async {
-                !get(&c, &url, &[("x-api-key", GONE)]).await.status.is_success()
+                !get(&c, &url, &[("x-api-key", GONE)])
+                    .await
+                    .status
+                    .is_success()
             })
             .await;
             assert!(removed, "the removed key is still admitted");
@@ -1135,6 +1140,107 @@ async fn a_hundred_reloads_under_load_lose_nothing_and_admit_no_removed_key() {
         l.await.unwrap();
     }
     let bad = bad.lock().unwrap();
-    assert!(bad.is_empty(), "{} bad answers: {:?}", bad.len(), &bad[..bad.len().min(20)]);
+    assert!(
+        bad.is_empty(),
+        "{} bad answers: {:?}",
+        bad.len(),
+        &bad[..bad.len().min(20)]
+    );
     assert!(ok.load(Ordering::Relaxed) > 200, "too little load: {ok:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Protocols: WebSocket pass-through, HTTP/2 rapid reset
+// ---------------------------------------------------------------------------------------------
+
+/// A real WebSocket echo server as the upstream; it records the handshake headers it saw and
+/// greets each client with a message of its own before echoing.
+async fn ws_upstream() -> (
+    SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<http::HeaderMap>>>,
+) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{handshake::server, Message};
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen: std::sync::Arc<std::sync::Mutex<Vec<http::HeaderMap>>> = Default::default();
+    let record = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            let record = record.clone();
+            tokio::spawn(async move {
+                let cb = |req: &server::Request, resp: server::Response| {
+                    record.lock().unwrap().push(req.headers().clone());
+                    Ok(resp)
+                };
+                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(s, cb).await else {
+                    return;
+                };
+                let _ = ws.send(Message::text("hello from upstream")).await;
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_text() || msg.is_binary() {
+                        let _ = ws.send(msg).await;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// WebSocket through keygate: admitted after the key check, bytes flow both ways, the key never
+/// reaches the upstream; without a key the handshake is refused and nothing is opened upstream.
+#[tokio::test]
+async fn websocket_passes_through_after_the_key_check_with_the_key_stripped() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+    let (up_addr, seen) = ws_upstream().await;
+    let gw = start_gateway(&config(&format!("http://{up_addr}"), "", "", "")).await;
+    let url = format!("ws://{}/v1/stream", gw.addr());
+
+    let mut req = url.as_str().into_client_request().unwrap();
+    req.headers_mut().insert("x-api-key", KEY.parse().unwrap());
+    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    // Upstream → client without a prompt.
+    let first = ws.next().await.unwrap().unwrap();
+    assert_eq!(first, Message::text("hello from upstream"));
+    // Client → upstream → client, text and a large binary frame.
+    for i in 0..3 {
+        ws.send(Message::text(format!("ping {i}"))).await.unwrap();
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            Message::text(format!("ping {i}"))
+        );
+    }
+    let blob = vec![7u8; 256 * 1024];
+    ws.send(Message::binary(blob.clone())).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(blob));
+    ws.close(None).await.unwrap();
+
+    let headers = seen.lock().unwrap()[0].clone();
+    assert!(
+        headers.get("x-api-key").is_none(),
+        "the key reached the upstream"
+    );
+    assert_eq!(headers["x-keygate-key-id"], "partner");
+    assert!(headers["upgrade"]
+        .to_str()
+        .unwrap()
+        .eq_ignore_ascii_case("websocket"));
+
+    // No key: refused before the upstream sees anything.
+    let err = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .unwrap_err();
+    match err {
+        tokio_tungstenite::tungstenite::Error::Http(resp) => {
+            assert_eq!(resp.status(), StatusCode::UNAUTHORIZED)
+        }
+        other => panic!("expected a 401 handshake refusal, got {other:?}"),
+    }
+    assert_eq!(seen.lock().unwrap().len(), 1);
 }

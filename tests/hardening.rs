@@ -1246,3 +1246,111 @@ async fn websocket_passes_through_after_the_key_check_with_the_key_stripped() {
     }
     assert_eq!(seen.lock().unwrap().len(), 1);
 }
+
+/// One HTTP/2 frame: 9-byte header and payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An HPACK block for `GET path` with the key: static-table pseudo headers, literals without
+/// Huffman coding.
+fn hpack_get(authority: &str, path: &str) -> Vec<u8> {
+    let mut b = vec![0x82, 0x86]; // :method GET, :scheme http
+    let lit = |b: &mut Vec<u8>, s: &str| {
+        b.push(s.len() as u8);
+        b.extend_from_slice(s.as_bytes());
+    };
+    b.push(0x04); // :path, literal value
+    lit(&mut b, path);
+    b.push(0x01); // :authority, literal value
+    lit(&mut b, authority);
+    b.push(0x00); // x-api-key, literal name and value
+    lit(&mut b, "x-api-key");
+    lit(&mut b, KEY);
+    b
+}
+
+/// HTTP/2 rapid reset (CVE-2023-44487), spoken frame by frame: a client that opens streams and
+/// resets each at once, as fast as it can write, is sent away with GOAWAY, the flood does not
+/// turn into upstream requests, and another client is answered promptly throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_rapid_reset_flood_is_cut_off_and_others_are_served() {
+    let up = start_upstream().await;
+    let gw = gateway(&up, "", "", "").await;
+    let tcp = TcpStream::connect(gw.addr()).await.unwrap();
+    let (mut rd, mut wr) = tcp.into_split();
+    // Read the server's frames; report the GOAWAY error code, if one comes.
+    let reader = tokio::spawn(async move {
+        let mut head = [0u8; 9];
+        loop {
+            if rd.read_exact(&mut head).await.is_err() {
+                return None;
+            }
+            let len =
+                (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+            let mut payload = vec![0u8; len];
+            if rd.read_exact(&mut payload).await.is_err() {
+                return None;
+            }
+            if head[3] == 0x7 && len >= 8 {
+                return Some(u32::from_be_bytes([
+                    payload[4], payload[5], payload[6], payload[7],
+                ]));
+            }
+        }
+    });
+    let authority = gw.addr().to_string();
+    let block = hpack_get(&authority, "/v1/slow?ms=50");
+    let flood = tokio::spawn(async move {
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        out.extend(h2_frame(0x4, 0, 0, &[])); // SETTINGS
+        out.extend(h2_frame(0x4, 0x1, 0, &[])); // SETTINGS ack (of the server's)
+        let mut stream = 1u32;
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(10) && stream < 2_000_000 {
+            for _ in 0..500 {
+                out.extend(h2_frame(0x1, 0x5, stream, &block)); // HEADERS, END_STREAM|END_HEADERS
+                out.extend(h2_frame(0x3, 0, stream, &8u32.to_be_bytes())); // RST_STREAM CANCEL
+                stream += 2;
+            }
+            if wr.write_all(&out).await.is_err() {
+                break;
+            }
+            out.clear();
+        }
+        (stream / 2, started.elapsed())
+    });
+    let c = h2c_client();
+    let mut slowest = Duration::ZERO;
+    for _ in 0..20 {
+        let t = Instant::now();
+        let got = get(&c, &gw.url("/v1/ok"), &[("x-api-key", KEY)]).await;
+        assert_eq!(got.status, StatusCode::OK);
+        slowest = slowest.max(t.elapsed());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (sent, took) = flood.await.unwrap();
+    let goaway = tokio::time::timeout(Duration::from_secs(5), reader).await;
+    assert!(
+        took < Duration::from_secs(10) && sent < 100_000,
+        "the flooding connection was not cut off ({sent} resets in {took:?})"
+    );
+    assert_eq!(
+        goaway.ok().and_then(Result::ok).flatten(),
+        Some(0xb),
+        "expected GOAWAY ENHANCE_YOUR_CALM"
+    );
+    let flood_upstream = up.hits() - 20;
+    assert!(
+        flood_upstream < 256,
+        "{flood_upstream} flood streams reached the upstream"
+    );
+    assert!(
+        slowest < Duration::from_secs(1),
+        "another client waited {slowest:?}"
+    );
+}

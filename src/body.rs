@@ -50,6 +50,7 @@ pub struct BodyOutcome(AtomicU8);
 
 const TOO_LARGE: u8 = 1;
 const IDLE: u8 = 2;
+const BROKEN: u8 = 3;
 
 impl BodyOutcome {
     /// Whether the body was cut at its size limit.
@@ -60,6 +61,11 @@ impl BodyOutcome {
     /// Whether the body was cut for stalling.
     pub fn idle(&self) -> bool {
         self.0.load(Ordering::Acquire) == IDLE
+    }
+
+    /// Whether the inner body failed (its sender reset or closed mid-body).
+    pub fn broken(&self) -> bool {
+        self.0.load(Ordering::Acquire) == BROKEN
     }
 
     fn set(&self, v: u8) {
@@ -123,6 +129,7 @@ where
                     None => return Poll::Ready(None),
                     Some(Err(e)) => {
                         this.done = true;
+                        this.outcome.set(BROKEN);
                         return Poll::Ready(Some(Err(BodyError::Inner(e.into()))));
                     }
                     Some(Ok(frame)) => frame,

@@ -593,6 +593,9 @@ async fn forward(
         // The request body was cut by keygate: the client's fault, not the upstream's.
         Ok(Err(_)) if sent.too_large() => Err(GatewayError::PayloadTooLarge),
         Ok(Err(_)) if sent.idle() => Err(GatewayError::RequestTimeout),
+        Ok(Err(_)) if sent.broken() => Err(GatewayError::BadRequest(
+            "The request body ended before it was complete.",
+        )),
         Ok(Err(err)) => {
             tracing::warn!(
                 request_id = request_id.to_str().unwrap_or("-"),

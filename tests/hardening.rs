@@ -1354,3 +1354,154 @@ async fn an_h2_rapid_reset_flood_is_cut_off_and_others_are_served() {
         "another client waited {slowest:?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Soak (by hand: scripts/soak.sh)
+// ---------------------------------------------------------------------------------------------
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Ten minutes (`KEYGATE_SOAK_SECS`) of load on the keygate binary with key churn (every reload
+/// removes one key and adds one) and broken files in between: zero 5xx, zero refusals of a
+/// valid key, zero admissions of a removed key once its removal settled, and flat memory (the
+/// last third's peak RSS within 25% of the middle third's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a soak: run by hand with scripts/soak.sh"]
+async fn soak_with_key_churn_and_reloads_keeps_memory_flat_and_errors_at_zero() {
+    use std::sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Mutex,
+    };
+    let secs: u64 = std::env::var("KEYGATE_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(600);
+    let up = start_upstream().await;
+    let key = |g: usize| format!("soak-key-{g:08}-0123456789abcdefghijklmnop");
+    let valid = |g: usize| {
+        let keys: String = (g..g + 5)
+            .map(|i| key_entry(&format!("k{i}"), &key(i), ""))
+            .collect();
+        config_text(
+            &up.url(),
+            &format!("[auth]\nfailures_per_ip = \"600/min\"\n[limits]\nrate = \"100000/s\"\nburst = 100000\n{keys}"),
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, valid(0)).unwrap();
+    let gw = spawn_keygate(&path, &[("RUST_LOG", "warn,keygate::server=info")]);
+    let base = format!("http://{}/v1/soak", gw.addr);
+
+    let generation = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicUsize::new(0));
+    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    let mut workers = Vec::new();
+    for w in 0..4usize {
+        let (generation, stop, served, errors, base) = (
+            generation.clone(),
+            stop.clone(),
+            served.clone(),
+            errors.clone(),
+            base.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            let c = http1_client();
+            let mut n = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let g = generation.load(Ordering::SeqCst);
+                // g+1..g+4 are valid in generation g and in g+1, whichever is live.
+                let k = key(g + 1 + n % 4);
+                let got = get(&c, &base, &[("x-api-key", &k)]).await;
+                served.fetch_add(1, Ordering::Relaxed);
+                if got.status != StatusCode::OK {
+                    errors
+                        .lock()
+                        .unwrap()
+                        .push(format!("valid key: {}", got.status));
+                }
+                if w == 0 && n % 10 == 0 && g > 0 {
+                    // The key removed when g became current: refused, never admitted.
+                    let got = get(&c, &base, &[("x-api-key", &key(g - 1))]).await;
+                    if got.status.is_success() || got.status.is_server_error() {
+                        errors
+                            .lock()
+                            .unwrap()
+                            .push(format!("removed key: {}", got.status));
+                    }
+                }
+                if w == 1 && n % 10 == 0 {
+                    let got = get(&c, &base, &[("x-api-key", "never-a-key")]).await;
+                    if got.status.is_success() || got.status.is_server_error() {
+                        errors
+                            .lock()
+                            .unwrap()
+                            .push(format!("bad key: {}", got.status));
+                    }
+                }
+            }
+        }));
+    }
+
+    let started = Instant::now();
+    let mut rss = Vec::new();
+    let mut last_sample = Instant::now() - Duration::from_secs(60);
+    let c = http1_client();
+    let mut g = 0usize;
+    while started.elapsed() < Duration::from_secs(secs) {
+        if last_sample.elapsed() >= Duration::from_secs(5) {
+            rss.push(rss_kib(gw.pid()));
+            last_sample = Instant::now();
+        }
+        // A broken file, then the next generation; wait for the removal to settle.
+        write_atomically(&path, "[server\nlisten = ");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        write_atomically(&path, &valid(g + 1));
+        let removed = key(g);
+        let settled = eventually(Duration::from_secs(5), || async {
+            !get(&c, &base, &[("x-api-key", &removed)])
+                .await
+                .status
+                .is_success()
+        })
+        .await;
+        assert!(settled, "generation {} never took effect", g + 1);
+        g += 1;
+        generation.store(g, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.unwrap();
+    }
+    let errors = errors.lock().unwrap();
+    let third = rss.len() / 3;
+    let middle = rss[third..2 * third].iter().max().copied().unwrap_or(0);
+    let last = rss[2 * third..].iter().max().copied().unwrap_or(0);
+    eprintln!(
+        "soak: {secs} s, {} requests, {g} reloads (+{g} broken), RSS KiB every 5 s: {rss:?}",
+        served.load(Ordering::Relaxed)
+    );
+    assert!(
+        errors.is_empty(),
+        "{} errors: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(20)]
+    );
+    assert!(rss.len() >= 3, "too short to judge memory");
+    assert!(
+        last <= middle + middle / 4,
+        "memory grew: middle third peak {middle} KiB, last third peak {last} KiB"
+    );
+}

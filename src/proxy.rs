@@ -1,8 +1,8 @@
 //! The request path, phase by phase.
 //!
 //! 1. **identify** – take the request id the client sent (when sane) or make one;
-//! 2. **screen** – refuse framing hyper tolerates but a smuggler could use (a repeated
-//!    `Content-Length` or `Host`), before anything else is read;
+//! 2. **screen** – refuse a repeated `Content-Length` or `Host`, or an HTTP/1.1 request without
+//!    `Host`, before anything else is read;
 //! 3. **authenticate** – find the key (configured header, else `Authorization: Bearer`, else
 //!    the query parameter when `allow_query_key`), hash it once with blake3, look it up in the
 //!    live [`KeyTable`](crate::keys::KeyTable), refuse missing, unknown, disabled and expired
@@ -107,7 +107,7 @@ pub struct Shared {
 /// What the request path knows about the client connection.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnInfo {
-    /// The peer's address, from the socket.
+    /// The peer's address: from the socket, or from the PROXY v2 header a trusted proxy sent.
     pub peer: SocketAddr,
     /// Whether the client connection is TLS.
     pub tls: bool,
@@ -242,9 +242,10 @@ async fn admit_and_forward(
     Ok(resp)
 }
 
-/// Phase 2: refuses a request whose framing or target is stated twice, or missing. hyper already refuses
-/// conflicting lengths; identical repeats are refused too, so that no proxy in front of or
-/// behind keygate can read the request differently.
+/// Phase 2: refuses a request whose length or target is stated twice, or whose target is
+/// missing, so that no proxy in front of or behind keygate can read it differently. (On
+/// HTTP/1.1 hyper already refuses conflicting lengths and collapses identical ones; the length
+/// check here guards the other protocol paths.)
 fn screen(version: Version, headers: &HeaderMap) -> Result<(), GatewayError> {
     if headers
         .get_all(header::CONTENT_LENGTH)
@@ -418,7 +419,7 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     }
 }
 
-/// Phase 4: the request as the upstream will see it.
+/// Phase 5: the request as the upstream will see it.
 fn rewrite<B>(
     live: &Live,
     conn: &ConnInfo,
@@ -570,7 +571,7 @@ fn strip_keygate_headers(headers: &mut HeaderMap) {
     }
 }
 
-/// Phase 5: sends the request upstream and waits for the head within `upstream.timeout`.
+/// Phase 6: sends the request upstream and waits for the head within `upstream.timeout`.
 async fn forward(
     shared: &Shared,
     live: &Live,

@@ -684,6 +684,26 @@ mod tests {
     }
 
     #[test]
+    fn query_keys_are_decoded_found_once_and_stripped_alone() {
+        let uri: Uri = "/v1/x?a=1&api_key=k%65y+&b=%zz".parse().unwrap();
+        assert_eq!(query_key(&uri, "api_key").unwrap().unwrap(), b"key ");
+        assert_eq!(query_key(&uri, "key").unwrap(), None);
+        let twice: Uri = "/v1/x?api_key=a&api_key=b".parse().unwrap();
+        assert_eq!(
+            query_key(&twice, "api_key"),
+            Err(GatewayError::AmbiguousApiKey)
+        );
+        assert_eq!(percent_decode("%"), b"%");
+        assert_eq!(percent_decode("%4"), b"%4");
+        assert_eq!(percent_decode("a%41"), b"aA");
+        assert_eq!(
+            strip_query_param("a=1&api_key=x&api_keys=2&b", "api_key").as_deref(),
+            Some("a=1&api_keys=2&b")
+        );
+        assert_eq!(strip_query_param("api_key=x", "api_key"), None);
+    }
+
+    #[test]
     fn request_ids_are_kept_when_sane_and_made_otherwise() {
         let mut h = HeaderMap::new();
         h.insert(&X_REQUEST_ID, HeaderValue::from_static("abc-123"));

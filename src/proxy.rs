@@ -5,13 +5,13 @@
 //!    `Host`, before anything else is read;
 //! 3. **authenticate** – find the key (configured header, else `Authorization: Bearer`, else
 //!    the query parameter when `allow_query_key`), hash it once with blake3, look it up in the
-//!    live [`KeyTable`](crate::keys::KeyTable), refuse missing, unknown, disabled and expired
+//!    live [`KeyTable`], refuse missing, unknown, disabled and expired
 //!    keys; count failures per client IP ([`bruteforce`](crate::bruteforce)) and answer 429 to an
 //!    address past its budget; refuse a body the key may not send (`max_body`, 413);
 //! 4. **limit** – ask the key id's limiter; refuse with 429 and `Retry-After` when it is spent;
 //! 5. **rewrite** – drop the key, hop-by-hop headers and any client-sent `X-Keygate-*`, set the
 //!    forwarding and identity headers, point the URI at the upstream; an `Upgrade` request keeps
-//!    its upgrade fields and, on `101`, is spliced through ([`upgrade`](crate::upgrade));
+//!    its upgrade fields and, on `101`, is spliced through ([`upgrade`]);
 //! 6. **forward** – send it on the pooled client, the body streamed both ways through
 //!    [`GuardedBody`] (size limit, idle timeout), with a deadline on the response head;
 //! 7. **respond** – add the rate-limit fields and the request id, write one access-log line.

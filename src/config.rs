@@ -18,6 +18,8 @@
 //! - `[admin]` absent means no admin listener; its address may not be the partner-facing one;
 //! - `[log] level` is one of `error`, `warn`, `info`, `debug`, `trace` (`RUST_LOG` overrides it).
 //! - `[limits] on_store_error` without `store` is refused (it would do nothing).
+//! - sizes (`max_body`, `max_header_bytes`) are whole bytes or a string like `"16MiB"`;
+//! - a key's `max_body` falls back to `[server] max_body`.
 
 use std::{
     net::SocketAddr,
@@ -124,6 +126,24 @@ pub struct ServerConfig {
     pub workers: Option<usize>,
     /// How long requests in flight may take to finish after SIGTERM/SIGINT (default 30 s).
     pub shutdown_timeout: Duration,
+    /// How long a client may take to send a request head (slowloris guard).
+    pub header_timeout: Duration,
+    /// How long a connection may sit without traffic and without a request in flight.
+    pub idle_timeout: Duration,
+    /// Connections served at once; further ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// Largest request head (HTTP/1.1 read buffer, HTTP/2 header list), in bytes: 431 beyond.
+    pub max_header_bytes: usize,
+    /// Most header fields in an HTTP/1.1 request head: 431 beyond.
+    pub max_headers: usize,
+    /// Concurrent streams per HTTP/2 connection.
+    pub h2_max_streams: u32,
+    /// Default largest request body, in bytes: 413 beyond (a key may override it).
+    pub max_body: u64,
+    /// Peers whose `X-Forwarded-For` / `Forwarded` / PROXY header is believed.
+    pub trusted_proxies: crate::client_ip::TrustedProxies,
+    /// Whether trusted peers must open their connections with a PROXY protocol v2 header.
+    pub proxy_protocol: bool,
 }
 
 /// PEM files of the listener's certificate chain and private key.
@@ -156,6 +176,8 @@ pub struct UpstreamConfig {
     pub health_path: Option<String>,
     /// Time between readiness probes (default 5 s).
     pub health_interval: Duration,
+    /// Longest pause allowed inside a request or response body while it streams.
+    pub body_timeout: Duration,
 }
 
 /// `[auth]`: where keys are read from.
@@ -167,6 +189,12 @@ pub struct AuthConfig {
     pub key_prefix: String,
     /// `keys_file`, resolved against the config's directory: where `[[keys]]` live instead.
     pub keys_file: Option<PathBuf>,
+    /// Whether a key in the query string (`?<query_key>=...`) is accepted; refused when false.
+    pub allow_query_key: bool,
+    /// The query parameter that carries a key.
+    pub query_key: String,
+    /// Failed key attempts allowed per client IP; `None` turns the guard off.
+    pub failures_per_ip: Option<RateLimit>,
 }
 
 /// One `[[keys]]` entry.
@@ -194,6 +222,8 @@ pub struct KeyConfig {
     pub revoked_at: Option<SystemTime>,
     /// The hash this key replaced in a rotation, valid until its own expiry.
     pub previous: Option<PreviousKey>,
+    /// Largest request body for this key, in bytes.
+    pub max_body: u64,
 }
 
 /// The old hash of a rotating key: accepted for the same entry until `expires`.
@@ -242,6 +272,25 @@ struct RawServer {
     tls_key: Option<Spanned<String>>,
     workers: Option<Spanned<i64>>,
     shutdown_timeout: Option<Spanned<String>>,
+    header_timeout: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
+    max_connections: Option<Spanned<i64>>,
+    max_header_bytes: Option<Spanned<RawSize>>,
+    max_headers: Option<Spanned<i64>>,
+    h2_max_streams: Option<Spanned<i64>>,
+    max_body: Option<Spanned<RawSize>>,
+    #[serde(default)]
+    trusted_proxies: Vec<Spanned<String>>,
+    #[serde(default)]
+    proxy_protocol: bool,
+}
+
+/// A size as written: whole bytes, or a string such as `"16MiB"`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawSize {
+    Bytes(i64),
+    Text(String),
 }
 
 #[derive(Deserialize)]
@@ -254,6 +303,7 @@ struct RawUpstream {
     identity_secret_file: Option<Spanned<String>>,
     health_path: Option<Spanned<String>>,
     health_interval: Option<Spanned<String>>,
+    body_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -262,6 +312,10 @@ struct RawAuth {
     header: Option<Spanned<String>>,
     key_prefix: Option<Spanned<String>>,
     keys_file: Option<Spanned<String>>,
+    #[serde(default)]
+    allow_query_key: bool,
+    query_key: Option<Spanned<String>>,
+    failures_per_ip: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -291,6 +345,7 @@ struct RawKey {
     revoked_at: Option<Spanned<toml::value::Datetime>>,
     previous_hash: Option<Spanned<String>>,
     previous_expires: Option<Spanned<toml::value::Datetime>>,
+    max_body: Option<Spanned<RawSize>>,
 }
 
 /// A separate keys file (`[auth] keys_file`): only `[[keys]]`.
@@ -334,6 +389,38 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("duration {s:?} must be more than zero"));
     }
     Ok(d)
+}
+
+/// Parses a size: whole bytes, or a number with `B`, `KiB`, `MiB`, `GiB` (or `KB`, `MB`, `GB`,
+/// 1000-based); zero is refused.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like \"16MiB\", \"512KiB\" or 1048576"))?;
+    let mul: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        u => {
+            return Err(format!(
+                "size {s:?}: unit {u:?} is not one of B, KiB, MiB, GiB"
+            ))
+        }
+    };
+    let bytes = n
+        .checked_mul(mul)
+        .ok_or_else(|| format!("size {s:?} is too large"))?;
+    if bytes == 0 {
+        return Err(format!("size {s:?} must be more than zero"));
+    }
+    Ok(bytes)
 }
 
 /// Whether `s` may be a key id: 1–64 characters of `A-Z a-z 0-9 . _ -`.
@@ -434,6 +521,54 @@ impl Config {
             Some(d) => parse_duration(d.get_ref()).map_err(|m| src.at(d, m))?,
             None => Duration::from_secs(30),
         };
+        let server = &raw.server;
+        let duration = |v: &Option<Spanned<String>>, default: Duration| match v {
+            Some(d) => parse_duration(d.get_ref()).map_err(|m| src.at(d, m)),
+            None => Ok(default),
+        };
+        let int = |v: &Option<Spanned<i64>>,
+                   name: &str,
+                   range: std::ops::RangeInclusive<i64>,
+                   default: i64| match v {
+            Some(n) if !range.contains(n.get_ref()) => Err(src.at(
+                n,
+                format!(
+                    "{name} must be between {} and {}",
+                    range.start(),
+                    range.end()
+                ),
+            )),
+            Some(n) => Ok(*n.get_ref()),
+            None => Ok(default),
+        };
+        let header_timeout = duration(&server.header_timeout, Duration::from_secs(10))?;
+        let idle_timeout = duration(&server.idle_timeout, Duration::from_secs(60))?;
+        let max_connections = int(
+            &server.max_connections,
+            "max_connections",
+            1..=1_000_000,
+            4096,
+        )? as usize;
+        let max_header_bytes = match &server.max_header_bytes {
+            Some(v) => match size(&src, v)? {
+                n @ 8192..=1_048_576 => n as usize,
+                _ => return Err(src.at(v, "max_header_bytes must be between 8KiB and 1MiB")),
+            },
+            None => 64 * 1024,
+        };
+        let max_headers = int(&server.max_headers, "max_headers", 1..=10_000, 100)? as usize;
+        let h2_max_streams = int(&server.h2_max_streams, "h2_max_streams", 1..=10_000, 256)? as u32;
+        let max_body = match &server.max_body {
+            Some(v) => size(&src, v)?,
+            None => 16 << 20,
+        };
+        let mut trusted_proxies = Vec::with_capacity(server.trusted_proxies.len());
+        for t in &server.trusted_proxies {
+            trusted_proxies
+                .push(crate::client_ip::Cidr::parse(t.get_ref()).map_err(|m| src.at(t, m))?);
+        }
+        let trusted_proxies = crate::client_ip::TrustedProxies::new(trusted_proxies);
+
         let upstream = parse_upstream(&src, &raw.upstream)?;
         let admin = match &raw.admin {
             Some(a) => Some(parse_admin(&src, a, listen)?),
@@ -465,6 +600,40 @@ impl Config {
             None => crate::keys::DEFAULT_PREFIX.to_string(),
         };
 
+        let query_key = match &raw.auth.query_key {
+            Some(q)
+                if q.get_ref().is_empty()
+                    || !q
+                        .get_ref()
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')) =>
+            {
+                return Err(src.at(q, "query_key must be letters, digits, '_', '-' or '.'"))
+            }
+            Some(q) => q.get_ref().clone(),
+            None => "api_key".to_string(),
+        };
+        let failures_per_ip = match &raw.auth.failures_per_ip {
+            Some(f) if f.get_ref().trim() == "off" => None,
+            Some(f) => {
+                let (count, per) =
+                    RateLimit::parse_rate(f.get_ref(), false).map_err(|m| src.at(f, m))?;
+                Some(RateLimit {
+                    count,
+                    per,
+                    burst: count,
+                })
+            }
+            None => {
+                let count = NonZeroU32::new(30).expect("30");
+                Some(RateLimit {
+                    count,
+                    per: Duration::from_secs(60),
+                    burst: count,
+                })
+            }
+        };
+
         let default_rate = match &raw.limits.rate {
             Some(r) => RateLimit::parse_rate(r.get_ref(), false).map_err(|m| src.at(r, m))?,
             None => (NonZeroU32::new(10).expect("10"), Duration::from_secs(1)),
@@ -486,7 +655,7 @@ impl Config {
         };
         let keys_file = raw.auth.keys_file.as_ref().map(|f| base.join(f.get_ref()));
         let keys = match &keys_file {
-            None => parse_keys(&src, &raw.keys, &limits, quota)?,
+            None => parse_keys(&src, &raw.keys, &limits, quota, max_body)?,
             Some(file) => {
                 if let Some(k) = raw.keys.first() {
                     return Err(src.at(
@@ -511,7 +680,7 @@ impl Config {
                 };
                 let raw_keys: RawKeysFile = toml::from_str(keys_text)
                     .map_err(|e| ksrc.error(e.span(), e.message().to_string()))?;
-                parse_keys(&ksrc, &raw_keys.keys, &limits, quota)?
+                parse_keys(&ksrc, &raw_keys.keys, &limits, quota, max_body)?
             }
         };
         Ok(Config {
@@ -521,12 +690,24 @@ impl Config {
                 tls,
                 workers,
                 shutdown_timeout,
+                header_timeout,
+                idle_timeout,
+                max_connections,
+                max_header_bytes,
+                max_headers,
+                h2_max_streams,
+                max_body,
+                trusted_proxies,
+                proxy_protocol: server.proxy_protocol,
             },
             upstream,
             auth: AuthConfig {
                 header,
                 key_prefix,
                 keys_file,
+                allow_query_key: raw.auth.allow_query_key,
+                query_key,
+                failures_per_ip,
             },
             limits,
             quota,
@@ -565,6 +746,7 @@ fn parse_keys(
     raw: &[RawKey],
     limits: &RateLimit,
     default_quota: Option<QuotaLimit>,
+    default_max_body: u64,
 ) -> Result<Vec<KeyConfig>, ConfigError> {
     let mut keys = Vec::with_capacity(raw.len());
     let mut ids = std::collections::HashSet::with_capacity(raw.len());
@@ -657,6 +839,10 @@ fn parse_keys(
             created_at: parse_datetime(src, &k.created_at)?,
             revoked_at: parse_datetime(src, &k.revoked_at)?,
             previous,
+            max_body: match &k.max_body {
+                Some(v) => size(src, v)?,
+                None => default_max_body,
+            },
         });
     }
     Ok(keys)
@@ -741,6 +927,14 @@ fn parse_log(src: &Source<'_>, raw: &RawLog) -> Result<LogConfig, ConfigError> {
     Ok(LogConfig { format, level })
 }
 
+fn size(src: &Source<'_>, v: &Spanned<RawSize>) -> Result<u64, ConfigError> {
+    match v.get_ref() {
+        RawSize::Bytes(n) if *n > 0 => Ok(*n as u64),
+        RawSize::Bytes(_) => Err(src.at(v, "a size must be more than zero")),
+        RawSize::Text(t) => parse_size(t).map_err(|m| src.at(v, m)),
+    }
+}
+
 fn parse_upstream(src: &Source<'_>, raw: &RawUpstream) -> Result<UpstreamConfig, ConfigError> {
     let url = raw.url.get_ref();
     let uri: Uri = url
@@ -799,6 +993,7 @@ fn parse_upstream(src: &Source<'_>, raw: &RawUpstream) -> Result<UpstreamConfig,
         timeout: duration(&raw.timeout, Duration::from_secs(30))?,
         health_path,
         health_interval: duration(&raw.health_interval, Duration::from_secs(5))?,
+        body_timeout: duration(&raw.body_timeout, Duration::from_secs(30))?,
     })
 }
 
@@ -1079,6 +1274,58 @@ mod tests {
         assert!(err.to_string().starts_with("gw.toml:7:18:"), "{err}");
         let err = parse(&minimal("[limits]\non_store_error = \"deny\"\n")).unwrap_err();
         assert!(err.message.contains("needs a store"), "{err}");
+    }
+
+    #[test]
+    fn hardening_settings_have_safe_defaults_and_are_validated() {
+        let c = parse(&minimal("")).unwrap();
+        assert_eq!(c.server.header_timeout, Duration::from_secs(10));
+        assert_eq!(c.server.max_body, 16 << 20);
+        assert_eq!(c.server.max_header_bytes, 64 * 1024);
+        assert!(c.server.trusted_proxies.is_empty() && !c.server.proxy_protocol);
+        assert!(!c.auth.allow_query_key);
+        assert_eq!(c.auth.query_key, "api_key");
+        assert_eq!(c.auth.failures_per_ip.unwrap().count.get(), 30);
+
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nmax_body = 1024\ntrusted_proxies = [\"10.0.0.0/8\"]\n\
+             [upstream]\nurl = \"http://x\"\n[auth]\nfailures_per_ip = \"off\"\n\
+             [[keys]]\nid = \"a\"\nhash = \"{HASH_A}\"\nmax_body = \"2MiB\"\n[[keys]]\nid = \"b\"\nhash = \"{HASH_B}\"\n"
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.keys[0].max_body, 2 << 20);
+        assert_eq!(c.keys[1].max_body, 1024);
+        assert!(c.auth.failures_per_ip.is_none());
+        assert!(c
+            .server
+            .trusted_proxies
+            .contains("10.1.2.3".parse().unwrap()));
+
+        for (server, needle) in [
+            ("max_body = \"16 furlongs\"", "unit"),
+            ("max_body = 0", "more than zero"),
+            ("max_header_bytes = 100", "between 8KiB"),
+            ("max_connections = 0", "max_connections"),
+            ("trusted_proxies = [\"10.0.0.0/40\"]", "prefix"),
+            ("header_timeout = \"0s\"", "more than zero"),
+        ] {
+            let text = format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\n{server}\n[upstream]\nurl = \"http://x\"\n"
+            );
+            let err = parse(&text).expect_err(server).to_string();
+            assert!(err.starts_with("gw.toml:3:"), "{err}");
+            assert!(err.contains(needle), "{err} should mention {needle}");
+        }
+    }
+
+    #[test]
+    fn sizes_take_binary_and_decimal_units() {
+        assert_eq!(parse_size("16MiB"), Ok(16 << 20));
+        assert_eq!(parse_size("512 KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("2MB"), Ok(2_000_000));
+        assert_eq!(parse_size("100"), Ok(100));
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("99999999999GiB").is_err());
     }
 
     #[test]

@@ -41,6 +41,16 @@ pub enum GatewayError {
         /// Whole seconds (≥ 1) after which a request is admitted.
         retry_after: u64,
     },
+    /// Too many failed key attempts from this client IP; no key but a valid one is judged
+    /// until `retry_after` seconds have passed.
+    #[error("too many failed key attempts, retry after {retry_after}s")]
+    TooManyFailures {
+        /// Whole seconds (≥ 1) until this address's attempts are judged again.
+        retry_after: u64,
+    },
+    /// The client stopped sending its request body for longer than the body timeout.
+    #[error("request body stalled")]
+    RequestTimeout,
     /// The request is malformed in a way the gateway refuses to forward.
     #[error("bad request: {0}")]
     BadRequest(&'static str),
@@ -68,9 +78,10 @@ impl GatewayError {
             | GatewayError::ExpiredApiKey => StatusCode::UNAUTHORIZED,
             GatewayError::AmbiguousApiKey | GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
             GatewayError::ForbiddenScope => StatusCode::FORBIDDEN,
-            GatewayError::RateLimited { .. } | GatewayError::QuotaExceeded { .. } => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            GatewayError::RateLimited { .. }
+            | GatewayError::QuotaExceeded { .. }
+            | GatewayError::TooManyFailures { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             GatewayError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -89,6 +100,8 @@ impl GatewayError {
             GatewayError::ForbiddenScope => "forbidden_scope",
             GatewayError::RateLimited { .. } => "rate_limited",
             GatewayError::QuotaExceeded { .. } => "quota_exceeded",
+            GatewayError::TooManyFailures { .. } => "too_many_failures",
+            GatewayError::RequestTimeout => "request_timeout",
             GatewayError::BadRequest(_) => "bad_request",
             GatewayError::PayloadTooLarge => "payload_too_large",
             GatewayError::UpstreamUnavailable => "upstream_unavailable",
@@ -122,6 +135,10 @@ impl GatewayError {
             GatewayError::QuotaExceeded { .. } => {
                 "The API key's quota is used up; retry after the indicated time."
             }
+            GatewayError::TooManyFailures { .. } => {
+                "Too many failed API key attempts from this address; retry after the indicated time."
+            }
+            GatewayError::RequestTimeout => "The request body stopped arriving.",
             GatewayError::BadRequest(why) => why,
             GatewayError::PayloadTooLarge => "The request body is too large.",
             GatewayError::UpstreamUnavailable => "The upstream service is unavailable.",
@@ -162,7 +179,8 @@ impl GatewayError {
                 );
             }
             GatewayError::RateLimited { retry_after }
-            | GatewayError::QuotaExceeded { retry_after } => {
+            | GatewayError::QuotaExceeded { retry_after }
+            | GatewayError::TooManyFailures { retry_after } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
             }
             _ => {}
@@ -211,6 +229,12 @@ mod tests {
                 429,
                 "quota_exceeded",
             ),
+            (
+                GatewayError::TooManyFailures { retry_after: 3 },
+                429,
+                "too_many_failures",
+            ),
+            (GatewayError::RequestTimeout, 408, "request_timeout"),
             (GatewayError::BadRequest("x"), 400, "bad_request"),
             (GatewayError::PayloadTooLarge, 413, "payload_too_large"),
             (

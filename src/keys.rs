@@ -242,6 +242,8 @@ pub struct KeyEntry {
     pub id_header: HeaderValue,
     /// `X-Keygate-Tenant` value.
     pub tenant_header: Option<HeaderValue>,
+    /// Largest request body this key may send, in bytes.
+    pub max_body: u64,
 }
 
 /// What a presented hash found in the table.
@@ -304,6 +306,7 @@ impl KeyTable {
                     .tenant
                     .as_deref()
                     .map(|t| HeaderValue::try_from(t).expect("validated tenant")),
+                max_body: key.max_body,
             });
             if let Some(prev) = key.previous {
                 by_hash.insert(

@@ -16,10 +16,15 @@
 //! - [`identity`]: the `X-Keygate-Signature` header the backend can verify.
 //! - [`proxy`]: the request path, phase by phase (authenticate, scope, limit, rewrite, forward).
 //! - [`store`]: limits shared by several instances through Redis, with a fallback.
+//! - [`client_ip`]: the client's address: socket peer, trusted proxies' headers, PROXY v2.
+//! - [`bruteforce`]: failed key attempts per client IP, and the 429 past the budget.
+//! - [`body`]: body guards: the `max_body` size limit and the body idle timeout.
+//! - [`upgrade`]: WebSocket / `Upgrade` pass-through after the key check.
 //! - [`upstream`]: the pooled upstream client (HTTP and verified HTTPS).
 //! - [`tls`]: the listener's rustls config and certificate loading.
 //! - [`certs`]: certificate hot reload behind one `ArcSwap`, keeping the last good pair.
 //! - [`server`]: accept loop, HTTP/1.1 + HTTP/2 serving, graceful shutdown.
+//! - [`conn`]: per-connection guards (the keep-alive idle timeout).
 //! - [`reload`]: file watch + SIGHUP → validate → one atomic swap, or keep the old.
 //! - [`error`]: the gateway's error enum → status + JSON body, in one place.
 //! - [`telemetry`]: logging set-up, text or json.
@@ -34,9 +39,13 @@
 
 pub mod access;
 pub mod admin;
+pub mod body;
+pub mod bruteforce;
 pub mod certs;
 pub mod cli;
+pub mod client_ip;
 pub mod config;
+pub mod conn;
 pub mod demo;
 pub mod error;
 pub mod health;
@@ -54,4 +63,5 @@ pub mod server;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod upgrade;
 pub mod upstream;

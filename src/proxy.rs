@@ -1,26 +1,32 @@
 //! The request path, phase by phase.
 //!
 //! 1. **identify** – take the request id the client sent (when sane) or make one;
-//! 2. **authenticate** – find the key (configured header, else `Authorization: Bearer`), hash it
-//!    once with blake3, look it up in the live [`KeyTable`](crate::keys::KeyTable), refuse
-//!    missing, unknown, disabled and expired keys (and a rotated key's old hash after its grace);
-//! 3. **scope** – for a key with scopes, normalise the path ([`scope::normalise`]) and refuse
+//! 2. **screen** – refuse a repeated `Content-Length` or `Host`, or an HTTP/1.1 request without
+//!    `Host`, before anything else is read;
+//! 3. **authenticate** – find the key (configured header, else `Authorization: Bearer`, else
+//!    the query parameter when `allow_query_key`), hash it once with blake3, look it up in the
+//!    live [`KeyTable`](crate::keys::KeyTable), refuse missing, unknown, disabled and expired
+//!    keys (and a rotated key's old hash after its grace); count failures per client IP
+//!    ([`bruteforce`](crate::bruteforce)) and answer 429 to an address past its budget;
+//! 4. **scope** – for a key with scopes, normalise the path ([`scope::normalise`]) and refuse
 //!    with 403 what no scope covers; nothing is charged or forwarded;
-//! 4. **limit** – ask the key's quota and rate through [`Limits`] (in process, or shared in
+//! 5. **limit** – ask the key's quota and rate through [`Limits`] (in process, or shared in
 //!    Redis; both are charged or neither); refuse with 429 and `Retry-After` when one is spent;
-//! 5. **rewrite** – drop the key, hop-by-hop headers and any client-sent `X-Keygate-*`, set the
+//!    refuse a body the key may not send (`max_body`, 413);
+//! 6. **rewrite** – drop the key, hop-by-hop headers and any client-sent `X-Keygate-*`, set the
 //!    forwarding and identity headers (and `X-Keygate-Signature` when configured), point the
-//!    URI at the upstream (a scoped key's request goes with its normalised path);
-//! 6. **forward** – send it on the pooled client, the body streamed both ways, with a deadline
-//!    on the response head;
-//! 7. **respond** – add the rate-limit fields and the request id; the access line and the
+//!    URI at the upstream (a scoped key's request goes with its normalised path); an `Upgrade`
+//!    request keeps its upgrade fields and, on `101`, is spliced through ([`upgrade`]);
+//! 7. **forward** – send it on the pooled client, the body streamed both ways through
+//!    [`GuardedBody`] (size limit, idle timeout), with a deadline on the response head;
+//! 8. **respond** – add the rate-limit fields and the request id; the access line and the
 //!    request metrics are written when the response body is done ([`crate::access`]).
 //!
 //! A refusal in any phase is a [`GatewayError`], turned into a response in one place
 //! ([`GatewayError::to_response`]).
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, OnceLock,
@@ -40,6 +46,8 @@ use hyper::body::Incoming;
 
 use crate::{
     access::{AccessRecord, CountedBody, LoggedBody},
+    body::{BodyOutcome, GuardedBody},
+    bruteforce::FailureGuard,
     config::Config,
     error::GatewayError,
     identity::Identity,
@@ -48,11 +56,12 @@ use crate::{
     quota::{self, Admission},
     scope::{self, NormalPath},
     store::Limits,
-    upstream::{UpstreamBody, UpstreamClient},
+    upgrade,
+    upstream::{RequestBody, UpstreamBody, UpstreamClient},
 };
 
 /// The body of every response keygate sends: the upstream's, streamed, or its own.
-pub type ResponseBody = Either<UpstreamBody, Full<Bytes>>;
+pub type ResponseBody = Either<GuardedBody<UpstreamBody>, Full<Bytes>>;
 
 /// `X-Request-Id`.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -77,15 +86,25 @@ pub struct Live {
     pub config: Arc<Config>,
     /// hash → key entry.
     pub table: KeyTable,
+    /// Failed attempts per client IP; `None` when `failures_per_ip = "off"`.
+    pub failures: Option<Arc<FailureGuard>>,
 }
 
 impl Live {
     /// Builds the live state for `config`, keeping the limiters of `previous` where ids stay.
     pub fn new(config: Config, previous: Option<&Live>) -> Live {
         let table = KeyTable::build(&config, previous.map(|p| &p.table));
+        // Like the key limiters, the failure budgets survive a reload that keeps their rate.
+        let failures = config.auth.failures_per_ip.map(|limit| {
+            match previous.and_then(|p| p.failures.as_ref()) {
+                Some(old) if *old.limit() == limit => Arc::clone(old),
+                _ => Arc::new(FailureGuard::new(limit)),
+            }
+        });
         Live {
             config: Arc::new(config),
             table,
+            failures,
         }
     }
 }
@@ -105,7 +124,7 @@ pub struct Shared {
 /// What the request path knows about the client connection.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnInfo {
-    /// The peer's address, from the socket.
+    /// The peer's address: from the socket, or from the PROXY v2 header a trusted proxy sent.
     pub peer: SocketAddr,
     /// Whether the client connection is TLS.
     pub tls: bool,
@@ -116,6 +135,7 @@ pub struct ConnInfo {
 enum KeySource {
     Header,
     Bearer,
+    Query,
 }
 
 /// What the request path learned about the caller, for the response headers and the log.
@@ -127,6 +147,8 @@ struct Caller {
     upstream: Option<Duration>,
     /// Request body bytes forwarded, once forwarding starts.
     bytes_in: Option<Arc<AtomicU64>>,
+    /// The client's address (behind trusted proxies, the one they name), once known.
+    client_ip: Option<IpAddr>,
 }
 
 /// Handles one request end to end; never fails (errors become responses). The access line is
@@ -167,7 +189,7 @@ pub async fn handle(
         status: resp.status().as_u16(),
         upstream: caller.upstream,
         bytes_in: caller.bytes_in,
-        client_ip: conn.peer.ip(),
+        client_ip: caller.client_ip.unwrap_or(conn.peer.ip()),
         metrics: Arc::clone(&shared.metrics),
     };
     resp.map(|body| LoggedBody::new(body, record))
@@ -178,11 +200,22 @@ async fn admit_and_forward(
     shared: &Shared,
     live: &Live,
     conn: &ConnInfo,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     request_id: &HeaderValue,
     caller: &mut Caller,
 ) -> Result<Response<ResponseBody>, GatewayError> {
-    let (entry, source) = authenticate(live, req.headers())?;
+    screen(req.version(), req.headers())?;
+    let client_ip = live
+        .config
+        .server
+        .trusted_proxies
+        .client_ip(conn.peer.ip(), req.headers());
+    caller.client_ip = Some(client_ip);
+    let blocked = live.failures.as_ref().and_then(|g| g.blocked(client_ip));
+    let (entry, source) = match authenticate(live, req.headers(), req.uri()) {
+        Ok(found) => found,
+        Err(err) => return Err(judge_failure(live, client_ip, blocked, err)),
+    };
     caller.key = Some(Arc::clone(&entry));
     let normal = check_scope(&entry, req.method(), req.uri())?;
     let admission = shared.limits.check(&entry).await?;
@@ -200,14 +233,101 @@ async fn admit_and_forward(
         // Store down under on_store_error = "allow": no limit applies, so none is advertised.
         None => {}
     }
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > entry.max_body) {
+        return Err(GatewayError::PayloadTooLarge);
+    }
+    let upgrade = upgrade::requested(&req);
+    let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let up = rewrite(live, conn, req, &entry, source, request_id, normal)?;
+    let (mut parts, body) = up.into_parts();
+    if let Some(value) = upgrade {
+        upgrade::restore(&mut parts.headers, value);
+    }
+    let body = GuardedBody::new(
+        body,
+        Some(entry.max_body),
+        live.config.upstream.body_timeout,
+    );
+    let outcome = body.outcome();
     let bytes_in = Arc::new(AtomicU64::new(0));
     caller.bytes_in = Some(Arc::clone(&bytes_in));
-    let up = up.map(|body| CountedBody::new(body, bytes_in));
+    let body = CountedBody::new(body, bytes_in);
     let sent = Instant::now();
-    let result = forward(shared, live, up, request_id).await;
+    let result = forward(
+        shared,
+        live,
+        Request::from_parts(parts, body),
+        &outcome,
+        request_id,
+    )
+    .await;
     caller.upstream = Some(sent.elapsed());
-    result
+    let mut resp = result?;
+    if let Some(client) = client_upgrade {
+        if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            upgrade::splice(client, &mut resp, request_id.clone());
+        }
+    }
+    Ok(resp)
+}
+
+/// Phase 2: refuses a request whose length or target is stated twice, or whose target is
+/// missing, so that no proxy in front of or behind keygate can read it differently. (On
+/// HTTP/1.1 hyper already refuses conflicting lengths and collapses identical ones; the length
+/// check here guards the other protocol paths.)
+fn screen(version: Version, headers: &HeaderMap) -> Result<(), GatewayError> {
+    if headers
+        .get_all(header::CONTENT_LENGTH)
+        .iter()
+        .nth(1)
+        .is_some()
+    {
+        return Err(GatewayError::BadRequest(
+            "Send at most one Content-Length header.",
+        ));
+    }
+    if headers.get_all(header::HOST).iter().nth(1).is_some() {
+        return Err(GatewayError::BadRequest("Send at most one Host header."));
+    }
+    // RFC 9112 §3.2: an HTTP/1.1 request without Host is answered 400.
+    if version == Version::HTTP_11 && !headers.contains_key(header::HOST) {
+        return Err(GatewayError::BadRequest(
+            "HTTP/1.1 requests need a Host header.",
+        ));
+    }
+    Ok(())
+}
+
+/// The answer to a failed authentication from `client_ip`, counting the failure against the
+/// address's budget. `blocked` is the address's state before this request.
+fn judge_failure(
+    live: &Live,
+    client_ip: IpAddr,
+    blocked: Option<u64>,
+    err: GatewayError,
+) -> GatewayError {
+    let Some(guard) = &live.failures else {
+        return err;
+    };
+    if let Some(retry_after) = blocked {
+        return GatewayError::TooManyFailures { retry_after };
+    }
+    match err {
+        GatewayError::InvalidApiKey | GatewayError::BadChecksum => {
+            match guard.record_failure(client_ip) {
+                Some(retry_after) => {
+                    tracing::warn!(%client_ip, "too many failed key attempts; address blocked for {retry_after}s");
+                    GatewayError::TooManyFailures { retry_after }
+                }
+                None => err,
+            }
+        }
+        other => other,
+    }
 }
 
 /// Turns a refusal into its response and logs the cause once.
@@ -220,10 +340,11 @@ fn refuse(err: &GatewayError, request_id: &HeaderValue) -> Response<ResponseBody
     err.to_response().map(Either::Right)
 }
 
-/// Phase 2: finds, hashes and looks up the key.
+/// Phase 3: finds, hashes and looks up the key.
 fn authenticate(
     live: &Live,
     headers: &HeaderMap,
+    uri: &Uri,
 ) -> Result<(Arc<KeyEntry>, KeySource), GatewayError> {
     let auth = &live.config.auth;
     let mut from_header = headers.get_all(&auth.header).iter();
@@ -239,11 +360,18 @@ fn authenticate(
             }
         }
     }
-    let (key, source) = match (header_key, bearer_key) {
-        (Some(_), Some(_)) => return Err(GatewayError::AmbiguousApiKey),
-        (Some(v), None) => (v.as_bytes(), KeySource::Header),
-        (None, Some(t)) => (t, KeySource::Bearer),
-        (None, None) => return Err(GatewayError::MissingApiKey),
+    let query_key = query_key(uri, &auth.query_key)?;
+    if query_key.is_some() && !auth.allow_query_key {
+        return Err(GatewayError::BadRequest(
+            "API keys are not accepted in the query string; send the key in a header.",
+        ));
+    }
+    let (key, source) = match (header_key, bearer_key, query_key.as_deref()) {
+        (Some(v), None, None) => (v.as_bytes(), KeySource::Header),
+        (None, Some(t), None) => (t, KeySource::Bearer),
+        (None, None, Some(q)) => (q, KeySource::Query),
+        (None, None, None) => return Err(GatewayError::MissingApiKey),
+        _ => return Err(GatewayError::AmbiguousApiKey),
     };
     if key.is_empty() {
         return Err(GatewayError::MissingApiKey);
@@ -289,6 +417,52 @@ fn check_scope(
     Ok(Some(normal))
 }
 
+/// The percent-decoded value of the `name` query parameter; two of them are ambiguous.
+fn query_key(uri: &Uri, name: &str) -> Result<Option<Vec<u8>>, GatewayError> {
+    let Some(query) = uri.query() else {
+        return Ok(None);
+    };
+    let mut found = None;
+    for pair in query.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if k == name && found.replace(percent_decode(v)).is_some() {
+            return Err(GatewayError::AmbiguousApiKey);
+        }
+    }
+    Ok(found)
+}
+
+/// `%XX` decoding (and `+` as a space, which no valid key contains); bad escapes stay as they
+/// are, and the key check refuses them.
+fn percent_decode(s: &str) -> Vec<u8> {
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push(h * 16 + l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    out
+}
+
+/// `query` without the `name` parameter; `None` when nothing is left.
+fn strip_query_param(query: &str, name: &str) -> Option<String> {
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| pair.split_once('=').map_or(*pair, |(k, _)| k) != name)
+        .collect();
+    let joined = kept.join("&");
+    (!joined.is_empty()).then_some(joined)
+}
+
 /// The token of an `Authorization: Bearer <token>` value (scheme matched case-insensitively).
 fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     if value.len() > 7 && value[..7].eq_ignore_ascii_case(b"bearer ") {
@@ -298,16 +472,16 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     }
 }
 
-/// Phase 4: the request as the upstream will see it.
-fn rewrite(
+/// Phase 5: the request as the upstream will see it.
+fn rewrite<B>(
     live: &Live,
     conn: &ConnInfo,
-    req: Request<Incoming>,
+    req: Request<B>,
     entry: &KeyEntry,
     source: KeySource,
     request_id: &HeaderValue,
     normal: Option<NormalPath>,
-) -> Result<Request<Incoming>, GatewayError> {
+) -> Result<Request<B>, GatewayError> {
     let (mut parts, body) = req.into_parts();
     if parts.method == Method::CONNECT {
         return Err(GatewayError::BadRequest("CONNECT is not supported."));
@@ -318,14 +492,23 @@ fn rewrite(
         ));
     }
     let upstream = &live.config.upstream;
-    let normalised;
-    let path_and_query = match (&normal, parts.uri.query()) {
-        (Some(n), Some(q)) => {
-            normalised = format!("{}?{q}", n.encoded);
-            &normalised
-        }
-        (Some(n), None) => &n.encoded,
-        (None, _) => parts.uri.path_and_query().map_or("/", PathAndQuery::as_str),
+    let rebuilt;
+    let path_and_query = if normal.is_none() && source != KeySource::Query {
+        parts.uri.path_and_query().map_or("/", PathAndQuery::as_str)
+    } else {
+        // A scoped key goes with its normalised path; a query key is taken out of the query.
+        let path = normal
+            .as_ref()
+            .map_or(parts.uri.path(), |n| n.encoded.as_str());
+        let query = match (source, parts.uri.query()) {
+            (KeySource::Query, Some(q)) => strip_query_param(q, &live.config.auth.query_key),
+            (_, q) => q.map(str::to_string),
+        };
+        rebuilt = match query {
+            Some(q) => format!("{path}?{q}"),
+            None => path.to_string(),
+        };
+        rebuilt.as_str()
     };
     if !path_and_query.starts_with('/') {
         return Err(GatewayError::BadRequest(
@@ -463,46 +646,61 @@ fn strip_keygate_headers(headers: &mut HeaderMap) {
     }
 }
 
-/// Phase 5: sends the request upstream and waits for the head within `upstream.timeout`.
+/// Phase 6: sends the request upstream and waits for the head within `upstream.timeout`.
 async fn forward(
     shared: &Shared,
     live: &Live,
-    req: Request<crate::upstream::RequestBody>,
+    req: Request<RequestBody>,
+    request_body: &BodyOutcome,
     request_id: &HeaderValue,
 ) -> Result<Response<ResponseBody>, GatewayError> {
     let deadline = live.config.upstream.timeout;
     let sent = Instant::now();
-    let result = tokio::time::timeout(deadline, shared.client.request(req)).await;
-    match &result {
-        Ok(Ok(_)) => shared.metrics.upstream_head(sent.elapsed()),
-        Ok(Err(err)) if err.is_connect() => {
-            shared.metrics.upstream_error(UpstreamErrorKind::Connect)
-        }
-        Ok(Err(_)) => shared.metrics.upstream_error(UpstreamErrorKind::Reset),
-        Err(_) => shared.metrics.upstream_error(UpstreamErrorKind::Timeout),
-    }
-    match result {
+    let err = match tokio::time::timeout(deadline, shared.client.request(req)).await {
         Ok(Ok(resp)) => {
+            shared.metrics.upstream_head(sent.elapsed());
             let (mut parts, body) = resp.into_parts();
+            let switched = parts.headers.get(header::UPGRADE).cloned();
             strip_hop_by_hop(&mut parts.headers);
-            Ok(Response::from_parts(parts, Either::Left(body)))
+            if let (http::StatusCode::SWITCHING_PROTOCOLS, Some(value)) = (parts.status, switched) {
+                upgrade::restore(&mut parts.headers, value);
+            }
+            let body = GuardedBody::new(body, None, live.config.upstream.body_timeout);
+            return Ok(Response::from_parts(parts, Either::Left(body)));
         }
-        Ok(Err(err)) => {
-            tracing::warn!(
-                request_id = request_id.to_str().unwrap_or("-"),
-                "upstream request failed: {}",
-                error_chain(&err)
-            );
-            Err(GatewayError::UpstreamUnavailable)
-        }
+        Ok(Err(err)) => err,
         Err(_) => {
+            shared.metrics.upstream_error(UpstreamErrorKind::Timeout);
             tracing::warn!(
                 request_id = request_id.to_str().unwrap_or("-"),
                 "upstream sent no response head within {deadline:?}"
             );
-            Err(GatewayError::UpstreamTimeout)
+            return Err(GatewayError::UpstreamTimeout);
         }
+    };
+    // The request body was cut by keygate: the client's fault, not the upstream's.
+    if request_body.too_large() {
+        return Err(GatewayError::PayloadTooLarge);
     }
+    if request_body.idle() {
+        return Err(GatewayError::RequestTimeout);
+    }
+    if request_body.broken() {
+        return Err(GatewayError::BadRequest(
+            "The request body ended before it was complete.",
+        ));
+    }
+    shared.metrics.upstream_error(if err.is_connect() {
+        UpstreamErrorKind::Connect
+    } else {
+        UpstreamErrorKind::Reset
+    });
+    tracing::warn!(
+        request_id = request_id.to_str().unwrap_or("-"),
+        "upstream request failed: {}",
+        error_chain(&err)
+    );
+    Err(GatewayError::UpstreamUnavailable)
 }
 
 /// An error and its sources, `: `-joined, for one log line.
@@ -583,6 +781,26 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn query_keys_are_decoded_found_once_and_stripped_alone() {
+        let uri: Uri = "/v1/x?a=1&api_key=k%65y+&b=%zz".parse().unwrap();
+        assert_eq!(query_key(&uri, "api_key").unwrap().unwrap(), b"key ");
+        assert_eq!(query_key(&uri, "key").unwrap(), None);
+        let twice: Uri = "/v1/x?api_key=a&api_key=b".parse().unwrap();
+        assert_eq!(
+            query_key(&twice, "api_key"),
+            Err(GatewayError::AmbiguousApiKey)
+        );
+        assert_eq!(percent_decode("%"), b"%");
+        assert_eq!(percent_decode("%4"), b"%4");
+        assert_eq!(percent_decode("a%41"), b"aA");
+        assert_eq!(
+            strip_query_param("a=1&api_key=x&api_keys=2&b", "api_key").as_deref(),
+            Some("a=1&api_keys=2&b")
+        );
+        assert_eq!(strip_query_param("api_key=x", "api_key"), None);
     }
 
     #[test]

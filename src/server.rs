@@ -10,6 +10,14 @@
 //! watcher ([`crate::certs`]). [`Gateway::shutdown`] marks the gateway not ready, stops
 //! accepting, closes idle keep-alive connections and lets requests in flight finish within the
 //! grace period; the admin listener answers until the drain is over.
+//!
+//! Limits from `[server]` (read once at start): at most `max_connections` connections are
+//! served at once (the loop stops accepting until one ends, so later ones wait in the listen
+//! backlog); a request head must arrive within `header_timeout` and fit `max_header_bytes` /
+//! `max_headers` (431 beyond); idle connections end after `idle_timeout` ([`conn`](crate::conn));
+//! HTTP/2 connections get `h2_max_streams` concurrent streams and hyper's reset-flood guard.
+//! With `proxy_protocol`, connections from `trusted_proxies` start with a PROXY v2 header.
+//! Each connection is its own task: a panic in one ends that connection only.
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -22,7 +30,7 @@ use hyper_util::{
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpListener,
-    sync::watch,
+    sync::{watch, Semaphore},
     task::JoinHandle,
 };
 use tokio_rustls::TlsAcceptor;
@@ -30,7 +38,9 @@ use tokio_rustls::TlsAcceptor;
 use crate::{
     admin::Admin,
     certs::CertStore,
-    config::Config,
+    client_ip,
+    config::{Config, ServerConfig},
+    conn::{IdleIo, InFlight},
     health::{self, Readiness},
     metrics::Metrics,
     proxy::{self, ConnInfo, Live, Shared},
@@ -41,8 +51,9 @@ use crate::{
 
 /// How long a client may take to finish the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a client may take to send a complete request head.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Streams an HTTP/2 client may reset before the server reads them, before it is sent away
+/// (the CVE-2023-44487 "rapid reset" guard; hyper's default, pinned here).
+const H2_MAX_PENDING_RESETS: usize = 20;
 
 /// A running gateway: its listener, reload watcher and connections.
 pub struct Gateway {
@@ -172,20 +183,30 @@ async fn accept_loop(
     shared: Arc<Shared>,
     mut stop: watch::Receiver<Option<Duration>>,
 ) {
+    let server = Arc::new(shared.live.load().config.server.clone());
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(server.header_timeout)
+        .max_buf_size(server.max_header_bytes)
+        .max_headers(server.max_headers)
         .keep_alive(true);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(256);
+        .max_concurrent_streams(server.h2_max_streams)
+        .max_header_list_size(u32::try_from(server.max_header_bytes).unwrap_or(u32::MAX))
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS);
     let builder = Arc::new(builder);
+    let permits = Arc::new(Semaphore::new(server.max_connections));
     let graceful = GracefulShutdown::new();
     let mut backoff = Duration::from_millis(5);
     loop {
+        let permit = tokio::select! {
+            p = Arc::clone(&permits).acquire_owned() => p.expect("the semaphore is never closed"),
+            _ = stop.wait_for(Option::is_some) => break,
+        };
         let accepted = tokio::select! {
             res = listener.accept() => res,
             _ = stop.wait_for(Option::is_some) => break,
@@ -206,20 +227,37 @@ async fn accept_loop(
         let open = shared.metrics.connection_opened();
         let shared = Arc::clone(&shared);
         let builder = Arc::clone(&builder);
+        let server = Arc::clone(&server);
         let acceptor = acceptor.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _open = open;
+            let _permit = permit;
+            let mut stream = stream;
+            let mut peer = peer;
+            if server.proxy_protocol && server.trusted_proxies.contains(peer.ip()) {
+                match tokio::time::timeout(
+                    server.header_timeout,
+                    client_ip::read_proxy_v2(&mut stream),
+                )
+                .await
+                {
+                    Ok(Ok(Some(source))) => peer = source,
+                    Ok(Ok(None)) => {}
+                    Ok(Err(e)) => return tracing::debug!(%peer, "PROXY header refused: {e}"),
+                    Err(_) => return tracing::debug!(%peer, "PROXY header timed out"),
+                }
+            }
             let info = ConnInfo {
                 peer,
                 tls: acceptor.is_some(),
             };
             match acceptor {
-                None => serve(stream, &builder, shared, info, watcher).await,
+                None => serve(stream, &builder, &server, shared, info, watcher).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
                     {
-                        Ok(Ok(tls)) => serve(tls, &builder, shared, info, watcher).await,
+                        Ok(Ok(tls)) => serve(tls, &builder, &server, shared, info, watcher).await,
                         Ok(Err(e)) => {
                             shared.metrics.tls_handshake_failed();
                             tracing::debug!(%peer, "TLS handshake failed: {e}");
@@ -246,15 +284,23 @@ async fn accept_loop(
 async fn serve<IO>(
     io: IO,
     builder: &auto::Builder<TokioExecutor>,
+    server: &ServerConfig,
     shared: Arc<Shared>,
     info: ConnInfo,
     watcher: hyper_util::server::graceful::Watcher,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let in_flight = InFlight::default();
+    let io = IdleIo::new(io, server.idle_timeout, in_flight.clone());
     let service = service_fn(move |req| {
         let shared = Arc::clone(&shared);
-        async move { Ok::<_, Infallible>(proxy::handle(&shared, &info, req).await) }
+        let started = in_flight.start();
+        async move {
+            let resp = proxy::handle(&shared, &info, req).await;
+            drop(started);
+            Ok::<_, Infallible>(resp)
+        }
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     if let Err(e) = watcher.watch(conn).await {

@@ -83,6 +83,8 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     .with_no_client_auth()
     .with_single_cert(certs, key)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // Pick the cipher suite in the server's order (strongest first), not the client's.
+    config.ignore_client_order = true;
     Ok(Arc::new(config))
 }
 

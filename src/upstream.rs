@@ -36,8 +36,9 @@ use tokio_rustls::TlsConnector;
 
 use crate::config::UpstreamConfig;
 
-/// The body type sent upstream: the client's own body, streamed, its bytes counted.
-pub type RequestBody = crate::access::CountedBody<Incoming>;
+/// The body type sent upstream: the client's own body, streamed through the `max_body` and
+/// body-idle guards, its bytes counted.
+pub type RequestBody = crate::access::CountedBody<crate::body::GuardedBody<Incoming>>;
 
 /// Idle connections older than this are closed instead of reused.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);

@@ -50,7 +50,7 @@ async fn logs_carry_access_lines_and_never_a_secret() {
     ];
     for headers in &requests {
         let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        get(&c, &format!("{base}/v1/guests?api_key={key}"), &h).await;
+        get(&c, &format!("{base}/v1/guests?guest_token={key}"), &h).await;
     }
     assert!(gw.wait_for_log("status=401", Duration::from_secs(5)));
     std::thread::sleep(Duration::from_millis(200));
@@ -151,7 +151,7 @@ async fn one_gib_each_way_with_bounded_memory() {
     let up = start_upstream().await;
     let key = "legacy-streaming-key-0123456789abcdef";
     let (_dir, path) = gateway_dir(
-        &config_text(&up.url(), &key_entry("a", key, ""))
+        &config_text(&up.url(), &key_entry("a", key, "max_body = \"2GiB\""))
             .replace("timeout = \"2s\"", "timeout = \"60s\""),
     );
     let gw = spawn_keygate(&path, &[("RUST_LOG", "warn,keygate::server=info")]);

@@ -18,7 +18,7 @@ async fn basic() -> (Upstream, TestGateway) {
         &format!(
             "{}{}",
             key_entry("review-platform", KEY, "tenant = \"hotel-1042\""),
-            key_entry("messaging", OTHER, "")
+            key_entry("messaging", OTHER, "max_body = \"1GiB\"")
         ),
     );
     let gw = start_gateway(&text).await;

@@ -1,0 +1,177 @@
+//! Brute-force guard: failed key attempts per client IP (`[auth] failures_per_ip`).
+//!
+//! Each failed attempt (an unknown key, a key with a bad checksum) spends one cell of the
+//! client IP's GCRA budget (governor, keyed by IP in a dashmap). When an attempt finds the budget
+//! spent, the IP is blocked until the next cell is earned back. While blocked, every request
+//! from it that does not carry a valid key gets 429 `too_many_failures`: a request without a
+//! key, or with a malformed key or a bad checksum, is refused before any hashing or table
+//! lookup; a well-formed key is still looked up once, since that is the only way to let the
+//! valid keys of a shared address (a partner's NAT) keep working.
+//!
+//! The guard lives in [`Live`](crate::proxy::Live) and is carried over by a reload that keeps
+//! the same rate, so a reload never forgives an attacker. Memory stays bounded by the number of
+//! IPs seen in one window: stale entries are swept every few thousand failures.
+
+use std::{
+    net::IpAddr,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+use dashmap::DashMap;
+use governor::{
+    clock::{Clock, DefaultClock, Reference},
+    middleware::NoOpMiddleware,
+    state::keyed::DashMapStateStore,
+    Quota, RateLimiter,
+};
+
+use crate::limit::RateLimit;
+
+/// Failures between two sweeps of stale per-IP state.
+const SWEEP_EVERY: u64 = 4096;
+
+/// Per-IP failure budgets and the IPs currently blocked.
+pub struct FailureGuard<C: Clock = DefaultClock> {
+    limit: RateLimit,
+    limiter: RateLimiter<IpAddr, DashMapStateStore<IpAddr>, C, NoOpMiddleware<C::Instant>>,
+    blocked: DashMap<IpAddr, C::Instant>,
+    clock: C,
+    failures: AtomicU64,
+}
+
+impl std::fmt::Debug for FailureGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FailureGuard")
+            .field("limit", &self.limit)
+            .field("blocked", &self.blocked.len())
+            .finish()
+    }
+}
+
+impl FailureGuard {
+    /// A guard allowing `limit` failures per IP, on the real clock.
+    pub fn new(limit: RateLimit) -> FailureGuard {
+        FailureGuard::with_clock(limit, DefaultClock::default())
+    }
+}
+
+impl<C: Clock + Clone> FailureGuard<C> {
+    /// A guard on `clock` (tests use governor's `FakeRelativeClock`).
+    pub fn with_clock(limit: RateLimit, clock: C) -> FailureGuard<C> {
+        let quota = Quota::with_period(limit.period())
+            .unwrap_or_else(|| Quota::per_second(limit.count))
+            .allow_burst(limit.burst);
+        FailureGuard {
+            limit,
+            limiter: RateLimiter::dashmap_with_clock(quota, clock.clone()),
+            blocked: DashMap::new(),
+            clock,
+            failures: AtomicU64::new(0),
+        }
+    }
+
+    /// The rate this guard enforces.
+    pub fn limit(&self) -> &RateLimit {
+        &self.limit
+    }
+
+    /// `Some(retry_after_secs)` while `ip` is blocked.
+    pub fn blocked(&self, ip: IpAddr) -> Option<u64> {
+        let until = *self.blocked.get(&ip)?;
+        let now = self.clock.now();
+        if now < until {
+            Some(ceil_secs(until.duration_since(now).into()))
+        } else {
+            None
+        }
+    }
+
+    /// Records one failed attempt from `ip`; `Some(retry_after_secs)` when it is now blocked.
+    pub fn record_failure(&self, ip: IpAddr) -> Option<u64> {
+        if self.failures.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
+            self.sweep();
+        }
+        match self.limiter.check_key(&ip) {
+            Ok(()) => None,
+            Err(not_until) => {
+                let until = not_until.earliest_possible();
+                self.blocked.insert(ip, until);
+                Some(ceil_secs(not_until.wait_time_from(self.clock.now())))
+            }
+        }
+    }
+
+    /// How many IPs have live failure state (for tests and the soak script).
+    pub fn tracked(&self) -> usize {
+        self.limiter.len() + self.blocked.len()
+    }
+
+    /// Drops the state of IPs whose budget is whole again and whose block has ended.
+    pub fn sweep(&self) {
+        self.limiter.retain_recent();
+        self.limiter.shrink_to_fit();
+        let now = self.clock.now();
+        self.blocked.retain(|_, until| now < *until);
+        self.blocked.shrink_to_fit();
+    }
+}
+
+fn ceil_secs(d: Duration) -> u64 {
+    let s = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    s.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU32;
+
+    use governor::clock::FakeRelativeClock;
+
+    use super::*;
+
+    fn per_min(n: u32) -> RateLimit {
+        let n = NonZeroU32::new(n).unwrap();
+        RateLimit {
+            count: n,
+            per: Duration::from_secs(60),
+            burst: n,
+        }
+    }
+
+    #[test]
+    fn the_failure_past_the_budget_blocks_until_a_cell_is_earned_back() {
+        let clock = FakeRelativeClock::default();
+        let g = FailureGuard::with_clock(per_min(3), clock.clone());
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        for _ in 0..3 {
+            assert_eq!(g.record_failure(ip), None);
+            assert_eq!(g.blocked(ip), None);
+        }
+        assert_eq!(g.record_failure(ip), Some(20));
+        assert_eq!(g.blocked(ip), Some(20));
+        clock.advance(Duration::from_secs(19));
+        assert_eq!(g.blocked(ip), Some(1));
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(g.blocked(ip), None);
+        // One cell earned back: one more failure is judged, the next blocks again.
+        assert_eq!(g.record_failure(ip), None);
+        assert!(g.record_failure(ip).is_some());
+    }
+
+    #[test]
+    fn other_ips_are_not_affected_and_stale_state_is_swept() {
+        let clock = FakeRelativeClock::default();
+        let g = FailureGuard::with_clock(per_min(1), clock.clone());
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "2001:db8::1".parse().unwrap();
+        g.record_failure(a);
+        assert!(g.record_failure(a).is_some());
+        assert_eq!(g.blocked(b), None);
+        assert_eq!(g.record_failure(b), None);
+        assert!(g.tracked() >= 2);
+        clock.advance(Duration::from_secs(120));
+        g.sweep();
+        assert_eq!(g.tracked(), 0);
+    }
+}

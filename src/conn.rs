@@ -1,0 +1,180 @@
+//! Per-connection guards: the keep-alive idle timeout.
+//!
+//! [`IdleIo`] wraps a client connection's byte stream. When neither a byte has been read or
+//! written for `[server] idle_timeout` nor a request is in flight ([`InFlight`]), the next
+//! read reports end of stream: hyper then closes an idle HTTP/1.1 connection cleanly and ends
+//! an HTTP/2 one. A request waiting on a slow upstream keeps its connection (the upstream's own
+//! timeouts bound that wait). For HTTP/1.1 the shorter of `header_timeout` and `idle_timeout`
+//! applies between requests, since hyper's header timer also runs while a connection waits for
+//! its next request.
+
+use std::{
+    future::Future,
+    io,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    time::{Instant, Sleep},
+};
+
+/// Requests of one connection that are being handled (from the head read to the response head).
+#[derive(Debug, Default, Clone)]
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    /// Marks a request as started; it counts until the returned guard is dropped.
+    pub fn start(&self) -> InFlightGuard {
+        self.0.fetch_add(1, Ordering::AcqRel);
+        InFlightGuard(Arc::clone(&self.0))
+    }
+
+    fn any(&self) -> bool {
+        self.0.load(Ordering::Acquire) > 0
+    }
+}
+
+/// One request in flight; see [`InFlight::start`].
+#[derive(Debug)]
+pub struct InFlightGuard(Arc<AtomicUsize>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A byte stream that ends itself after `idle` without traffic or requests in flight.
+#[derive(Debug)]
+pub struct IdleIo<T> {
+    inner: T,
+    idle: Duration,
+    timer: Pin<Box<Sleep>>,
+    in_flight: InFlight,
+}
+
+impl<T> IdleIo<T> {
+    /// Wraps `inner`; `in_flight` is shared with the connection's request handler.
+    pub fn new(inner: T, idle: Duration, in_flight: InFlight) -> IdleIo<T> {
+        IdleIo {
+            inner,
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+            in_flight,
+        }
+    }
+
+    fn touch(&mut self) {
+        self.timer.as_mut().reset(Instant::now() + self.idle);
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(res) => {
+                if buf.filled().len() > before {
+                    this.touch();
+                }
+                Poll::Ready(res)
+            }
+            Poll::Pending => {
+                while this.timer.as_mut().poll(cx).is_ready() {
+                    if !this.in_flight.any() {
+                        tracing::debug!("closing a connection idle for {:?}", this.idle);
+                        return Poll::Ready(Ok(()));
+                    }
+                    this.touch();
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
+            this.touch();
+        }
+        res
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
+            this.touch();
+        }
+        res
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn an_idle_stream_reads_as_ended_but_not_while_a_request_is_in_flight() {
+        let (a, mut b) = tokio::io::duplex(64);
+        let in_flight = InFlight::default();
+        let mut io = IdleIo::new(a, Duration::from_millis(50), in_flight.clone());
+        b.write_all(b"x").await.unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(io.read(&mut buf).await.unwrap(), 1);
+
+        let guard = in_flight.start();
+        let started = Instant::now();
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 8];
+            let n = io.read(&mut buf).await.unwrap();
+            (n, Instant::now())
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !reader.is_finished(),
+            "closed while a request was in flight"
+        );
+        drop(guard);
+        let (n, ended) = reader.await.unwrap();
+        assert_eq!(n, 0);
+        assert!(ended - started >= Duration::from_millis(200));
+        drop(b);
+    }
+}

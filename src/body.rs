@@ -79,7 +79,8 @@ pub struct GuardedBody<B> {
     limit: Option<u64>,
     seen: u64,
     idle: Duration,
-    timer: Pin<Box<Sleep>>,
+    /// Made on the first wait, so a body that never waits costs no timer.
+    timer: Option<Pin<Box<Sleep>>>,
     waiting: bool,
     outcome: Arc<BodyOutcome>,
     done: bool,
@@ -93,7 +94,7 @@ impl<B> GuardedBody<B> {
             limit,
             seen: 0,
             idle,
-            timer: Box::pin(tokio::time::sleep(idle)),
+            timer: None,
             waiting: false,
             outcome: Arc::new(BodyOutcome::default()),
             done: false,
@@ -145,11 +146,15 @@ where
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Pending => {
+                let idle = this.idle;
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
                 if !this.waiting {
                     this.waiting = true;
-                    this.timer.as_mut().reset(Instant::now() + this.idle);
+                    timer.as_mut().reset(Instant::now() + idle);
                 }
-                if this.timer.as_mut().poll(cx).is_ready() {
+                if timer.as_mut().poll(cx).is_ready() {
                     this.done = true;
                     this.outcome.set(IDLE);
                     return Poll::Ready(Some(Err(BodyError::Idle(this.idle))));

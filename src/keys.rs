@@ -16,17 +16,18 @@
 use std::{
     collections::HashMap,
     fmt,
-    hash::{BuildHasherDefault, Hash, Hasher},
-    sync::Arc,
+    hash::{BuildHasher, Hash, Hasher, RandomState},
+    sync::{Arc, OnceLock},
     time::SystemTime,
 };
 
+use hashbrown::HashTable;
 use http::HeaderValue;
 
 use crate::{
     config::{Config, KeyConfig},
-    limit::KeyLimiter,
-    quota::{self, QuotaLimiter},
+    limit::{KeyLimiter, RateLimit},
+    quota::{self, QuotaLimit, QuotaLimiter},
     scope::Scope,
 };
 
@@ -215,11 +216,14 @@ impl StatusCounts {
 }
 
 /// One key id as the request path sees it, with what forwarding needs precomputed.
+///
+/// The table builds an entry the first time one of the key's hashes is looked up (see
+/// [`KeyTable`]): a million idle keys cost no entries, only their compact records.
 #[derive(Debug)]
 pub struct KeyEntry {
     /// The key's id: unique, safe to log and to send upstream.
     pub id: Arc<str>,
-    /// The hotel this key acts for.
+    /// The hotel this key acts for (shared by every key of the tenant).
     pub tenant: Option<Arc<str>>,
     /// Refused with `invalid_api_key` while set.
     pub disabled: bool,
@@ -229,13 +233,14 @@ pub struct KeyEntry {
     pub limiter: Arc<KeyLimiter>,
     /// This id's long-window quota, carried across reloads; `None` without a quota.
     pub quota: Option<Arc<QuotaLimiter>>,
-    /// What the key may call; empty means everything.
-    pub scopes: Vec<Scope>,
-    /// `RateLimit-Policy` value: the rate, and the quota when there is one.
+    /// What the key may call; empty means everything (shared by keys with the same list).
+    pub scopes: Arc<[Scope]>,
+    /// `RateLimit-Policy` value: the rate, and the quota when there is one (one shared buffer
+    /// per distinct policy).
     pub policy_header: HeaderValue,
     /// `X-Keygate-Key-Id` value.
     pub id_header: HeaderValue,
-    /// `X-Keygate-Tenant` value.
+    /// `X-Keygate-Tenant` value (shared by every key of the tenant).
     pub tenant_header: Option<HeaderValue>,
 }
 
@@ -248,94 +253,255 @@ pub struct Found<'a> {
     pub previous_until: Option<SystemTime>,
 }
 
-#[derive(Debug)]
-struct Slot {
-    entry: Arc<KeyEntry>,
-    previous_until: Option<SystemTime>,
+/// What the table keeps for every configured key: about 110 bytes, plus the id's bytes and
+/// the limiter. Values many keys share (tenant, policy, scopes) are indexes into [`Shared`].
+struct Compact {
+    hash: KeyHash,
+    id: Box<str>,
+    expires: Option<SystemTime>,
+    limiter: Arc<KeyLimiter>,
+    quota: Option<Arc<QuotaLimiter>>,
+    /// Built on the first lookup; dropped with the table.
+    entry: OnceLock<Arc<KeyEntry>>,
+    tenant: u32,
+    policy: u32,
+    scopes: u32,
+    disabled: bool,
 }
 
+/// The old hash of a rotating key.
+struct Previous {
+    hash: KeyHash,
+    key: u32,
+    until: SystemTime,
+}
+
+/// Values shared by many keys, each stored once per table.
+#[derive(Default)]
+struct Shared {
+    /// Tenant name and its `X-Keygate-Tenant` value.
+    tenants: Vec<(Arc<str>, HeaderValue)>,
+    /// `RateLimit-Policy` values.
+    policies: Vec<HeaderValue>,
+    /// Scope lists; index 0 is the empty list.
+    scopes: Vec<Arc<[Scope]>>,
+}
+
+const NO_TENANT: u32 = u32::MAX;
+/// Set in an index value that points into `previous` rather than `keys`.
+const PREVIOUS_BIT: u32 = 1 << 31;
+
 /// The key table: blake3 hash → entry. Immutable once built; a reload builds a new one.
-#[derive(Debug, Default)]
+///
+/// Laid out for a million keys in a few hundred MB: the keys are one `Vec` of compact records,
+/// and the hash index is a `hashbrown::HashTable<u32>` of positions in it (5 bytes a slot
+/// rather than a map holding 32-byte hashes and pointers). A second index by id carries
+/// limiters over on reload without building a map of the old table.
+#[derive(Default)]
 pub struct KeyTable {
-    by_hash: HashMap<KeyHash, Slot, BuildHasherDefault<PassThroughHasher>>,
+    keys: Vec<Compact>,
+    previous: Vec<Previous>,
+    by_hash: HashTable<u32>,
+    by_id: HashTable<u32>,
+    ids: RandomState,
+    shared: Shared,
+}
+
+impl fmt::Debug for KeyTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyTable")
+            .field("keys", &self.keys.len())
+            .field("previous_hashes", &self.previous.len())
+            .finish()
+    }
+}
+
+fn hash_of(hash: &KeyHash) -> u64 {
+    // blake3 output is uniform: eight of its bytes are already a good hash.
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&hash.0[..8]);
+    u64::from_le_bytes(first)
 }
 
 impl KeyTable {
     /// Builds the table for `config`, carrying over the limiters (rate and quota) of
     /// `previous` for every id whose limit did not change.
     pub fn build(config: &Config, previous: Option<&KeyTable>) -> KeyTable {
-        let old: HashMap<&str, &Arc<KeyEntry>> = previous
-            .map(|t| {
-                t.by_hash
-                    .values()
-                    .map(|s| (&*s.entry.id, &s.entry))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let mut by_hash = HashMap::with_capacity_and_hasher(config.keys.len(), Default::default());
+        let n = config.keys.len();
+        assert!(n < PREVIOUS_BIT as usize, "more than 2^31 keys");
+        let mut table = KeyTable {
+            keys: Vec::with_capacity(n),
+            previous: Vec::new(),
+            by_hash: HashTable::with_capacity(n),
+            by_id: HashTable::with_capacity(n),
+            ids: RandomState::new(),
+            shared: Shared {
+                scopes: vec![Arc::from(Vec::new())],
+                ..Shared::default()
+            },
+        };
+        let mut tenants: HashMap<&str, u32> = HashMap::new();
+        let mut policies: HashMap<(RateLimit, Option<QuotaLimit>), u32> = HashMap::new();
+        let mut scope_sets: HashMap<String, u32> = HashMap::new();
         for key in &config.keys {
-            let old_entry = old.get(key.id.as_str());
-            let limiter = match old_entry {
-                Some(e) if *e.limiter.limit() == key.limit => Arc::clone(&e.limiter),
+            let old = previous.and_then(|t| t.find_id(&key.id));
+            let limiter = match old {
+                Some(o) if *o.limiter.limit() == key.limit => Arc::clone(&o.limiter),
                 _ => Arc::new(KeyLimiter::new(key.limit)),
             };
-            let quota = key
-                .quota
-                .map(|q| match old_entry.and_then(|e| e.quota.as_ref()) {
-                    Some(old) if *old.limit() == q => Arc::clone(old),
-                    _ => Arc::new(QuotaLimiter::new(q)),
-                });
-            let entry = Arc::new(KeyEntry {
-                id: Arc::from(key.id.as_str()),
-                tenant: key.tenant.as_deref().map(Arc::from),
-                disabled: key.disabled,
+            let quota = key.quota.map(|q| match old.and_then(|o| o.quota.as_ref()) {
+                Some(old) if *old.limit() == q => Arc::clone(old),
+                _ => Arc::new(QuotaLimiter::new(q)),
+            });
+            let tenant = match key.tenant.as_deref() {
+                None => NO_TENANT,
+                Some(t) => *tenants.entry(t).or_insert_with(|| {
+                    let header = HeaderValue::try_from(t).expect("validated tenant");
+                    table.shared.tenants.push((Arc::from(t), header));
+                    (table.shared.tenants.len() - 1) as u32
+                }),
+            };
+            let policy = *policies.entry((key.limit, key.quota)).or_insert_with(|| {
+                let header = quota::policy_header(&key.limit, key.quota.as_ref());
+                // One buffer for every key with this policy: clones share it.
+                let header = HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(
+                    header.as_bytes(),
+                ))
+                .expect("policy fields are ASCII");
+                table.shared.policies.push(header);
+                (table.shared.policies.len() - 1) as u32
+            });
+            let scopes = if key.scopes.is_empty() {
+                0
+            } else {
+                let name = key
+                    .scopes
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                *scope_sets.entry(name).or_insert_with(|| {
+                    table.shared.scopes.push(Arc::from(key.scopes.clone()));
+                    (table.shared.scopes.len() - 1) as u32
+                })
+            };
+            let pos = table.keys.len() as u32;
+            table.keys.push(Compact {
+                hash: key.hash,
+                id: Box::from(key.id.as_str()),
                 expires: key.expires,
                 limiter,
                 quota,
-                scopes: key.scopes.clone(),
-                policy_header: quota::policy_header(&key.limit, key.quota.as_ref()),
-                id_header: HeaderValue::try_from(key.id.as_str()).expect("validated id"),
-                tenant_header: key
-                    .tenant
-                    .as_deref()
-                    .map(|t| HeaderValue::try_from(t).expect("validated tenant")),
+                entry: OnceLock::new(),
+                tenant,
+                policy,
+                scopes,
+                disabled: key.disabled,
             });
             if let Some(prev) = key.previous {
-                by_hash.insert(
-                    prev.hash,
-                    Slot {
-                        entry: Arc::clone(&entry),
-                        previous_until: Some(prev.expires),
-                    },
-                );
+                table.previous.push(Previous {
+                    hash: prev.hash,
+                    key: pos,
+                    until: prev.expires,
+                });
             }
-            by_hash.insert(
-                key.hash,
-                Slot {
-                    entry,
-                    previous_until: None,
-                },
-            );
         }
-        KeyTable { by_hash }
+        // Indexes last, so their hashers can read the finished vectors.
+        let KeyTable {
+            keys,
+            previous,
+            by_hash,
+            by_id,
+            ids,
+            ..
+        } = &mut table;
+        for (pos, k) in keys.iter().enumerate() {
+            by_hash.insert_unique(hash_of(&k.hash), pos as u32, |&v| {
+                hash_of(index_hash(keys, previous, v))
+            });
+            by_id.insert_unique(ids.hash_one(&*k.id), pos as u32, |&v| {
+                ids.hash_one(&*keys[v as usize].id)
+            });
+        }
+        for (i, p) in previous.iter().enumerate() {
+            by_hash.insert_unique(hash_of(&p.hash), i as u32 | PREVIOUS_BIT, |&v| {
+                hash_of(index_hash(keys, previous, v))
+            });
+        }
+        table
+    }
+
+    fn find_id(&self, id: &str) -> Option<&Compact> {
+        self.by_id
+            .find(self.ids.hash_one(id), |&v| &*self.keys[v as usize].id == id)
+            .map(|&v| &self.keys[v as usize])
     }
 
     /// The entry for a presented key's hash, saying whether it was a rotating key's old hash.
     pub fn lookup(&self, hash: &KeyHash) -> Option<Found<'_>> {
-        self.by_hash.get(hash).map(|s| Found {
-            entry: &s.entry,
-            previous_until: s.previous_until,
+        let &v = self.by_hash.find(hash_of(hash), |&v| {
+            index_hash(&self.keys, &self.previous, v) == hash
+        })?;
+        let (key, previous_until) = if v & PREVIOUS_BIT == 0 {
+            (&self.keys[v as usize], None)
+        } else {
+            let p = &self.previous[(v & !PREVIOUS_BIT) as usize];
+            (&self.keys[p.key as usize], Some(p.until))
+        };
+        Some(Found {
+            entry: key.entry.get_or_init(|| self.entry(key)),
+            previous_until,
         })
     }
 
-    /// How many hashes the table holds.
+    fn entry(&self, key: &Compact) -> Arc<KeyEntry> {
+        let tenant = self.shared.tenants.get(key.tenant as usize);
+        Arc::new(KeyEntry {
+            id: Arc::from(&*key.id),
+            tenant: tenant.map(|(t, _)| Arc::clone(t)),
+            disabled: key.disabled,
+            expires: key.expires,
+            limiter: Arc::clone(&key.limiter),
+            quota: key.quota.clone(),
+            scopes: Arc::clone(&self.shared.scopes[key.scopes as usize]),
+            policy_header: self.shared.policies[key.policy as usize].clone(),
+            id_header: HeaderValue::try_from(&*key.id).expect("validated id"),
+            tenant_header: tenant.map(|(_, h)| h.clone()),
+        })
+    }
+
+    /// How many hashes the table holds (a rotating key has two).
     pub fn len(&self) -> usize {
-        self.by_hash.len()
+        self.keys.len() + self.previous.len()
     }
 
     /// Whether the table is empty.
     pub fn is_empty(&self) -> bool {
-        self.by_hash.is_empty()
+        self.keys.is_empty()
+    }
+
+    /// How many keys are in each status at `now` (what `keygate_keys` shows).
+    pub fn status_counts(&self, now: SystemTime) -> StatusCounts {
+        let mut counts = StatusCounts::default();
+        for k in &self.keys {
+            if k.disabled {
+                counts.disabled += 1;
+            } else if k.expires.is_some_and(|e| e <= now) {
+                counts.expired += 1;
+            } else {
+                counts.active += 1;
+            }
+        }
+        counts
+    }
+}
+
+/// The hash an index value stands for.
+fn index_hash<'a>(keys: &'a [Compact], previous: &'a [Previous], v: u32) -> &'a KeyHash {
+    if v & PREVIOUS_BIT == 0 {
+        &keys[v as usize].hash
+    } else {
+        &previous[(v & !PREVIOUS_BIT) as usize].hash
     }
 }
 
@@ -391,5 +557,85 @@ mod tests {
             );
         }
         assert_eq!(checksum_ok("legacy-key-123", DEFAULT_PREFIX), None);
+    }
+
+    fn config(keys: &str) -> Config {
+        Config::parse(
+            std::path::Path::new("gw.toml"),
+            &format!("[server]\nlisten = \"127.0.0.1:0\"\n[upstream]\nurl = \"http://x\"\n{keys}"),
+        )
+        .unwrap()
+    }
+
+    fn keys(rate_of_b: &str) -> String {
+        let h = |k: &str| KeyHash::of(k.as_bytes()).to_config_string();
+        format!(
+            "[[keys]]\nid = \"a\"\nhash = \"{}\"\ntenant = \"hotel\"\n\
+             [[keys]]\nid = \"b\"\nhash = \"{}\"\ntenant = \"hotel\"\nrate = \"{rate_of_b}\"\n\
+             previous_hash = \"{}\"\nprevious_expires = 2030-01-01T00:00:00Z\n\
+             [[keys]]\nid = \"c\"\nhash = \"{}\"\ndisabled = true\nscopes = [\"GET /v1/**\"]\n\
+             [[keys]]\nid = \"d\"\nhash = \"{}\"\nexpires = 2001-01-01T00:00:00Z\n",
+            h("ka"),
+            h("kb"),
+            h("kb-old"),
+            h("kc"),
+            h("kd")
+        )
+    }
+
+    #[test]
+    fn the_table_finds_every_hash_and_shares_what_keys_share() {
+        let table = KeyTable::build(&config(&keys("5/s")), None);
+        assert_eq!(table.len(), 5, "four keys and one previous hash");
+        assert!(table.lookup(&KeyHash::of(b"nope")).is_none());
+        let a = table.lookup(&KeyHash::of(b"ka")).unwrap();
+        assert_eq!(&*a.entry.id, "a");
+        assert_eq!(a.entry.id_header, "a");
+        assert_eq!(a.entry.tenant_header.as_ref().unwrap(), "hotel");
+        assert!(a.previous_until.is_none() && a.entry.scopes.is_empty());
+        assert_eq!(a.entry.policy_header, "\"default\";q=20;w=2");
+        // The entry is built once and then the same for every lookup.
+        let again = table.lookup(&KeyHash::of(b"ka")).unwrap();
+        assert!(Arc::ptr_eq(a.entry, again.entry));
+
+        let b = table.lookup(&KeyHash::of(b"kb")).unwrap();
+        let b_old = table.lookup(&KeyHash::of(b"kb-old")).unwrap();
+        assert!(
+            Arc::ptr_eq(b.entry, b_old.entry),
+            "old and new hash share an entry"
+        );
+        assert!(b.previous_until.is_none() && b_old.previous_until.is_some());
+        assert_eq!(b.entry.tenant, a.entry.tenant);
+        assert_eq!(b.entry.policy_header, "\"default\";q=20;w=4");
+
+        let c = table.lookup(&KeyHash::of(b"kc")).unwrap();
+        assert!(c.entry.disabled);
+        assert_eq!(c.entry.scopes[0].to_string(), "GET /v1/**");
+        assert!(c.entry.tenant.is_none() && c.entry.tenant_header.is_none());
+
+        let now = SystemTime::now();
+        let counts = table.status_counts(now);
+        assert_eq!((counts.active, counts.disabled, counts.expired), (2, 1, 1));
+        assert_eq!(counts, StatusCounts::of(&config(&keys("5/s")).keys, now));
+    }
+
+    #[test]
+    fn a_rebuild_carries_limiters_over_by_id_unless_the_limit_changed() {
+        let first = KeyTable::build(&config(&keys("5/s")), None);
+        let a1 = Arc::clone(first.lookup(&KeyHash::of(b"ka")).unwrap().entry);
+        let b1 = Arc::clone(first.lookup(&KeyHash::of(b"kb")).unwrap().entry);
+        let same = KeyTable::build(&config(&keys("5/s")), Some(&first));
+        let a2 = same.lookup(&KeyHash::of(b"ka")).unwrap().entry;
+        let b2 = same.lookup(&KeyHash::of(b"kb")).unwrap().entry;
+        assert!(Arc::ptr_eq(&a1.limiter, &a2.limiter));
+        assert!(Arc::ptr_eq(&b1.limiter, &b2.limiter));
+        let changed = KeyTable::build(&config(&keys("6/s")), Some(&first));
+        let a3 = changed.lookup(&KeyHash::of(b"ka")).unwrap().entry;
+        let b3 = changed.lookup(&KeyHash::of(b"kb")).unwrap().entry;
+        assert!(Arc::ptr_eq(&a1.limiter, &a3.limiter));
+        assert!(
+            !Arc::ptr_eq(&b1.limiter, &b3.limiter),
+            "a new rate starts afresh"
+        );
     }
 }

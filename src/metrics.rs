@@ -33,7 +33,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{config::Config, error::GatewayError, keys::StatusCounts};
+use crate::{
+    error::GatewayError,
+    keys::{KeyTable, StatusCounts},
+};
 
 /// The content type of [`Metrics::encode`]'s output (OpenMetrics text, which Prometheus reads).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -277,13 +280,13 @@ impl Metrics {
         ConnectionGuard(self.open_connections.clone())
     }
 
-    /// The exposition text, with `keygate_keys` computed from `config` as of now.
-    pub fn encode(&self, config: &Config) -> String {
+    /// The exposition text, with `keygate_keys` computed from the live key table as of now.
+    pub fn encode(&self, keys: &KeyTable) -> String {
         let StatusCounts {
             active,
             disabled,
             expired,
-        } = StatusCounts::of(&config.keys, SystemTime::now());
+        } = keys.status_counts(SystemTime::now());
         self.keys.get_or_create(&[("status", "active")]).set(active);
         self.keys
             .get_or_create(&[("status", "disabled")])
@@ -325,6 +328,7 @@ fn status_class(status: u16) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
 
     fn config() -> Config {
         Config::parse(
@@ -344,7 +348,7 @@ mod tests {
         m.refused(&GatewayError::BadChecksum);
         m.refused(&GatewayError::UpstreamTimeout);
         m.upstream_error(UpstreamErrorKind::Timeout);
-        let text = m.encode(&config());
+        let text = m.encode(&KeyTable::build(&config(), None));
         for line in [
             "keygate_requests_total{key_id=\"partner-a\",class=\"2xx\"} 2",
             "keygate_requests_total{key_id=\"\",class=\"4xx\"} 1",
@@ -369,7 +373,9 @@ mod tests {
         let a = m.connection_opened();
         let b = m.connection_opened();
         drop(a);
-        assert!(m.encode(&config()).contains("keygate_open_connections 1\n"));
+        assert!(m
+            .encode(&KeyTable::build(&config(), None))
+            .contains("keygate_open_connections 1\n"));
         drop(b);
     }
 

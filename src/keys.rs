@@ -60,10 +60,11 @@ impl KeyHash {
         if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
             return Err("hash must be \"blake3:\" followed by 64 lowercase hex digits".into());
         }
+        // A million of these are parsed per load of a large key table: no per-byte str parsing.
+        let nibble = |b: u8| if b <= b'9' { b - b'0' } else { b - b'a' + 10 };
         let mut out = [0u8; 32];
-        for (i, chunk) in hex.as_bytes().chunks(2).enumerate() {
-            let s = std::str::from_utf8(chunk).expect("hex is ASCII");
-            out[i] = u8::from_str_radix(s, 16).expect("checked hex");
+        for (o, pair) in out.iter_mut().zip(hex.as_bytes().chunks_exact(2)) {
+            *o = nibble(pair[0]) << 4 | nibble(pair[1]);
         }
         Ok(KeyHash(out))
     }
@@ -342,6 +343,8 @@ impl KeyTable {
         };
         let mut tenants: HashMap<&str, u32> = HashMap::new();
         let mut policies: HashMap<(RateLimit, Option<QuotaLimit>), u32> = HashMap::new();
+        // Most keys have the policy of the key before them: skip hashing it then.
+        let mut last_policy: Option<((RateLimit, Option<QuotaLimit>), u32)> = None;
         let mut scope_sets: HashMap<String, u32> = HashMap::new();
         for key in &config.keys {
             let old = previous.and_then(|t| t.find_id(&key.id));
@@ -361,16 +364,23 @@ impl KeyTable {
                     (table.shared.tenants.len() - 1) as u32
                 }),
             };
-            let policy = *policies.entry((key.limit, key.quota)).or_insert_with(|| {
-                let header = quota::policy_header(&key.limit, key.quota.as_ref());
-                // One buffer for every key with this policy: clones share it.
-                let header = HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(
-                    header.as_bytes(),
-                ))
-                .expect("policy fields are ASCII");
-                table.shared.policies.push(header);
-                (table.shared.policies.len() - 1) as u32
-            });
+            let policy = match last_policy {
+                Some((p, i)) if p == (key.limit, key.quota) => i,
+                _ => {
+                    let i = *policies.entry((key.limit, key.quota)).or_insert_with(|| {
+                        let header = quota::policy_header(&key.limit, key.quota.as_ref());
+                        // One buffer for every key with this policy: clones share it.
+                        let header = HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(
+                            header.as_bytes(),
+                        ))
+                        .expect("policy fields are ASCII");
+                        table.shared.policies.push(header);
+                        (table.shared.policies.len() - 1) as u32
+                    });
+                    last_policy = Some(((key.limit, key.quota), i));
+                    i
+                }
+            };
             let scopes = if key.scopes.is_empty() {
                 0
             } else {

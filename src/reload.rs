@@ -39,9 +39,23 @@ pub fn reload_now(shared: &Shared, path: &Path) -> Result<usize, ConfigError> {
         tracing::warn!("[admin] and [log] changes take effect after a restart");
     }
     let live = Live::new(config, Some(&old));
+    drop(old);
     let keys = live.table.len();
-    shared.live.store(Arc::new(live));
+    let replaced = shared.live.swap(Arc::new(live));
+    drop_off_the_request_path(replaced);
     Ok(keys)
+}
+
+/// Drops the replaced state here, on the reload thread, once requests in flight have let go
+/// of it: whoever drops the last `Arc` frees the old table, and for a million keys that is
+/// a few hundred milliseconds a request should not wait for. Gives up waiting after a while
+/// (a request slow to get its response head); the last holder frees it then.
+fn drop_off_the_request_path(replaced: Arc<Live>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while Arc::strong_count(&replaced) > 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    drop(replaced);
 }
 
 /// Starts the watcher and the SIGHUP handler; both stop when `stop` turns true.

@@ -577,7 +577,7 @@ fn parse_keys(
     default_quota: Option<QuotaLimit>,
 ) -> Result<Vec<KeyConfig>, ConfigError> {
     let mut keys = Vec::with_capacity(raw.len());
-    let mut ids = std::collections::HashSet::with_capacity(raw.len());
+    let mut ids = hashbrown::HashSet::with_capacity(raw.len());
     // Hashes are blake3 output: their first eight bytes are the set's hash (no SipHash of 32
     // bytes per key, which showed in profiles of a 1M-key load).
     let mut hashes: std::collections::HashSet<KeyHash, BuildHasherDefault<PassThroughHasher>> =

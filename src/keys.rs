@@ -16,12 +16,12 @@
 use std::{
     collections::HashMap,
     fmt,
-    hash::{BuildHasher, Hash, Hasher, RandomState},
+    hash::{BuildHasher, Hash, Hasher},
     sync::{Arc, OnceLock},
     time::SystemTime,
 };
 
-use hashbrown::HashTable;
+use hashbrown::{DefaultHashBuilder, HashMap as FastMap, HashTable};
 use http::HeaderValue;
 
 use crate::{
@@ -304,7 +304,7 @@ pub struct KeyTable {
     previous: Vec<Previous>,
     by_hash: HashTable<u32>,
     by_id: HashTable<u32>,
-    ids: RandomState,
+    ids: DefaultHashBuilder,
     shared: Shared,
 }
 
@@ -335,19 +335,23 @@ impl KeyTable {
             previous: Vec::new(),
             by_hash: HashTable::with_capacity(n),
             by_id: HashTable::with_capacity(n),
-            ids: RandomState::new(),
+            ids: DefaultHashBuilder::default(),
             shared: Shared {
                 scopes: vec![Arc::from(Vec::new())],
                 ..Shared::default()
             },
         };
-        let mut tenants: HashMap<&str, u32> = HashMap::new();
+        let mut tenants: FastMap<&str, u32> = FastMap::new();
         let mut policies: HashMap<(RateLimit, Option<QuotaLimit>), u32> = HashMap::new();
         // Most keys have the policy of the key before them: skip hashing it then.
         let mut last_policy: Option<((RateLimit, Option<QuotaLimit>), u32)> = None;
         let mut scope_sets: HashMap<String, u32> = HashMap::new();
-        for key in &config.keys {
-            let old = previous.and_then(|t| t.find_id(&key.id));
+        for (pos, key) in config.keys.iter().enumerate() {
+            // A reloaded file mostly keeps its order: try the same position before the index.
+            let old = previous.and_then(|t| match t.keys.get(pos) {
+                Some(k) if *k.id == *key.id => Some(k),
+                _ => t.find_id(&key.id),
+            });
             let limiter = match old {
                 Some(o) if *o.limiter.limit() == key.limit => Arc::clone(&o.limiter),
                 _ => Arc::new(KeyLimiter::new(key.limit)),
@@ -395,7 +399,7 @@ impl KeyTable {
                     (table.shared.scopes.len() - 1) as u32
                 })
             };
-            let pos = table.keys.len() as u32;
+            let pos = pos as u32;
             table.keys.push(Compact {
                 hash: key.hash,
                 id: Box::from(key.id.as_str()),

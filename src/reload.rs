@@ -42,14 +42,15 @@ pub fn reload_now(shared: &Shared, path: &Path) -> Result<usize, ConfigError> {
     drop(old);
     let keys = live.table.len();
     let replaced = shared.live.swap(Arc::new(live));
-    drop_off_the_request_path(replaced);
+    std::thread::spawn(move || drop_off_the_request_path(replaced));
     Ok(keys)
 }
 
-/// Drops the replaced state here, on the reload thread, once requests in flight have let go
-/// of it: whoever drops the last `Arc` frees the old table, and for a million keys that is
-/// a few hundred milliseconds a request should not wait for. Gives up waiting after a while
-/// (a request slow to get its response head); the last holder frees it then.
+/// Drops the replaced state on a thread of its own, once requests in flight have let go of
+/// it: whoever drops the last `Arc` frees the old table, and for a million keys that is a few
+/// hundred milliseconds a request should not wait for (nor the "config reloaded" line). Gives
+/// up waiting after a while (a request slow to get its response head); the last holder frees
+/// it then.
 fn drop_off_the_request_path(replaced: Arc<Live>) {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while Arc::strong_count(&replaced) > 1 && std::time::Instant::now() < deadline {

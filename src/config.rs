@@ -25,7 +25,7 @@
 //! - `[log] level` is one of `error`, `warn`, `info`, `debug`, `trace` (`RUST_LOG` overrides it).
 
 use std::{
-    hash::BuildHasherDefault,
+    hash::{BuildHasher, BuildHasherDefault},
     net::SocketAddr,
     num::NonZeroU32,
     ops::Range,
@@ -491,7 +491,7 @@ impl Config {
         };
         let keys_file = raw.auth.keys_file.as_ref().map(|f| base.join(f.get_ref()));
         let keys = match &keys_file {
-            None => parse_keys(&src, &raw.keys, &limits, quota)?,
+            None => parse_keys(&src, raw.keys, &limits, quota)?,
             Some(file) => {
                 if let Some(k) = raw.keys.first() {
                     return Err(src.at(
@@ -514,15 +514,18 @@ impl Config {
                     file,
                     text: keys_text,
                 };
-                let raw_keys = match fast::keys(keys_text, 0) {
-                    Some(keys) => keys,
+                // Scanned and validated key by key (no vector of raw keys); the toml crate
+                // takes over when the scanner is unsure (see `fast`).
+                let mut v = KeysValidator::new(&ksrc, &limits, quota, 0);
+                match fast::each_key(keys_text, |k| v.push(k)) {
+                    Some(Ok(())) => v.keys,
+                    Some(Err(e)) => return Err(e),
                     None => {
-                        toml::from_str::<RawKeysFile>(keys_text)
-                            .map_err(|e| ksrc.error(e.span(), e.message().to_string()))?
-                            .keys
+                        let raw = toml::from_str::<RawKeysFile>(keys_text)
+                            .map_err(|e| ksrc.error(e.span(), e.message().to_string()))?;
+                        parse_keys(&ksrc, raw.keys, &limits, quota)?
                     }
-                };
-                parse_keys(&ksrc, &raw_keys, &limits, quota)?
+                }
             }
         };
         Ok(Config {
@@ -569,20 +572,45 @@ fn parse_datetime(
     }
 }
 
-/// Validates `[[keys]]` against `src`, the file they were read from.
-fn parse_keys(
-    src: &Source<'_>,
-    raw: &[RawKey],
-    limits: &RateLimit,
+/// Validates `[[keys]]` one at a time against `src`, the file they were read from, taking
+/// each raw key's strings rather than copying them (a 1M-key load holds no second copy).
+struct KeysValidator<'a> {
+    src: &'a Source<'a>,
+    limits: RateLimit,
     default_quota: Option<QuotaLimit>,
-) -> Result<Vec<KeyConfig>, ConfigError> {
-    let mut keys = Vec::with_capacity(raw.len());
-    let mut ids = hashbrown::HashSet::with_capacity(raw.len());
+    keys: Vec<KeyConfig>,
+    /// Positions in `keys`, by id: the duplicate check without a set of borrowed ids.
+    ids: hashbrown::HashTable<u32>,
+    id_hasher: hashbrown::DefaultHashBuilder,
     // Hashes are blake3 output: their first eight bytes are the set's hash (no SipHash of 32
     // bytes per key, which showed in profiles of a 1M-key load).
-    let mut hashes: std::collections::HashSet<KeyHash, BuildHasherDefault<PassThroughHasher>> =
-        std::collections::HashSet::with_capacity_and_hasher(raw.len(), Default::default());
-    for k in raw {
+    hashes: std::collections::HashSet<KeyHash, BuildHasherDefault<PassThroughHasher>>,
+}
+
+impl<'a> KeysValidator<'a> {
+    fn new(
+        src: &'a Source<'a>,
+        limits: &RateLimit,
+        default_quota: Option<QuotaLimit>,
+        capacity: usize,
+    ) -> Self {
+        KeysValidator {
+            src,
+            limits: *limits,
+            default_quota,
+            keys: Vec::with_capacity(capacity),
+            ids: hashbrown::HashTable::with_capacity(capacity),
+            id_hasher: Default::default(),
+            hashes: std::collections::HashSet::with_capacity_and_hasher(
+                capacity,
+                Default::default(),
+            ),
+        }
+    }
+
+    /// Checks one key against the ones before it and keeps it.
+    fn push(&mut self, k: RawKey) -> Result<(), ConfigError> {
+        let src = self.src;
         let id = k.id.get_ref();
         if !valid_id(id) {
             return Err(src.at(
@@ -590,11 +618,16 @@ fn parse_keys(
                 "id must be 1 to 64 characters of letters, digits, '.', '_' or '-'",
             ));
         }
-        if !ids.insert(id.as_str()) {
+        let id_hash = self.id_hasher.hash_one(id.as_str());
+        if self
+            .ids
+            .find(id_hash, |&i| self.keys[i as usize].id == *id)
+            .is_some()
+        {
             return Err(src.at(&k.id, format!("duplicate key id {id:?}")));
         }
         let hash = KeyHash::parse(k.hash.get_ref()).map_err(|m| src.at(&k.hash, m))?;
-        if !hashes.insert(hash) {
+        if !self.hashes.insert(hash) {
             return Err(src.at(
                 &k.hash,
                 format!("key {id:?} has the same hash as an earlier key"),
@@ -607,16 +640,16 @@ fn parse_keys(
                     "tenant must be 1 to 64 characters of letters, digits, '.', '_' or '-'",
                 ))
             }
-            Some(t) => Some(t.get_ref().clone()),
+            Some(_) => k.tenant.map(Spanned::into_inner),
             None => None,
         };
         let (count, per) = match &k.rate {
             Some(r) => RateLimit::parse_rate(r.get_ref(), false).map_err(|m| src.at(r, m))?,
-            None => (limits.count, limits.per),
+            None => (self.limits.count, self.limits.per),
         };
         let burst = match &k.burst {
             Some(b) => parse_burst(src, b)?,
-            None => limits.burst,
+            None => self.limits.burst,
         };
         let expires = parse_datetime(src, &k.expires)?;
         let scopes = match &k.scopes {
@@ -635,12 +668,12 @@ fn parse_keys(
         };
         let quota = match &k.quota {
             Some(q) => Some(QuotaLimit::parse(q.get_ref()).map_err(|m| src.at(q, m))?),
-            None => default_quota,
+            None => self.default_quota,
         };
         let previous = match (&k.previous_hash, &k.previous_expires) {
             (Some(h), Some(e)) => {
                 let hash = KeyHash::parse(h.get_ref()).map_err(|m| src.at(h, m))?;
-                if !hashes.insert(hash) {
+                if !self.hashes.insert(hash) {
                     return Err(src.at(
                         h,
                         format!("key {id:?}: previous_hash is already the hash of a key"),
@@ -658,8 +691,11 @@ fn parse_keys(
             }
             (None, Some(e)) => return Err(src.at(e, "previous_expires needs previous_hash")),
         };
-        keys.push(KeyConfig {
-            id: id.clone(),
+        let created_at = parse_datetime(src, &k.created_at)?;
+        let revoked_at = parse_datetime(src, &k.revoked_at)?;
+        let pos = self.keys.len() as u32;
+        self.keys.push(KeyConfig {
+            id: k.id.into_inner(),
             hash,
             tenant,
             limit: RateLimit { count, per, burst },
@@ -667,12 +703,35 @@ fn parse_keys(
             expires,
             scopes,
             quota,
-            created_at: parse_datetime(src, &k.created_at)?,
-            revoked_at: parse_datetime(src, &k.revoked_at)?,
+            created_at,
+            revoked_at,
             previous,
         });
+        let KeysValidator {
+            ids,
+            keys,
+            id_hasher,
+            ..
+        } = self;
+        ids.insert_unique(id_hash, pos, |&i| {
+            id_hasher.hash_one(keys[i as usize].id.as_str())
+        });
+        Ok(())
     }
-    Ok(keys)
+}
+
+/// Validates `[[keys]]` against `src`, the file they were read from.
+fn parse_keys(
+    src: &Source<'_>,
+    raw: Vec<RawKey>,
+    limits: &RateLimit,
+    default_quota: Option<QuotaLimit>,
+) -> Result<Vec<KeyConfig>, ConfigError> {
+    let mut v = KeysValidator::new(src, limits, default_quota, raw.len());
+    for k in raw {
+        v.push(k)?;
+    }
+    Ok(v.keys)
 }
 
 fn parse_burst(src: &Source<'_>, b: &Spanned<i64>) -> Result<NonZeroU32, ConfigError> {
@@ -995,6 +1054,43 @@ mod tests {
         assert!(
             err.to_string().contains("cannot read the keys file"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn a_keys_file_reports_the_error_the_toml_crate_would_report_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("gw.toml");
+        let main_text = minimal("[auth]\nkeys_file = \"keys.toml\"\n");
+        let key = |id: &str, hash: &str, extra: &str| {
+            format!("[[keys]]\nid = \"{id}\"\nhash = \"{hash}\"\n{extra}")
+        };
+        // A bad value in the first key, a syntax error in the last: the syntax error wins, as
+        // it does when the toml crate reads the whole file before anything is validated.
+        let both = format!(
+            "{}{}",
+            key("a", HASH_A, "rate = \"1/fortnight\"\n"),
+            key("b", HASH_B, "burst = \n")
+        );
+        let err = Config::parse_with_keys(&main, &main_text, Some(&both)).unwrap_err();
+        assert_eq!((err.line, err.col), (8, 9), "{err}");
+        // Without the syntax error, the bad value is reported where it stands.
+        let bad_value = format!(
+            "{}{}",
+            key("a", HASH_A, ""),
+            key("b", HASH_B, "rate = \"1/fortnight\"\n")
+        );
+        let err = Config::parse_with_keys(&main, &main_text, Some(&bad_value)).unwrap_err();
+        assert_eq!((err.line, err.col), (7, 8), "{err}");
+        assert!(err.message.contains("fortnight"), "{err}");
+        let dup = format!("{}{}", key("a", HASH_A, ""), key("a", HASH_B, ""));
+        let err = Config::parse_with_keys(&main, &main_text, Some(&dup)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}:5:6: duplicate key id \"a\"",
+                dir.path().join("keys.toml").display()
+            )
         );
     }
 

@@ -28,7 +28,9 @@ const DEBOUNCE: Duration = Duration::from_millis(50);
 /// Reads and validates the config at `path` and, when valid, swaps it in.
 /// Returns the number of keys now loaded.
 pub fn reload_now(shared: &Shared, path: &Path) -> Result<usize, ConfigError> {
+    let started = std::time::Instant::now();
     let config = Config::load(path)?;
+    let parsed = started.elapsed();
     let old = shared.live.load_full();
     if config.server.listen != old.config.server.listen
         || config.server.tls != old.config.server.tls
@@ -41,6 +43,12 @@ pub fn reload_now(shared: &Shared, path: &Path) -> Result<usize, ConfigError> {
     let live = Live::new(config, Some(&old));
     drop(old);
     let keys = live.table.len();
+    tracing::debug!(
+        parse_ms = parsed.as_millis() as u64,
+        build_ms = (started.elapsed() - parsed).as_millis() as u64,
+        keys,
+        "config read and key table built"
+    );
     let replaced = shared.live.swap(Arc::new(live));
     std::thread::spawn(move || drop_off_the_request_path(replaced));
     Ok(keys)

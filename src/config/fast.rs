@@ -53,6 +53,38 @@ pub(super) fn keys(text: &str, start: usize) -> Option<Vec<RawKey>> {
     // Sized up front: a RawKey is ~450 bytes, and growing a vector of a million of them by
     // doubling copies and faults in gigabytes.
     let mut keys = Vec::with_capacity(text[start..].matches("[[keys]]").count());
+    scan(text, start, |k| {
+        keys.push(k);
+        Ok(())
+    })?
+    .ok()?;
+    Some(keys)
+}
+
+/// Hands each `[[keys]]` table of `text` to `each` as it is read: `None` when the text is not
+/// entirely plain `[[keys]]` tables. The first error of `each` is returned only once the whole
+/// text has been scanned, so a syntax error further on (which the toml crate reports before
+/// any validation) still wins: then the answer is `None`.
+pub(super) fn each_key(
+    text: &str,
+    each: impl FnMut(RawKey) -> Result<(), super::ConfigError>,
+) -> Option<Result<(), super::ConfigError>> {
+    scan(text, 0, each)
+}
+
+fn scan(
+    text: &str,
+    start: usize,
+    mut each: impl FnMut(RawKey) -> Result<(), super::ConfigError>,
+) -> Option<Result<(), super::ConfigError>> {
+    let mut first_error = None;
+    let mut emit = |k: RawKey| {
+        if first_error.is_none() {
+            if let Err(e) = each(k) {
+                first_error = Some(e);
+            }
+        }
+    };
     let mut current: Option<Partial> = None;
     let mut offset = start;
     for raw_line in text[start..].split_inclusive('\n') {
@@ -75,7 +107,7 @@ pub(super) fn keys(text: &str, start: usize) -> Option<Vec<RawKey>> {
                 return None;
             }
             if let Some(done) = current.take() {
-                keys.push(done.finish()?);
+                emit(done.finish()?);
             }
             current = Some(Partial::default());
             continue;
@@ -93,9 +125,9 @@ pub(super) fn keys(text: &str, start: usize) -> Option<Vec<RawKey>> {
         key.field(name, value_trimmed, value_at)?;
     }
     if let Some(done) = current.take() {
-        keys.push(done.finish()?);
+        emit(done.finish()?);
     }
-    Some(keys)
+    Some(first_error.map_or(Ok(()), Err))
 }
 
 /// Whether `rest` (what follows a value) is only blanks and perhaps a comment.

@@ -516,7 +516,10 @@ impl Config {
                 };
                 // Scanned and validated key by key (no vector of raw keys); the toml crate
                 // takes over when the scanner is unsure (see `fast`).
-                let mut v = KeysValidator::new(&ksrc, &limits, quota, 0);
+                // Sized up front: growing a vector of 256-byte KeyConfigs by doubling copies
+                // hundreds of MB for a large table.
+                let tables = keys_text.matches("[[keys]]").count();
+                let mut v = KeysValidator::new(&ksrc, &limits, quota, tables);
                 match fast::each_key(keys_text, |k| v.push(k)) {
                     Some(Ok(())) => v.keys,
                     Some(Err(e)) => return Err(e),

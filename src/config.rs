@@ -365,6 +365,14 @@ impl Config {
         Config::parse(path, &text)
     }
 
+    /// Like [`load`](Self::load), but each validated key goes to `keys` as it is read instead
+    /// of into [`Config::keys`], which stays empty: a reload streams a large key file straight
+    /// into the new table ([`crate::keys::KeyTableBuilder`]).
+    pub fn load_into(path: &Path, keys: &mut dyn KeySink) -> Result<Config, ConfigError> {
+        let text = read(path, "config")?;
+        Config::parse_into(path, &text, None, keys)
+    }
+
     /// Validates `text` as the contents of the file at `path` (reading `keys_file` when set).
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         Config::parse_with_keys(path, text, None)
@@ -394,6 +402,18 @@ impl Config {
         path: &Path,
         text: &str,
         keys_text: Option<&str>,
+    ) -> Result<Config, ConfigError> {
+        let mut keys = KeyVec::default();
+        let mut config = Config::parse_into(path, text, keys_text, &mut keys)?;
+        config.keys = keys.keys;
+        Ok(config)
+    }
+
+    fn parse_into(
+        path: &Path,
+        text: &str,
+        keys_text: Option<&str>,
+        sink: &mut dyn KeySink,
     ) -> Result<Config, ConfigError> {
         let src = Source { file: path, text };
         let raw = match fast::split(text) {
@@ -486,8 +506,8 @@ impl Config {
             None => None,
         };
         let keys_file = raw.auth.keys_file.as_ref().map(|f| base.join(f.get_ref()));
-        let keys = match &keys_file {
-            None => parse_keys(&src, raw.keys, &limits, quota)?,
+        match &keys_file {
+            None => parse_keys(&src, raw.keys, &limits, quota, sink)?,
             Some(file) => {
                 if let Some(k) = raw.keys.first() {
                     return Err(src.at(
@@ -514,15 +534,16 @@ impl Config {
                 // takes over when the scanner is unsure (see `fast`).
                 // Sized up front: growing a vector of 256-byte KeyConfigs by doubling copies
                 // hundreds of MB for a large table.
-                let tables = keys_text.matches("[[keys]]").count();
-                let mut v = KeysValidator::new(&ksrc, &limits, quota, tables);
+                sink.reserve(keys_text.matches("[[keys]]").count());
+                let mut v = KeysValidator::new(&ksrc, &limits, quota, &mut *sink);
                 match fast::each_key(keys_text, |k| v.push(k)) {
-                    Some(Ok(())) => v.keys,
+                    Some(Ok(())) => {}
                     Some(Err(e)) => return Err(e),
                     None => {
+                        sink.clear();
                         let raw = toml::from_str::<RawKeysFile>(keys_text)
                             .map_err(|e| ksrc.error(e.span(), e.message().to_string()))?;
-                        parse_keys(&ksrc, raw.keys, &limits, quota)?
+                        parse_keys(&ksrc, raw.keys, &limits, quota, sink)?
                     }
                 }
             }
@@ -543,7 +564,7 @@ impl Config {
             },
             limits,
             quota,
-            keys,
+            keys: Vec::new(),
             admin,
             log,
         })
@@ -571,22 +592,33 @@ fn parse_datetime(
     }
 }
 
-/// Validates `[[keys]]` one at a time against `src`, the file they were read from, taking
-/// each raw key's strings rather than copying them (a 1M-key load holds no second copy).
-struct KeysValidator<'a> {
-    src: &'a Source<'a>,
-    limits: RateLimit,
-    default_quota: Option<QuotaLimit>,
+/// Where validated `[[keys]]` go, in file order, with what the duplicate checks need: a
+/// vector for [`Config::keys`], or a key table being built ([`Config::load_into`]).
+pub trait KeySink {
+    /// Room for `additional` more keys.
+    fn reserve(&mut self, additional: usize);
+    /// Whether a key with this id was pushed.
+    fn has_id(&self, id: &str) -> bool;
+    /// Whether this is the hash or the previous hash of a pushed key.
+    fn has_hash(&self, hash: &KeyHash) -> bool;
+    /// Keeps a validated key.
+    fn push(&mut self, key: KeyConfig);
+    /// Forgets every key (a fast scan gave up; the toml crate starts again).
+    fn clear(&mut self);
+}
+
+/// The keys of a [`Config`], with indexes of positions for the duplicate checks (5 bytes a
+/// slot rather than sets of ids and 32-byte hashes).
+#[derive(Default)]
+struct KeyVec {
     keys: Vec<KeyConfig>,
-    /// Positions in `keys`, by id: the duplicate check without a set of borrowed ids.
     ids: hashbrown::HashTable<u32>,
     id_hasher: hashbrown::DefaultHashBuilder,
-    /// Positions in `keys` by hash (with [`PREVIOUS`] set: the key's `previous_hash`), for
-    /// the duplicate check: 5 bytes a slot rather than a set of 32-byte hashes.
+    /// By hash; with [`PREVIOUS`] set: the key's `previous_hash`.
     hashes: hashbrown::HashTable<u32>,
 }
 
-/// Marks a position in [`KeysValidator::hashes`] that stands for a key's previous hash.
+/// Marks a position in [`KeyVec::hashes`] that stands for a key's previous hash.
 const PREVIOUS: u32 = 1 << 31;
 
 /// blake3 output is uniform: its first eight bytes are already a good hash.
@@ -596,7 +628,7 @@ fn hash64(hash: &KeyHash) -> u64 {
     u64::from_le_bytes(first)
 }
 
-/// The hash a position in [`KeysValidator::hashes`] stands for.
+/// The hash a position in [`KeyVec::hashes`] stands for.
 fn hash_at(keys: &[KeyConfig], v: u32) -> &KeyHash {
     let key = &keys[(v & !PREVIOUS) as usize];
     match (v & PREVIOUS != 0, &key.previous) {
@@ -605,21 +637,82 @@ fn hash_at(keys: &[KeyConfig], v: u32) -> &KeyHash {
     }
 }
 
+impl KeySink for KeyVec {
+    fn reserve(&mut self, additional: usize) {
+        let KeyVec {
+            keys,
+            ids,
+            id_hasher,
+            hashes,
+        } = self;
+        keys.reserve(additional);
+        ids.reserve(additional, |&i| {
+            id_hasher.hash_one(keys[i as usize].id.as_str())
+        });
+        hashes.reserve(additional, |&v| hash64(hash_at(keys, v)));
+    }
+
+    fn has_id(&self, id: &str) -> bool {
+        self.ids
+            .find(self.id_hasher.hash_one(id), |&i| {
+                self.keys[i as usize].id == id
+            })
+            .is_some()
+    }
+
+    fn has_hash(&self, hash: &KeyHash) -> bool {
+        self.hashes
+            .find(hash64(hash), |&v| hash_at(&self.keys, v) == hash)
+            .is_some()
+    }
+
+    fn push(&mut self, key: KeyConfig) {
+        assert!(self.keys.len() < PREVIOUS as usize, "more than 2^31 keys");
+        let pos = self.keys.len() as u32;
+        self.keys.push(key);
+        let KeyVec {
+            keys,
+            ids,
+            id_hasher,
+            hashes,
+        } = self;
+        let key = &keys[pos as usize];
+        ids.insert_unique(id_hasher.hash_one(key.id.as_str()), pos, |&i| {
+            id_hasher.hash_one(keys[i as usize].id.as_str())
+        });
+        let rehash = |&v: &u32| hash64(hash_at(keys, v));
+        hashes.insert_unique(hash64(&key.hash), pos, rehash);
+        if let Some(p) = &key.previous {
+            hashes.insert_unique(hash64(&p.hash), pos | PREVIOUS, rehash);
+        }
+    }
+
+    fn clear(&mut self) {
+        *self = KeyVec::default();
+    }
+}
+
+/// Validates `[[keys]]` one at a time against `src`, the file they were read from, taking
+/// each raw key's strings rather than copying them, and hands them to a [`KeySink`].
+struct KeysValidator<'a> {
+    src: &'a Source<'a>,
+    limits: RateLimit,
+    default_quota: Option<QuotaLimit>,
+    sink: &'a mut dyn KeySink,
+}
+
 impl<'a> KeysValidator<'a> {
     fn new(
         src: &'a Source<'a>,
         limits: &RateLimit,
         default_quota: Option<QuotaLimit>,
-        capacity: usize,
+        sink: &'a mut dyn KeySink,
     ) -> Self {
         KeysValidator {
             src,
             limits: *limits,
             default_quota,
-            keys: Vec::with_capacity(capacity),
-            ids: hashbrown::HashTable::with_capacity(capacity),
-            id_hasher: Default::default(),
-            hashes: hashbrown::HashTable::with_capacity(capacity),
+            sink,
         }
     }
 
@@ -633,16 +726,11 @@ impl<'a> KeysValidator<'a> {
                 "id must be 1 to 64 characters of letters, digits, '.', '_' or '-'",
             ));
         }
-        let id_hash = self.id_hasher.hash_one(id.as_str());
-        if self
-            .ids
-            .find(id_hash, |&i| self.keys[i as usize].id == *id)
-            .is_some()
-        {
+        if self.sink.has_id(id) {
             return Err(src.at(&k.id, format!("duplicate key id {id:?}")));
         }
         let hash = KeyHash::parse(k.hash.get_ref()).map_err(|m| src.at(&k.hash, m))?;
-        if self.has_hash(&hash) {
+        if self.sink.has_hash(&hash) {
             return Err(src.at(
                 &k.hash,
                 format!("key {id:?} has the same hash as an earlier key"),
@@ -688,7 +776,7 @@ impl<'a> KeysValidator<'a> {
         let previous = match (&k.previous_hash, &k.previous_expires) {
             (Some(h), Some(e)) => {
                 let previous = KeyHash::parse(h.get_ref()).map_err(|m| src.at(h, m))?;
-                if previous == hash || self.has_hash(&previous) {
+                if previous == hash || self.sink.has_hash(&previous) {
                     return Err(src.at(
                         h,
                         format!("key {id:?}: previous_hash is already the hash of a key"),
@@ -711,8 +799,7 @@ impl<'a> KeysValidator<'a> {
         };
         let created_at = parse_datetime(src, &k.created_at)?;
         let revoked_at = parse_datetime(src, &k.revoked_at)?;
-        let pos = self.keys.len() as u32;
-        self.keys.push(KeyConfig {
+        self.sink.push(KeyConfig {
             id: k.id.into_inner(),
             hash,
             tenant,
@@ -725,44 +812,24 @@ impl<'a> KeysValidator<'a> {
             revoked_at,
             previous,
         });
-        let KeysValidator {
-            ids,
-            keys,
-            id_hasher,
-            hashes,
-            ..
-        } = self;
-        ids.insert_unique(id_hash, pos, |&i| {
-            id_hasher.hash_one(keys[i as usize].id.as_str())
-        });
-        let rehash = |&v: &u32| hash64(hash_at(keys, v));
-        hashes.insert_unique(hash64(&hash), pos, rehash);
-        if let Some(p) = &keys[pos as usize].previous {
-            hashes.insert_unique(hash64(&p.hash), pos | PREVIOUS, rehash);
-        }
         Ok(())
-    }
-
-    /// Whether an earlier key has `hash` as its hash or its previous hash.
-    fn has_hash(&self, hash: &KeyHash) -> bool {
-        self.hashes
-            .find(hash64(hash), |&v| hash_at(&self.keys, v) == hash)
-            .is_some()
     }
 }
 
-/// Validates `[[keys]]` against `src`, the file they were read from.
+/// Validates `[[keys]]` against `src`, the file they were read from, into `sink`.
 fn parse_keys(
     src: &Source<'_>,
     raw: Vec<RawKey>,
     limits: &RateLimit,
     default_quota: Option<QuotaLimit>,
-) -> Result<Vec<KeyConfig>, ConfigError> {
-    let mut v = KeysValidator::new(src, limits, default_quota, raw.len());
+    sink: &mut dyn KeySink,
+) -> Result<(), ConfigError> {
+    sink.reserve(raw.len());
+    let mut v = KeysValidator::new(src, limits, default_quota, sink);
     for k in raw {
         v.push(k)?;
     }
-    Ok(v.keys)
+    Ok(())
 }
 
 fn parse_burst(src: &Source<'_>, b: &Spanned<i64>) -> Result<NonZeroU32, ConfigError> {

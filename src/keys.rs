@@ -25,7 +25,7 @@ use hashbrown::{DefaultHashBuilder, HashMap as FastMap, HashTable};
 use http::HeaderValue;
 
 use crate::{
-    config::{Config, KeyConfig},
+    config::{Config, KeyConfig, KeySink},
     limit::{KeyLimiter, RateLimit},
     quota::{self, QuotaLimit, QuotaLimiter},
     scope::Scope,
@@ -328,121 +328,22 @@ impl KeyTable {
     /// Builds the table for `config`, carrying over the limiters (rate and quota) of
     /// `previous` for every id whose limit did not change.
     pub fn build(config: &Config, previous: Option<&KeyTable>) -> KeyTable {
-        let n = config.keys.len();
-        assert!(n < PREVIOUS_BIT as usize, "more than 2^31 keys");
-        let mut table = KeyTable {
-            keys: Vec::with_capacity(n),
-            previous: Vec::new(),
-            by_hash: HashTable::with_capacity(n),
-            by_id: HashTable::with_capacity(n),
-            ids: DefaultHashBuilder::default(),
+        let mut builder = KeyTableBuilder::new(previous);
+        builder.reserve(config.keys.len());
+        for key in &config.keys {
+            builder.push(key);
+        }
+        builder.finish()
+    }
+
+    fn empty() -> KeyTable {
+        KeyTable {
             shared: Shared {
                 scopes: vec![Arc::from(Vec::new())],
                 ..Shared::default()
             },
-        };
-        let mut tenants: FastMap<&str, u32> = FastMap::new();
-        let mut policies: HashMap<(RateLimit, Option<QuotaLimit>), u32> = HashMap::new();
-        // Most keys have the policy of the key before them: skip hashing it then.
-        let mut last_policy: Option<((RateLimit, Option<QuotaLimit>), u32)> = None;
-        let mut scope_sets: HashMap<String, u32> = HashMap::new();
-        for (pos, key) in config.keys.iter().enumerate() {
-            // A reloaded file mostly keeps its order: try the same position before the index.
-            let old = previous.and_then(|t| match t.keys.get(pos) {
-                Some(k) if *k.id == *key.id => Some(k),
-                _ => t.find_id(&key.id),
-            });
-            let limiter = match old {
-                Some(o) if *o.limiter.limit() == key.limit => Arc::clone(&o.limiter),
-                _ => Arc::new(KeyLimiter::new(key.limit)),
-            };
-            let quota = key.quota.map(|q| match old.and_then(|o| o.quota.as_ref()) {
-                Some(old) if *old.limit() == q => Arc::clone(old),
-                _ => Arc::new(QuotaLimiter::new(q)),
-            });
-            let tenant = match key.tenant.as_deref() {
-                None => NO_TENANT,
-                Some(t) => *tenants.entry(t).or_insert_with(|| {
-                    let header = HeaderValue::try_from(t).expect("validated tenant");
-                    table.shared.tenants.push((Arc::from(t), header));
-                    (table.shared.tenants.len() - 1) as u32
-                }),
-            };
-            let policy = match last_policy {
-                Some((p, i)) if p == (key.limit, key.quota) => i,
-                _ => {
-                    let i = *policies.entry((key.limit, key.quota)).or_insert_with(|| {
-                        let header = quota::policy_header(&key.limit, key.quota.as_ref());
-                        // One buffer for every key with this policy: clones share it.
-                        let header = HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(
-                            header.as_bytes(),
-                        ))
-                        .expect("policy fields are ASCII");
-                        table.shared.policies.push(header);
-                        (table.shared.policies.len() - 1) as u32
-                    });
-                    last_policy = Some(((key.limit, key.quota), i));
-                    i
-                }
-            };
-            let scopes = if key.scopes.is_empty() {
-                0
-            } else {
-                let name = key
-                    .scopes
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("\n");
-                *scope_sets.entry(name).or_insert_with(|| {
-                    table.shared.scopes.push(Arc::from(key.scopes.clone()));
-                    (table.shared.scopes.len() - 1) as u32
-                })
-            };
-            let pos = pos as u32;
-            table.keys.push(Compact {
-                hash: key.hash,
-                id: Box::from(key.id.as_str()),
-                expires: key.expires,
-                limiter,
-                quota,
-                entry: OnceLock::new(),
-                tenant,
-                policy,
-                scopes,
-                disabled: key.disabled,
-            });
-            if let Some(prev) = key.previous {
-                table.previous.push(Previous {
-                    hash: prev.hash,
-                    key: pos,
-                    until: prev.expires,
-                });
-            }
+            ..KeyTable::default()
         }
-        // Indexes last, so their hashers can read the finished vectors.
-        let KeyTable {
-            keys,
-            previous,
-            by_hash,
-            by_id,
-            ids,
-            ..
-        } = &mut table;
-        for (pos, k) in keys.iter().enumerate() {
-            by_hash.insert_unique(hash_of(&k.hash), pos as u32, |&v| {
-                hash_of(index_hash(keys, previous, v))
-            });
-            by_id.insert_unique(ids.hash_one(&*k.id), pos as u32, |&v| {
-                ids.hash_one(&*keys[v as usize].id)
-            });
-        }
-        for (i, p) in previous.iter().enumerate() {
-            by_hash.insert_unique(hash_of(&p.hash), i as u32 | PREVIOUS_BIT, |&v| {
-                hash_of(index_hash(keys, previous, v))
-            });
-        }
-        table
     }
 
     fn find_id(&self, id: &str) -> Option<&Compact> {
@@ -453,9 +354,7 @@ impl KeyTable {
 
     /// The entry for a presented key's hash, saying whether it was a rotating key's old hash.
     pub fn lookup(&self, hash: &KeyHash) -> Option<Found<'_>> {
-        let &v = self.by_hash.find(hash_of(hash), |&v| {
-            index_hash(&self.keys, &self.previous, v) == hash
-        })?;
+        let v = self.lookup_index(hash)?;
         let (key, previous_until) = if v & PREVIOUS_BIT == 0 {
             (&self.keys[v as usize], None)
         } else {
@@ -466,6 +365,14 @@ impl KeyTable {
             entry: key.entry.get_or_init(|| self.entry(key)),
             previous_until,
         })
+    }
+
+    fn lookup_index(&self, hash: &KeyHash) -> Option<u32> {
+        self.by_hash
+            .find(hash_of(hash), |&v| {
+                index_hash(&self.keys, &self.previous, v) == hash
+            })
+            .copied()
     }
 
     fn entry(&self, key: &Compact) -> Arc<KeyEntry> {
@@ -507,6 +414,175 @@ impl KeyTable {
             }
         }
         counts
+    }
+}
+
+/// Builds a [`KeyTable`] one validated key at a time, so a reload can stream a key file into
+/// it without holding all of its [`KeyConfig`]s (256 bytes each) in a vector first
+/// ([`Config::load_into`]). Limiters of `previous` are carried over as by [`KeyTable::build`].
+pub struct KeyTableBuilder<'p> {
+    table: KeyTable,
+    previous: Option<&'p KeyTable>,
+    tenants: FastMap<Arc<str>, u32>,
+    policies: HashMap<(RateLimit, Option<QuotaLimit>), u32>,
+    // Most keys have the policy of the key before them: skip hashing it then.
+    last_policy: Option<((RateLimit, Option<QuotaLimit>), u32)>,
+    scope_sets: HashMap<String, u32>,
+}
+
+impl<'p> KeyTableBuilder<'p> {
+    /// An empty builder carrying limiters over from `previous`.
+    pub fn new(previous: Option<&'p KeyTable>) -> Self {
+        KeyTableBuilder {
+            table: KeyTable::empty(),
+            previous,
+            tenants: FastMap::new(),
+            policies: HashMap::new(),
+            last_policy: None,
+            scope_sets: HashMap::new(),
+        }
+    }
+
+    /// The finished table.
+    pub fn finish(self) -> KeyTable {
+        self.table
+    }
+
+    /// Adds `key` (whose id and hashes are new to the table: [`Config`] validation checks that).
+    pub fn push(&mut self, key: &KeyConfig) {
+        let pos = self.table.keys.len();
+        assert!(pos < PREVIOUS_BIT as usize, "more than 2^31 keys");
+        // A reloaded file mostly keeps its order: try the same position before the index.
+        let old = self.previous.and_then(|t| match t.keys.get(pos) {
+            Some(k) if *k.id == *key.id => Some(k),
+            _ => t.find_id(&key.id),
+        });
+        let limiter = match old {
+            Some(o) if *o.limiter.limit() == key.limit => Arc::clone(&o.limiter),
+            _ => Arc::new(KeyLimiter::new(key.limit)),
+        };
+        let quota = key.quota.map(|q| match old.and_then(|o| o.quota.as_ref()) {
+            Some(old) if *old.limit() == q => Arc::clone(old),
+            _ => Arc::new(QuotaLimiter::new(q)),
+        });
+        let shared = &mut self.table.shared;
+        let tenant = match key.tenant.as_deref() {
+            None => NO_TENANT,
+            Some(t) => match self.tenants.get(t) {
+                Some(&i) => i,
+                None => {
+                    let name: Arc<str> = Arc::from(t);
+                    let header = HeaderValue::try_from(t).expect("validated tenant");
+                    shared.tenants.push((Arc::clone(&name), header));
+                    let i = (shared.tenants.len() - 1) as u32;
+                    self.tenants.insert(name, i);
+                    i
+                }
+            },
+        };
+        let policy = match self.last_policy {
+            Some((p, i)) if p == (key.limit, key.quota) => i,
+            _ => {
+                let i = *self
+                    .policies
+                    .entry((key.limit, key.quota))
+                    .or_insert_with(|| {
+                        let header = quota::policy_header(&key.limit, key.quota.as_ref());
+                        // One buffer for every key with this policy: clones share it.
+                        let header = HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(
+                            header.as_bytes(),
+                        ))
+                        .expect("policy fields are ASCII");
+                        shared.policies.push(header);
+                        (shared.policies.len() - 1) as u32
+                    });
+                self.last_policy = Some(((key.limit, key.quota), i));
+                i
+            }
+        };
+        let scopes = if key.scopes.is_empty() {
+            0
+        } else {
+            let name = key
+                .scopes
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n");
+            *self.scope_sets.entry(name).or_insert_with(|| {
+                shared.scopes.push(Arc::from(key.scopes.clone()));
+                (shared.scopes.len() - 1) as u32
+            })
+        };
+        let KeyTable {
+            keys,
+            previous,
+            by_hash,
+            by_id,
+            ids,
+            ..
+        } = &mut self.table;
+        keys.push(Compact {
+            hash: key.hash,
+            id: Box::from(key.id.as_str()),
+            expires: key.expires,
+            limiter,
+            quota,
+            entry: OnceLock::new(),
+            tenant,
+            policy,
+            scopes,
+            disabled: key.disabled,
+        });
+        let pos = pos as u32;
+        if let Some(prev) = key.previous {
+            previous.push(Previous {
+                hash: prev.hash,
+                key: pos,
+                until: prev.expires,
+            });
+        }
+        let rehash = |&v: &u32| hash_of(index_hash(keys, previous, v));
+        by_hash.insert_unique(hash_of(&key.hash), pos, rehash);
+        if key.previous.is_some() {
+            let v = (previous.len() - 1) as u32 | PREVIOUS_BIT;
+            by_hash.insert_unique(hash_of(&previous[previous.len() - 1].hash), v, rehash);
+        }
+        by_id.insert_unique(ids.hash_one(key.id.as_str()), pos, |&v| {
+            ids.hash_one(&*keys[v as usize].id)
+        });
+    }
+}
+
+impl KeySink for KeyTableBuilder<'_> {
+    fn reserve(&mut self, additional: usize) {
+        let KeyTable {
+            keys,
+            previous,
+            by_hash,
+            by_id,
+            ids,
+            ..
+        } = &mut self.table;
+        keys.reserve(additional);
+        by_hash.reserve(additional, |&v| hash_of(index_hash(keys, previous, v)));
+        by_id.reserve(additional, |&v| ids.hash_one(&*keys[v as usize].id));
+    }
+
+    fn has_id(&self, id: &str) -> bool {
+        self.table.find_id(id).is_some()
+    }
+
+    fn has_hash(&self, hash: &KeyHash) -> bool {
+        self.table.lookup_index(hash).is_some()
+    }
+
+    fn push(&mut self, key: KeyConfig) {
+        KeyTableBuilder::push(self, &key);
+    }
+
+    fn clear(&mut self) {
+        *self = KeyTableBuilder::new(self.previous);
     }
 }
 
@@ -650,6 +726,49 @@ mod tests {
         assert!(
             !Arc::ptr_eq(&b1.limiter, &b3.limiter),
             "a new rate starts afresh"
+        );
+    }
+
+    #[test]
+    fn a_key_file_streams_into_a_table_that_carries_limiters_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("gw.toml");
+        std::fs::write(
+            &main,
+            "[server]\nlisten = \"127.0.0.1:0\"\n[upstream]\nurl = \"http://x\"\n\
+             [auth]\nkeys_file = \"keys.toml\"\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("keys.toml"), keys("5/s")).unwrap();
+        let first = KeyTable::build(&Config::load(&main).unwrap(), None);
+        let mut builder = KeyTableBuilder::new(Some(&first));
+        let config = Config::load_into(&main, &mut builder).unwrap();
+        assert!(config.keys.is_empty(), "the keys went to the builder");
+        let second = builder.finish();
+        assert_eq!(second.len(), first.len());
+        for key in [&b"ka"[..], b"kb", b"kb-old", b"kc", b"kd"] {
+            let (a, b) = (
+                first.lookup(&KeyHash::of(key)).unwrap(),
+                second.lookup(&KeyHash::of(key)).unwrap(),
+            );
+            assert_eq!(a.entry.id, b.entry.id);
+            assert_eq!(a.previous_until, b.previous_until);
+            assert!(Arc::ptr_eq(&a.entry.limiter, &b.entry.limiter));
+        }
+        // A duplicate is still refused where it stands when the keys stream into a table.
+        std::fs::write(
+            dir.path().join("keys.toml"),
+            format!(
+                "{}[[keys]]\nid = \"a\"\nhash = \"{}\"\n",
+                keys("5/s"),
+                KeyHash::of(b"ke").to_config_string()
+            ),
+        )
+        .unwrap();
+        let err = Config::load_into(&main, &mut KeyTableBuilder::new(None)).unwrap_err();
+        assert!(
+            err.to_string().ends_with(":22:6: duplicate key id \"a\""),
+            "{err}"
         );
     }
 }

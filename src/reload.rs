@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::{
     config::{Config, ConfigError},
+    keys::KeyTableBuilder,
     proxy::{Live, Shared},
 };
 
@@ -31,9 +32,13 @@ const DEBOUNCE: Duration = Duration::from_millis(50);
 /// Returns the number of keys now loaded.
 pub fn reload_now(shared: &Shared, path: &Path) -> Result<usize, ConfigError> {
     let started = std::time::Instant::now();
-    let config = Config::load(path)?;
-    let parsed = started.elapsed();
     let old = shared.live.load_full();
+    // Keys stream from the file straight into the new table (no vector of a million parsed
+    // keys beside it), carrying over the limiters of ids that stay.
+    let mut table = KeyTableBuilder::new(Some(&old.table));
+    let config = Config::load_into(path, &mut table)?;
+    let table = table.finish();
+    let parsed = started.elapsed();
     if config.server.listen != old.config.server.listen
         || config.server.tls != old.config.server.tls
     {
@@ -42,12 +47,14 @@ pub fn reload_now(shared: &Shared, path: &Path) -> Result<usize, ConfigError> {
     if config.admin != old.config.admin || config.log != old.config.log {
         tracing::warn!("[admin] and [log] changes take effect after a restart");
     }
-    let live = Live::new(config, Some(&old));
     drop(old);
+    let live = Live {
+        config: Arc::new(config),
+        table,
+    };
     let keys = live.table.len();
     tracing::debug!(
-        parse_ms = parsed.as_millis() as u64,
-        build_ms = (started.elapsed() - parsed).as_millis() as u64,
+        ms = parsed.as_millis() as u64,
         keys,
         "config read and key table built"
     );

@@ -755,6 +755,23 @@ mod tests {
             assert_eq!(a.previous_until, b.previous_until);
             assert!(Arc::ptr_eq(&a.entry.limiter, &b.entry.limiter));
         }
+        // A file the line scanner leaves to the toml crate (an escape in the last key) after
+        // streaming some keys: the builder starts again and ends with every key once.
+        std::fs::write(
+            dir.path().join("keys.toml"),
+            format!(
+                "{}[[keys]]\nid = \"e\"\nhash = \"{}\"\ntenant = \"h\\u0041\"\n",
+                keys("5/s"),
+                KeyHash::of(b"ke").to_config_string()
+            ),
+        )
+        .unwrap();
+        let mut builder = KeyTableBuilder::new(None);
+        Config::load_into(&main, &mut builder).unwrap();
+        let table = builder.finish();
+        assert_eq!(table.len(), 6);
+        let e = table.lookup(&KeyHash::of(b"ke")).unwrap().entry;
+        assert_eq!(e.tenant.as_deref(), Some("hA"));
         // A duplicate is still refused where it stands when the keys stream into a table.
         std::fs::write(
             dir.path().join("keys.toml"),

@@ -139,7 +139,7 @@ fn answer(
             reply(
                 StatusCode::OK,
                 crate::metrics::CONTENT_TYPE,
-                shared.metrics.encode(&live.config, shared.limits.mode()),
+                shared.metrics.encode(&live.table, shared.limits.mode()),
             )
         }
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),

@@ -5,6 +5,12 @@
 //! [`Config::parse`] checks each value and builds the typed [`Config`]. Any error becomes a
 //! [`ConfigError`] printed as `file:line:col: message`, the form editors and CI understand.
 //!
+//! A key table of a million `[[keys]]` is over 100 MB of TOML, which a general TOML parser
+//! reads in seconds. `[[keys]]` written the plain way (one `name = value` a line, as
+//! `keygate keys` writes them) go through a line scanner (`config/fast.rs`) that builds the same raw
+//! structs with the same spans; anything it is not sure of, it hands back to the toml crate, so
+//! the accepted language and the error messages are the toml crate's.
+//!
 //! Choices where the contract is silent (written down here and in the README):
 //! - relative paths (`tls_cert`, `tls_key`) are resolved against the config file's directory;
 //! - a key's `rate` and `burst` each fall back to `[limits]` on their own;
@@ -22,6 +28,7 @@
 //! - a key's `max_body` falls back to `[server] max_body`.
 
 use std::{
+    hash::BuildHasher,
     net::SocketAddr,
     num::NonZeroU32,
     ops::Range,
@@ -41,6 +48,8 @@ use crate::{
     scope::Scope,
     store::{redis::StoreUrl, OnStoreError, StoreConfig},
 };
+
+mod fast;
 
 /// A config problem, located in its file.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -286,7 +295,7 @@ struct RawServer {
 }
 
 /// A size as written: whole bytes, or a string such as `"16MiB"`.
-#[derive(Deserialize)]
+#[derive(Deserialize, Debug)]
 #[serde(untagged)]
 enum RawSize {
     Bytes(i64),
@@ -453,6 +462,14 @@ impl Config {
         Config::parse(path, &text)
     }
 
+    /// Like [`load`](Self::load), but each validated key goes to `keys` as it is read instead
+    /// of into [`Config::keys`], which stays empty: a reload streams a large key file straight
+    /// into the new table ([`crate::keys::KeyTableBuilder`]).
+    pub fn load_into(path: &Path, keys: &mut dyn KeySink) -> Result<Config, ConfigError> {
+        let text = read(path, "config")?;
+        Config::parse_into(path, &text, None, keys)
+    }
+
     /// Validates `text` as the contents of the file at `path` (reading `keys_file` when set).
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         Config::parse_with_keys(path, text, None)
@@ -483,9 +500,24 @@ impl Config {
         text: &str,
         keys_text: Option<&str>,
     ) -> Result<Config, ConfigError> {
+        let mut keys = KeyVec::default();
+        let mut config = Config::parse_into(path, text, keys_text, &mut keys)?;
+        config.keys = keys.keys;
+        Ok(config)
+    }
+
+    fn parse_into(
+        path: &Path,
+        text: &str,
+        keys_text: Option<&str>,
+        sink: &mut dyn KeySink,
+    ) -> Result<Config, ConfigError> {
         let src = Source { file: path, text };
-        let raw: RawConfig =
-            toml::from_str(text).map_err(|e| src.error(e.span(), e.message().to_string()))?;
+        let raw = match fast::split(text) {
+            Some(raw) => raw,
+            None => toml::from_str::<RawConfig>(text)
+                .map_err(|e| src.error(e.span(), e.message().to_string()))?,
+        };
         let base = path.parent().unwrap_or(Path::new("."));
 
         let listen = raw
@@ -654,8 +686,8 @@ impl Config {
             None => None,
         };
         let keys_file = raw.auth.keys_file.as_ref().map(|f| base.join(f.get_ref()));
-        let keys = match &keys_file {
-            None => parse_keys(&src, &raw.keys, &limits, quota, max_body)?,
+        match &keys_file {
+            None => parse_keys(&src, raw.keys, &limits, quota, max_body, sink)?,
             Some(file) => {
                 if let Some(k) = raw.keys.first() {
                     return Err(src.at(
@@ -678,9 +710,22 @@ impl Config {
                     file,
                     text: keys_text,
                 };
-                let raw_keys: RawKeysFile = toml::from_str(keys_text)
-                    .map_err(|e| ksrc.error(e.span(), e.message().to_string()))?;
-                parse_keys(&ksrc, &raw_keys.keys, &limits, quota, max_body)?
+                // Scanned and validated key by key (no vector of raw keys); the toml crate
+                // takes over when the scanner is unsure (see `fast`).
+                // Sized up front: growing a vector of 256-byte KeyConfigs by doubling copies
+                // hundreds of MB for a large table.
+                sink.reserve(keys_text.matches("[[keys]]").count());
+                let mut v = KeysValidator::new(&ksrc, &limits, quota, max_body, &mut *sink);
+                match fast::each_key(keys_text, |k| v.push(k)) {
+                    Some(Ok(())) => {}
+                    Some(Err(e)) => return Err(e),
+                    None => {
+                        sink.clear();
+                        let raw = toml::from_str::<RawKeysFile>(keys_text)
+                            .map_err(|e| ksrc.error(e.span(), e.message().to_string()))?;
+                        parse_keys(&ksrc, raw.keys, &limits, quota, max_body, sink)?
+                    }
+                }
             }
         };
         Ok(Config {
@@ -712,7 +757,7 @@ impl Config {
             limits,
             quota,
             limit_store,
-            keys,
+            keys: Vec::new(),
             admin,
             log,
         })
@@ -740,18 +785,136 @@ fn parse_datetime(
     }
 }
 
-/// Validates `[[keys]]` against `src`, the file they were read from.
-fn parse_keys(
-    src: &Source<'_>,
-    raw: &[RawKey],
-    limits: &RateLimit,
+/// Where validated `[[keys]]` go, in file order, with what the duplicate checks need: a
+/// vector for [`Config::keys`], or a key table being built ([`Config::load_into`]).
+pub trait KeySink {
+    /// Room for `additional` more keys.
+    fn reserve(&mut self, additional: usize);
+    /// Whether a key with this id was pushed.
+    fn has_id(&self, id: &str) -> bool;
+    /// Whether this is the hash or the previous hash of a pushed key.
+    fn has_hash(&self, hash: &KeyHash) -> bool;
+    /// Keeps a validated key.
+    fn push(&mut self, key: KeyConfig);
+    /// Forgets every key (a fast scan gave up; the toml crate starts again).
+    fn clear(&mut self);
+}
+
+/// The keys of a [`Config`], with indexes of positions for the duplicate checks (5 bytes a
+/// slot rather than sets of ids and 32-byte hashes).
+#[derive(Default)]
+struct KeyVec {
+    keys: Vec<KeyConfig>,
+    ids: hashbrown::HashTable<u32>,
+    id_hasher: hashbrown::DefaultHashBuilder,
+    /// By hash; with [`PREVIOUS`] set: the key's `previous_hash`.
+    hashes: hashbrown::HashTable<u32>,
+}
+
+/// Marks a position in [`KeyVec::hashes`] that stands for a key's previous hash.
+const PREVIOUS: u32 = 1 << 31;
+
+/// blake3 output is uniform: its first eight bytes are already a good hash.
+fn hash64(hash: &KeyHash) -> u64 {
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&hash.0[..8]);
+    u64::from_le_bytes(first)
+}
+
+/// The hash a position in [`KeyVec::hashes`] stands for.
+fn hash_at(keys: &[KeyConfig], v: u32) -> &KeyHash {
+    let key = &keys[(v & !PREVIOUS) as usize];
+    match (v & PREVIOUS != 0, &key.previous) {
+        (true, Some(p)) => &p.hash,
+        _ => &key.hash,
+    }
+}
+
+impl KeySink for KeyVec {
+    fn reserve(&mut self, additional: usize) {
+        let KeyVec {
+            keys,
+            ids,
+            id_hasher,
+            hashes,
+        } = self;
+        keys.reserve(additional);
+        ids.reserve(additional, |&i| {
+            id_hasher.hash_one(keys[i as usize].id.as_str())
+        });
+        hashes.reserve(additional, |&v| hash64(hash_at(keys, v)));
+    }
+
+    fn has_id(&self, id: &str) -> bool {
+        self.ids
+            .find(self.id_hasher.hash_one(id), |&i| {
+                self.keys[i as usize].id == id
+            })
+            .is_some()
+    }
+
+    fn has_hash(&self, hash: &KeyHash) -> bool {
+        self.hashes
+            .find(hash64(hash), |&v| hash_at(&self.keys, v) == hash)
+            .is_some()
+    }
+
+    fn push(&mut self, key: KeyConfig) {
+        assert!(self.keys.len() < PREVIOUS as usize, "more than 2^31 keys");
+        let pos = self.keys.len() as u32;
+        self.keys.push(key);
+        let KeyVec {
+            keys,
+            ids,
+            id_hasher,
+            hashes,
+        } = self;
+        let key = &keys[pos as usize];
+        ids.insert_unique(id_hasher.hash_one(key.id.as_str()), pos, |&i| {
+            id_hasher.hash_one(keys[i as usize].id.as_str())
+        });
+        let rehash = |&v: &u32| hash64(hash_at(keys, v));
+        hashes.insert_unique(hash64(&key.hash), pos, rehash);
+        if let Some(p) = &key.previous {
+            hashes.insert_unique(hash64(&p.hash), pos | PREVIOUS, rehash);
+        }
+    }
+
+    fn clear(&mut self) {
+        *self = KeyVec::default();
+    }
+}
+
+/// Validates `[[keys]]` one at a time against `src`, the file they were read from, taking
+/// each raw key's strings rather than copying them, and hands them to a [`KeySink`].
+struct KeysValidator<'a> {
+    src: &'a Source<'a>,
+    limits: RateLimit,
     default_quota: Option<QuotaLimit>,
     default_max_body: u64,
-) -> Result<Vec<KeyConfig>, ConfigError> {
-    let mut keys = Vec::with_capacity(raw.len());
-    let mut ids = std::collections::HashSet::with_capacity(raw.len());
-    let mut hashes = std::collections::HashSet::with_capacity(raw.len());
-    for k in raw {
+    sink: &'a mut dyn KeySink,
+}
+
+impl<'a> KeysValidator<'a> {
+    fn new(
+        src: &'a Source<'a>,
+        limits: &RateLimit,
+        default_quota: Option<QuotaLimit>,
+        default_max_body: u64,
+        sink: &'a mut dyn KeySink,
+    ) -> Self {
+        KeysValidator {
+            src,
+            limits: *limits,
+            default_quota,
+            default_max_body,
+            sink,
+        }
+    }
+
+    /// Checks one key against the ones before it and keeps it.
+    fn push(&mut self, k: RawKey) -> Result<(), ConfigError> {
+        let src = self.src;
         let id = k.id.get_ref();
         if !valid_id(id) {
             return Err(src.at(
@@ -759,11 +922,11 @@ fn parse_keys(
                 "id must be 1 to 64 characters of letters, digits, '.', '_' or '-'",
             ));
         }
-        if !ids.insert(id.as_str()) {
+        if self.sink.has_id(id) {
             return Err(src.at(&k.id, format!("duplicate key id {id:?}")));
         }
         let hash = KeyHash::parse(k.hash.get_ref()).map_err(|m| src.at(&k.hash, m))?;
-        if !hashes.insert(hash.0) {
+        if self.sink.has_hash(&hash) {
             return Err(src.at(
                 &k.hash,
                 format!("key {id:?} has the same hash as an earlier key"),
@@ -776,16 +939,16 @@ fn parse_keys(
                     "tenant must be 1 to 64 characters of letters, digits, '.', '_' or '-'",
                 ))
             }
-            Some(t) => Some(t.get_ref().clone()),
+            Some(_) => k.tenant.map(Spanned::into_inner),
             None => None,
         };
         let (count, per) = match &k.rate {
             Some(r) => RateLimit::parse_rate(r.get_ref(), false).map_err(|m| src.at(r, m))?,
-            None => (limits.count, limits.per),
+            None => (self.limits.count, self.limits.per),
         };
         let burst = match &k.burst {
             Some(b) => parse_burst(src, b)?,
-            None => limits.burst,
+            None => self.limits.burst,
         };
         let expires = parse_datetime(src, &k.expires)?;
         let scopes = match &k.scopes {
@@ -804,19 +967,22 @@ fn parse_keys(
         };
         let quota = match &k.quota {
             Some(q) => Some(QuotaLimit::parse(q.get_ref()).map_err(|m| src.at(q, m))?),
-            None => default_quota,
+            None => self.default_quota,
         };
         let previous = match (&k.previous_hash, &k.previous_expires) {
             (Some(h), Some(e)) => {
-                let hash = KeyHash::parse(h.get_ref()).map_err(|m| src.at(h, m))?;
-                if !hashes.insert(hash.0) {
+                let previous = KeyHash::parse(h.get_ref()).map_err(|m| src.at(h, m))?;
+                if previous == hash || self.sink.has_hash(&previous) {
                     return Err(src.at(
                         h,
                         format!("key {id:?}: previous_hash is already the hash of a key"),
                     ));
                 }
                 let expires = datetime_to_system_time(e.get_ref()).map_err(|m| src.at(e, m))?;
-                Some(PreviousKey { hash, expires })
+                Some(PreviousKey {
+                    hash: previous,
+                    expires,
+                })
             }
             (None, None) => None,
             (Some(h), None) => {
@@ -827,8 +993,14 @@ fn parse_keys(
             }
             (None, Some(e)) => return Err(src.at(e, "previous_expires needs previous_hash")),
         };
-        keys.push(KeyConfig {
-            id: id.clone(),
+        let created_at = parse_datetime(src, &k.created_at)?;
+        let revoked_at = parse_datetime(src, &k.revoked_at)?;
+        let max_body = match &k.max_body {
+            Some(v) => size(src, v)?,
+            None => self.default_max_body,
+        };
+        self.sink.push(KeyConfig {
+            id: k.id.into_inner(),
             hash,
             tenant,
             limit: RateLimit { count, per, burst },
@@ -836,16 +1008,30 @@ fn parse_keys(
             expires,
             scopes,
             quota,
-            created_at: parse_datetime(src, &k.created_at)?,
-            revoked_at: parse_datetime(src, &k.revoked_at)?,
+            created_at,
+            revoked_at,
             previous,
-            max_body: match &k.max_body {
-                Some(v) => size(src, v)?,
-                None => default_max_body,
-            },
+            max_body,
         });
+        Ok(())
     }
-    Ok(keys)
+}
+
+/// Validates `[[keys]]` against `src`, the file they were read from, into `sink`.
+fn parse_keys(
+    src: &Source<'_>,
+    raw: Vec<RawKey>,
+    limits: &RateLimit,
+    default_quota: Option<QuotaLimit>,
+    default_max_body: u64,
+    sink: &mut dyn KeySink,
+) -> Result<(), ConfigError> {
+    sink.reserve(raw.len());
+    let mut v = KeysValidator::new(src, limits, default_quota, default_max_body, sink);
+    for k in raw {
+        v.push(k)?;
+    }
+    Ok(())
 }
 
 fn parse_limit_store(
@@ -1195,6 +1381,67 @@ mod tests {
         assert!(
             err.to_string().contains("cannot read the keys file"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn a_hash_may_not_repeat_a_previous_hash_either_way() {
+        let rotating = format!(
+            "[[keys]]\nid = \"a\"\nhash = \"{HASH_A}\"\nprevious_hash = \"{HASH_B}\"\n\
+             previous_expires = 2030-01-01T00:00:00Z\n"
+        );
+        let err = parse(&minimal(&format!(
+            "{rotating}[[keys]]\nid = \"b\"\nhash = \"{HASH_B}\"\n"
+        )))
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "gw.toml:12:8: key \"b\" has the same hash as an earlier key"
+        );
+        let err = parse(&minimal(&format!(
+            "[[keys]]\nid = \"b\"\nhash = \"{HASH_B}\"\n{rotating}"
+        )))
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "gw.toml:11:17: key \"a\": previous_hash is already the hash of a key"
+        );
+    }
+
+    #[test]
+    fn a_keys_file_reports_the_error_the_toml_crate_would_report_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("gw.toml");
+        let main_text = minimal("[auth]\nkeys_file = \"keys.toml\"\n");
+        let key = |id: &str, hash: &str, extra: &str| {
+            format!("[[keys]]\nid = \"{id}\"\nhash = \"{hash}\"\n{extra}")
+        };
+        // A bad value in the first key, a syntax error in the last: the syntax error wins, as
+        // it does when the toml crate reads the whole file before anything is validated.
+        let both = format!(
+            "{}{}",
+            key("a", HASH_A, "rate = \"1/fortnight\"\n"),
+            key("b", HASH_B, "burst = \n")
+        );
+        let err = Config::parse_with_keys(&main, &main_text, Some(&both)).unwrap_err();
+        assert_eq!((err.line, err.col), (8, 9), "{err}");
+        // Without the syntax error, the bad value is reported where it stands.
+        let bad_value = format!(
+            "{}{}",
+            key("a", HASH_A, ""),
+            key("b", HASH_B, "rate = \"1/fortnight\"\n")
+        );
+        let err = Config::parse_with_keys(&main, &main_text, Some(&bad_value)).unwrap_err();
+        assert_eq!((err.line, err.col), (7, 8), "{err}");
+        assert!(err.message.contains("fortnight"), "{err}");
+        let dup = format!("{}{}", key("a", HASH_A, ""), key("a", HASH_B, ""));
+        let err = Config::parse_with_keys(&main, &main_text, Some(&dup)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}:5:6: duplicate key id \"a\"",
+                dir.path().join("keys.toml").display()
+            )
         );
     }
 

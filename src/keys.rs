@@ -16,17 +16,18 @@
 use std::{
     collections::HashMap,
     fmt,
-    hash::{BuildHasherDefault, Hash, Hasher},
-    sync::Arc,
+    hash::{BuildHasher, Hash, Hasher},
+    sync::{Arc, OnceLock},
     time::SystemTime,
 };
 
+use hashbrown::{DefaultHashBuilder, HashMap as FastMap, HashTable};
 use http::HeaderValue;
 
 use crate::{
-    config::{Config, KeyConfig},
-    limit::KeyLimiter,
-    quota::{self, QuotaLimiter},
+    config::{Config, KeyConfig, KeySink},
+    limit::{KeyLimiter, RateLimit},
+    quota::{self, QuotaLimit, QuotaLimiter},
     scope::Scope,
 };
 
@@ -59,10 +60,11 @@ impl KeyHash {
         if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
             return Err("hash must be \"blake3:\" followed by 64 lowercase hex digits".into());
         }
+        // A million of these are parsed per load of a large key table: no per-byte str parsing.
+        let nibble = |b: u8| if b <= b'9' { b - b'0' } else { b - b'a' + 10 };
         let mut out = [0u8; 32];
-        for (i, chunk) in hex.as_bytes().chunks(2).enumerate() {
-            let s = std::str::from_utf8(chunk).expect("hex is ASCII");
-            out[i] = u8::from_str_radix(s, 16).expect("checked hex");
+        for (o, pair) in out.iter_mut().zip(hex.as_bytes().chunks_exact(2)) {
+            *o = nibble(pair[0]) << 4 | nibble(pair[1]);
         }
         Ok(KeyHash(out))
     }
@@ -220,11 +222,14 @@ impl StatusCounts {
 }
 
 /// One key id as the request path sees it, with what forwarding needs precomputed.
+///
+/// The table builds an entry the first time one of the key's hashes is looked up (see
+/// [`KeyTable`]): a million idle keys cost no entries, only their compact records.
 #[derive(Debug)]
 pub struct KeyEntry {
     /// The key's id: unique, safe to log and to send upstream.
     pub id: Arc<str>,
-    /// The hotel this key acts for.
+    /// The hotel this key acts for (shared by every key of the tenant).
     pub tenant: Option<Arc<str>>,
     /// Refused with `invalid_api_key` while set.
     pub disabled: bool,
@@ -234,13 +239,14 @@ pub struct KeyEntry {
     pub limiter: Arc<KeyLimiter>,
     /// This id's long-window quota, carried across reloads; `None` without a quota.
     pub quota: Option<Arc<QuotaLimiter>>,
-    /// What the key may call; empty means everything.
-    pub scopes: Vec<Scope>,
-    /// `RateLimit-Policy` value: the rate, and the quota when there is one.
+    /// What the key may call; empty means everything (shared by keys with the same list).
+    pub scopes: Arc<[Scope]>,
+    /// `RateLimit-Policy` value: the rate, and the quota when there is one (one shared buffer
+    /// per distinct policy).
     pub policy_header: HeaderValue,
     /// `X-Keygate-Key-Id` value.
     pub id_header: HeaderValue,
-    /// `X-Keygate-Tenant` value.
+    /// `X-Keygate-Tenant` value (shared by every key of the tenant).
     pub tenant_header: Option<HeaderValue>,
     /// Largest request body this key may send, in bytes.
     pub max_body: u64,
@@ -255,95 +261,348 @@ pub struct Found<'a> {
     pub previous_until: Option<SystemTime>,
 }
 
-#[derive(Debug)]
-struct Slot {
-    entry: Arc<KeyEntry>,
-    previous_until: Option<SystemTime>,
+/// What the table keeps for every configured key: about 110 bytes, plus the id's bytes and
+/// the limiter. Values many keys share (tenant, policy, scopes) are indexes into [`Shared`].
+struct Compact {
+    hash: KeyHash,
+    id: Box<str>,
+    expires: Option<SystemTime>,
+    limiter: Arc<KeyLimiter>,
+    quota: Option<Arc<QuotaLimiter>>,
+    /// Built on the first lookup; dropped with the table.
+    entry: OnceLock<Arc<KeyEntry>>,
+    /// Largest request body the key may send.
+    max_body: u64,
+    tenant: u32,
+    policy: u32,
+    scopes: u32,
+    disabled: bool,
 }
 
+/// The old hash of a rotating key.
+struct Previous {
+    hash: KeyHash,
+    key: u32,
+    until: SystemTime,
+}
+
+/// Values shared by many keys, each stored once per table.
+#[derive(Default)]
+struct Shared {
+    /// Tenant name and its `X-Keygate-Tenant` value.
+    tenants: Vec<(Arc<str>, HeaderValue)>,
+    /// `RateLimit-Policy` values.
+    policies: Vec<HeaderValue>,
+    /// Scope lists; index 0 is the empty list.
+    scopes: Vec<Arc<[Scope]>>,
+}
+
+const NO_TENANT: u32 = u32::MAX;
+/// Set in an index value that points into `previous` rather than `keys`.
+const PREVIOUS_BIT: u32 = 1 << 31;
+
 /// The key table: blake3 hash → entry. Immutable once built; a reload builds a new one.
-#[derive(Debug, Default)]
+///
+/// Laid out for a million keys in a few hundred MB: the keys are one `Vec` of compact records,
+/// and the hash index is a `hashbrown::HashTable<u32>` of positions in it (5 bytes a slot
+/// rather than a map holding 32-byte hashes and pointers). A second index by id carries
+/// limiters over on reload without building a map of the old table.
+#[derive(Default)]
 pub struct KeyTable {
-    by_hash: HashMap<KeyHash, Slot, BuildHasherDefault<PassThroughHasher>>,
+    keys: Vec<Compact>,
+    previous: Vec<Previous>,
+    by_hash: HashTable<u32>,
+    by_id: HashTable<u32>,
+    ids: DefaultHashBuilder,
+    shared: Shared,
+}
+
+impl fmt::Debug for KeyTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyTable")
+            .field("keys", &self.keys.len())
+            .field("previous_hashes", &self.previous.len())
+            .finish()
+    }
+}
+
+fn hash_of(hash: &KeyHash) -> u64 {
+    // blake3 output is uniform: eight of its bytes are already a good hash.
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&hash.0[..8]);
+    u64::from_le_bytes(first)
 }
 
 impl KeyTable {
     /// Builds the table for `config`, carrying over the limiters (rate and quota) of
     /// `previous` for every id whose limit did not change.
     pub fn build(config: &Config, previous: Option<&KeyTable>) -> KeyTable {
-        let old: HashMap<&str, &Arc<KeyEntry>> = previous
-            .map(|t| {
-                t.by_hash
-                    .values()
-                    .map(|s| (&*s.entry.id, &s.entry))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let mut by_hash = HashMap::with_capacity_and_hasher(config.keys.len(), Default::default());
+        let mut builder = KeyTableBuilder::new(previous);
+        builder.reserve(config.keys.len());
         for key in &config.keys {
-            let old_entry = old.get(key.id.as_str());
-            let limiter = match old_entry {
-                Some(e) if *e.limiter.limit() == key.limit => Arc::clone(&e.limiter),
-                _ => Arc::new(KeyLimiter::new(key.limit)),
-            };
-            let quota = key
-                .quota
-                .map(|q| match old_entry.and_then(|e| e.quota.as_ref()) {
-                    Some(old) if *old.limit() == q => Arc::clone(old),
-                    _ => Arc::new(QuotaLimiter::new(q)),
-                });
-            let entry = Arc::new(KeyEntry {
-                id: Arc::from(key.id.as_str()),
-                tenant: key.tenant.as_deref().map(Arc::from),
-                disabled: key.disabled,
-                expires: key.expires,
-                limiter,
-                quota,
-                scopes: key.scopes.clone(),
-                policy_header: quota::policy_header(&key.limit, key.quota.as_ref()),
-                id_header: HeaderValue::try_from(key.id.as_str()).expect("validated id"),
-                tenant_header: key
-                    .tenant
-                    .as_deref()
-                    .map(|t| HeaderValue::try_from(t).expect("validated tenant")),
-                max_body: key.max_body,
-            });
-            if let Some(prev) = key.previous {
-                by_hash.insert(
-                    prev.hash,
-                    Slot {
-                        entry: Arc::clone(&entry),
-                        previous_until: Some(prev.expires),
-                    },
-                );
-            }
-            by_hash.insert(
-                key.hash,
-                Slot {
-                    entry,
-                    previous_until: None,
-                },
-            );
+            builder.push(key);
         }
-        KeyTable { by_hash }
+        builder.finish()
+    }
+
+    fn empty() -> KeyTable {
+        KeyTable {
+            shared: Shared {
+                scopes: vec![Arc::from(Vec::new())],
+                ..Shared::default()
+            },
+            ..KeyTable::default()
+        }
+    }
+
+    fn find_id(&self, id: &str) -> Option<&Compact> {
+        self.by_id
+            .find(self.ids.hash_one(id), |&v| &*self.keys[v as usize].id == id)
+            .map(|&v| &self.keys[v as usize])
     }
 
     /// The entry for a presented key's hash, saying whether it was a rotating key's old hash.
     pub fn lookup(&self, hash: &KeyHash) -> Option<Found<'_>> {
-        self.by_hash.get(hash).map(|s| Found {
-            entry: &s.entry,
-            previous_until: s.previous_until,
+        let v = self.lookup_index(hash)?;
+        let (key, previous_until) = if v & PREVIOUS_BIT == 0 {
+            (&self.keys[v as usize], None)
+        } else {
+            let p = &self.previous[(v & !PREVIOUS_BIT) as usize];
+            (&self.keys[p.key as usize], Some(p.until))
+        };
+        Some(Found {
+            entry: key.entry.get_or_init(|| self.entry(key)),
+            previous_until,
         })
     }
 
-    /// How many hashes the table holds.
+    fn lookup_index(&self, hash: &KeyHash) -> Option<u32> {
+        self.by_hash
+            .find(hash_of(hash), |&v| {
+                index_hash(&self.keys, &self.previous, v) == hash
+            })
+            .copied()
+    }
+
+    fn entry(&self, key: &Compact) -> Arc<KeyEntry> {
+        let tenant = self.shared.tenants.get(key.tenant as usize);
+        Arc::new(KeyEntry {
+            id: Arc::from(&*key.id),
+            tenant: tenant.map(|(t, _)| Arc::clone(t)),
+            disabled: key.disabled,
+            expires: key.expires,
+            limiter: Arc::clone(&key.limiter),
+            quota: key.quota.clone(),
+            scopes: Arc::clone(&self.shared.scopes[key.scopes as usize]),
+            policy_header: self.shared.policies[key.policy as usize].clone(),
+            id_header: HeaderValue::try_from(&*key.id).expect("validated id"),
+            tenant_header: tenant.map(|(_, h)| h.clone()),
+            max_body: key.max_body,
+        })
+    }
+
+    /// How many hashes the table holds (a rotating key has two).
     pub fn len(&self) -> usize {
-        self.by_hash.len()
+        self.keys.len() + self.previous.len()
     }
 
     /// Whether the table is empty.
     pub fn is_empty(&self) -> bool {
-        self.by_hash.is_empty()
+        self.keys.is_empty()
+    }
+
+    /// How many keys are in each status at `now` (what `keygate_keys` shows).
+    pub fn status_counts(&self, now: SystemTime) -> StatusCounts {
+        let mut counts = StatusCounts::default();
+        for k in &self.keys {
+            if k.disabled {
+                counts.disabled += 1;
+            } else if k.expires.is_some_and(|e| e <= now) {
+                counts.expired += 1;
+            } else {
+                counts.active += 1;
+            }
+        }
+        counts
+    }
+}
+
+/// Builds a [`KeyTable`] one validated key at a time, so a reload can stream a key file into
+/// it without holding all of its [`KeyConfig`]s (256 bytes each) in a vector first
+/// ([`Config::load_into`]). Limiters of `previous` are carried over as by [`KeyTable::build`].
+pub struct KeyTableBuilder<'p> {
+    table: KeyTable,
+    previous: Option<&'p KeyTable>,
+    tenants: FastMap<Arc<str>, u32>,
+    policies: HashMap<(RateLimit, Option<QuotaLimit>), u32>,
+    // Most keys have the policy of the key before them: skip hashing it then.
+    last_policy: Option<((RateLimit, Option<QuotaLimit>), u32)>,
+    scope_sets: HashMap<String, u32>,
+}
+
+impl<'p> KeyTableBuilder<'p> {
+    /// An empty builder carrying limiters over from `previous`.
+    pub fn new(previous: Option<&'p KeyTable>) -> Self {
+        KeyTableBuilder {
+            table: KeyTable::empty(),
+            previous,
+            tenants: FastMap::new(),
+            policies: HashMap::new(),
+            last_policy: None,
+            scope_sets: HashMap::new(),
+        }
+    }
+
+    /// The finished table.
+    pub fn finish(self) -> KeyTable {
+        self.table
+    }
+
+    /// Adds `key` (whose id and hashes are new to the table: [`Config`] validation checks that).
+    pub fn push(&mut self, key: &KeyConfig) {
+        let pos = self.table.keys.len();
+        assert!(pos < PREVIOUS_BIT as usize, "more than 2^31 keys");
+        // A reloaded file mostly keeps its order: try the same position before the index.
+        let old = self.previous.and_then(|t| match t.keys.get(pos) {
+            Some(k) if *k.id == *key.id => Some(k),
+            _ => t.find_id(&key.id),
+        });
+        let limiter = match old {
+            Some(o) if *o.limiter.limit() == key.limit => Arc::clone(&o.limiter),
+            _ => Arc::new(KeyLimiter::new(key.limit)),
+        };
+        let quota = key.quota.map(|q| match old.and_then(|o| o.quota.as_ref()) {
+            Some(old) if *old.limit() == q => Arc::clone(old),
+            _ => Arc::new(QuotaLimiter::new(q)),
+        });
+        let shared = &mut self.table.shared;
+        let tenant = match key.tenant.as_deref() {
+            None => NO_TENANT,
+            Some(t) => match self.tenants.get(t) {
+                Some(&i) => i,
+                None => {
+                    let name: Arc<str> = Arc::from(t);
+                    let header = HeaderValue::try_from(t).expect("validated tenant");
+                    shared.tenants.push((Arc::clone(&name), header));
+                    let i = (shared.tenants.len() - 1) as u32;
+                    self.tenants.insert(name, i);
+                    i
+                }
+            },
+        };
+        let policy = match self.last_policy {
+            Some((p, i)) if p == (key.limit, key.quota) => i,
+            _ => {
+                let i = *self
+                    .policies
+                    .entry((key.limit, key.quota))
+                    .or_insert_with(|| {
+                        let header = quota::policy_header(&key.limit, key.quota.as_ref());
+                        // One buffer for every key with this policy: clones share it.
+                        let header = HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(
+                            header.as_bytes(),
+                        ))
+                        .expect("policy fields are ASCII");
+                        shared.policies.push(header);
+                        (shared.policies.len() - 1) as u32
+                    });
+                self.last_policy = Some(((key.limit, key.quota), i));
+                i
+            }
+        };
+        let scopes = if key.scopes.is_empty() {
+            0
+        } else {
+            let name = key
+                .scopes
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n");
+            *self.scope_sets.entry(name).or_insert_with(|| {
+                shared.scopes.push(Arc::from(key.scopes.clone()));
+                (shared.scopes.len() - 1) as u32
+            })
+        };
+        let KeyTable {
+            keys,
+            previous,
+            by_hash,
+            by_id,
+            ids,
+            ..
+        } = &mut self.table;
+        keys.push(Compact {
+            hash: key.hash,
+            id: Box::from(key.id.as_str()),
+            expires: key.expires,
+            limiter,
+            quota,
+            entry: OnceLock::new(),
+            max_body: key.max_body,
+            tenant,
+            policy,
+            scopes,
+            disabled: key.disabled,
+        });
+        let pos = pos as u32;
+        if let Some(prev) = key.previous {
+            previous.push(Previous {
+                hash: prev.hash,
+                key: pos,
+                until: prev.expires,
+            });
+        }
+        let rehash = |&v: &u32| hash_of(index_hash(keys, previous, v));
+        by_hash.insert_unique(hash_of(&key.hash), pos, rehash);
+        if key.previous.is_some() {
+            let v = (previous.len() - 1) as u32 | PREVIOUS_BIT;
+            by_hash.insert_unique(hash_of(&previous[previous.len() - 1].hash), v, rehash);
+        }
+        by_id.insert_unique(ids.hash_one(key.id.as_str()), pos, |&v| {
+            ids.hash_one(&*keys[v as usize].id)
+        });
+    }
+}
+
+impl KeySink for KeyTableBuilder<'_> {
+    fn reserve(&mut self, additional: usize) {
+        let KeyTable {
+            keys,
+            previous,
+            by_hash,
+            by_id,
+            ids,
+            ..
+        } = &mut self.table;
+        keys.reserve(additional);
+        by_hash.reserve(additional, |&v| hash_of(index_hash(keys, previous, v)));
+        by_id.reserve(additional, |&v| ids.hash_one(&*keys[v as usize].id));
+    }
+
+    fn has_id(&self, id: &str) -> bool {
+        self.table.find_id(id).is_some()
+    }
+
+    fn has_hash(&self, hash: &KeyHash) -> bool {
+        self.table.lookup_index(hash).is_some()
+    }
+
+    fn push(&mut self, key: KeyConfig) {
+        KeyTableBuilder::push(self, &key);
+    }
+
+    fn clear(&mut self) {
+        *self = KeyTableBuilder::new(self.previous);
+    }
+}
+
+/// The hash an index value stands for.
+fn index_hash<'a>(keys: &'a [Compact], previous: &'a [Previous], v: u32) -> &'a KeyHash {
+    if v & PREVIOUS_BIT == 0 {
+        &keys[v as usize].hash
+    } else {
+        &previous[(v & !PREVIOUS_BIT) as usize].hash
     }
 }
 
@@ -399,5 +658,145 @@ mod tests {
             );
         }
         assert_eq!(checksum_ok("legacy-key-123", DEFAULT_PREFIX), None);
+    }
+
+    fn config(keys: &str) -> Config {
+        Config::parse(
+            std::path::Path::new("gw.toml"),
+            &format!("[server]\nlisten = \"127.0.0.1:0\"\n[upstream]\nurl = \"http://x\"\n{keys}"),
+        )
+        .unwrap()
+    }
+
+    fn keys(rate_of_b: &str) -> String {
+        let h = |k: &str| KeyHash::of(k.as_bytes()).to_config_string();
+        format!(
+            "[[keys]]\nid = \"a\"\nhash = \"{}\"\ntenant = \"hotel\"\n\
+             [[keys]]\nid = \"b\"\nhash = \"{}\"\ntenant = \"hotel\"\nrate = \"{rate_of_b}\"\n\
+             previous_hash = \"{}\"\nprevious_expires = 2030-01-01T00:00:00Z\n\
+             [[keys]]\nid = \"c\"\nhash = \"{}\"\ndisabled = true\nscopes = [\"GET /v1/**\"]\n\
+             [[keys]]\nid = \"d\"\nhash = \"{}\"\nexpires = 2001-01-01T00:00:00Z\n",
+            h("ka"),
+            h("kb"),
+            h("kb-old"),
+            h("kc"),
+            h("kd")
+        )
+    }
+
+    #[test]
+    fn the_table_finds_every_hash_and_shares_what_keys_share() {
+        let table = KeyTable::build(&config(&keys("5/s")), None);
+        assert_eq!(table.len(), 5, "four keys and one previous hash");
+        assert!(table.lookup(&KeyHash::of(b"nope")).is_none());
+        let a = table.lookup(&KeyHash::of(b"ka")).unwrap();
+        assert_eq!(&*a.entry.id, "a");
+        assert_eq!(a.entry.id_header, "a");
+        assert_eq!(a.entry.tenant_header.as_ref().unwrap(), "hotel");
+        assert!(a.previous_until.is_none() && a.entry.scopes.is_empty());
+        assert_eq!(a.entry.policy_header, "\"default\";q=20;w=2");
+        // The entry is built once and then the same for every lookup.
+        let again = table.lookup(&KeyHash::of(b"ka")).unwrap();
+        assert!(Arc::ptr_eq(a.entry, again.entry));
+
+        let b = table.lookup(&KeyHash::of(b"kb")).unwrap();
+        let b_old = table.lookup(&KeyHash::of(b"kb-old")).unwrap();
+        assert!(
+            Arc::ptr_eq(b.entry, b_old.entry),
+            "old and new hash share an entry"
+        );
+        assert!(b.previous_until.is_none() && b_old.previous_until.is_some());
+        assert_eq!(b.entry.tenant, a.entry.tenant);
+        assert_eq!(b.entry.policy_header, "\"default\";q=20;w=4");
+
+        let c = table.lookup(&KeyHash::of(b"kc")).unwrap();
+        assert!(c.entry.disabled);
+        assert_eq!(c.entry.scopes[0].to_string(), "GET /v1/**");
+        assert!(c.entry.tenant.is_none() && c.entry.tenant_header.is_none());
+
+        let now = SystemTime::now();
+        let counts = table.status_counts(now);
+        assert_eq!((counts.active, counts.disabled, counts.expired), (2, 1, 1));
+        assert_eq!(counts, StatusCounts::of(&config(&keys("5/s")).keys, now));
+    }
+
+    #[test]
+    fn a_rebuild_carries_limiters_over_by_id_unless_the_limit_changed() {
+        let first = KeyTable::build(&config(&keys("5/s")), None);
+        let a1 = Arc::clone(first.lookup(&KeyHash::of(b"ka")).unwrap().entry);
+        let b1 = Arc::clone(first.lookup(&KeyHash::of(b"kb")).unwrap().entry);
+        let same = KeyTable::build(&config(&keys("5/s")), Some(&first));
+        let a2 = same.lookup(&KeyHash::of(b"ka")).unwrap().entry;
+        let b2 = same.lookup(&KeyHash::of(b"kb")).unwrap().entry;
+        assert!(Arc::ptr_eq(&a1.limiter, &a2.limiter));
+        assert!(Arc::ptr_eq(&b1.limiter, &b2.limiter));
+        let changed = KeyTable::build(&config(&keys("6/s")), Some(&first));
+        let a3 = changed.lookup(&KeyHash::of(b"ka")).unwrap().entry;
+        let b3 = changed.lookup(&KeyHash::of(b"kb")).unwrap().entry;
+        assert!(Arc::ptr_eq(&a1.limiter, &a3.limiter));
+        assert!(
+            !Arc::ptr_eq(&b1.limiter, &b3.limiter),
+            "a new rate starts afresh"
+        );
+    }
+
+    #[test]
+    fn a_key_file_streams_into_a_table_that_carries_limiters_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("gw.toml");
+        std::fs::write(
+            &main,
+            "[server]\nlisten = \"127.0.0.1:0\"\n[upstream]\nurl = \"http://x\"\n\
+             [auth]\nkeys_file = \"keys.toml\"\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("keys.toml"), keys("5/s")).unwrap();
+        let first = KeyTable::build(&Config::load(&main).unwrap(), None);
+        let mut builder = KeyTableBuilder::new(Some(&first));
+        let config = Config::load_into(&main, &mut builder).unwrap();
+        assert!(config.keys.is_empty(), "the keys went to the builder");
+        let second = builder.finish();
+        assert_eq!(second.len(), first.len());
+        for key in [&b"ka"[..], b"kb", b"kb-old", b"kc", b"kd"] {
+            let (a, b) = (
+                first.lookup(&KeyHash::of(key)).unwrap(),
+                second.lookup(&KeyHash::of(key)).unwrap(),
+            );
+            assert_eq!(a.entry.id, b.entry.id);
+            assert_eq!(a.previous_until, b.previous_until);
+            assert!(Arc::ptr_eq(&a.entry.limiter, &b.entry.limiter));
+        }
+        // A file the line scanner leaves to the toml crate (an escape in the last key) after
+        // streaming some keys: the builder starts again and ends with every key once.
+        std::fs::write(
+            dir.path().join("keys.toml"),
+            format!(
+                "{}[[keys]]\nid = \"e\"\nhash = \"{}\"\ntenant = \"h\\u0041\"\n",
+                keys("5/s"),
+                KeyHash::of(b"ke").to_config_string()
+            ),
+        )
+        .unwrap();
+        let mut builder = KeyTableBuilder::new(None);
+        Config::load_into(&main, &mut builder).unwrap();
+        let table = builder.finish();
+        assert_eq!(table.len(), 6);
+        let e = table.lookup(&KeyHash::of(b"ke")).unwrap().entry;
+        assert_eq!(e.tenant.as_deref(), Some("hA"));
+        // A duplicate is still refused where it stands when the keys stream into a table.
+        std::fs::write(
+            dir.path().join("keys.toml"),
+            format!(
+                "{}[[keys]]\nid = \"a\"\nhash = \"{}\"\n",
+                keys("5/s"),
+                KeyHash::of(b"ke").to_config_string()
+            ),
+        )
+        .unwrap();
+        let err = Config::load_into(&main, &mut KeyTableBuilder::new(None)).unwrap_err();
+        assert!(
+            err.to_string().ends_with(":22:6: duplicate key id \"a\""),
+            "{err}"
+        );
     }
 }

@@ -34,7 +34,11 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{config::Config, error::GatewayError, keys::StatusCounts, store::LimitMode};
+use crate::{
+    error::GatewayError,
+    keys::{KeyTable, StatusCounts},
+    store::LimitMode,
+};
 
 /// The content type of [`Metrics::encode`]'s output (OpenMetrics text, which Prometheus reads).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -285,9 +289,9 @@ impl Metrics {
         ConnectionGuard(self.open_connections.clone())
     }
 
-    /// The exposition text, with `keygate_keys` computed from `config` as of now and
+    /// The exposition text, with `keygate_keys` computed from the live key table as of now and
     /// `keygate_limit_store_mode` from `mode`.
-    pub fn encode(&self, config: &Config, mode: LimitMode) -> String {
+    pub fn encode(&self, keys: &KeyTable, mode: LimitMode) -> String {
         for m in [LimitMode::InProcess, LimitMode::Shared, LimitMode::Fallback] {
             self.limit_store_mode
                 .get_or_create(&[("mode", m.as_str())])
@@ -297,7 +301,7 @@ impl Metrics {
             active,
             disabled,
             expired,
-        } = StatusCounts::of(&config.keys, SystemTime::now());
+        } = keys.status_counts(SystemTime::now());
         self.keys.get_or_create(&[("status", "active")]).set(active);
         self.keys
             .get_or_create(&[("status", "disabled")])
@@ -339,6 +343,7 @@ fn status_class(status: u16) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
 
     fn config() -> Config {
         Config::parse(
@@ -358,7 +363,7 @@ mod tests {
         m.refused(&GatewayError::BadChecksum);
         m.refused(&GatewayError::UpstreamTimeout);
         m.upstream_error(UpstreamErrorKind::Timeout);
-        let text = m.encode(&config(), LimitMode::InProcess);
+        let text = m.encode(&KeyTable::build(&config(), None), LimitMode::InProcess);
         for line in [
             "keygate_requests_total{key_id=\"partner-a\",class=\"2xx\"} 2",
             "keygate_requests_total{key_id=\"\",class=\"4xx\"} 1",
@@ -375,7 +380,7 @@ mod tests {
         }
         assert!(!text.contains("upstream_timeout"), "{text}");
         assert!(text.ends_with("# EOF\n"));
-        let text = m.encode(&config(), LimitMode::Fallback);
+        let text = m.encode(&KeyTable::build(&config(), None), LimitMode::Fallback);
         assert!(
             text.contains("keygate_limit_store_mode{mode=\"fallback\"} 1"),
             "{text}"
@@ -393,7 +398,7 @@ mod tests {
         let b = m.connection_opened();
         drop(a);
         assert!(m
-            .encode(&config(), LimitMode::InProcess)
+            .encode(&KeyTable::build(&config(), None), LimitMode::InProcess)
             .contains("keygate_open_connections 1\n"));
         drop(b);
     }

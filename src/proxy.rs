@@ -82,7 +82,8 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 /// Everything the request path reads from configuration, swapped as one on reload.
 #[derive(Debug)]
 pub struct Live {
-    /// The validated config this state was built from.
+    /// The validated config this state was built from, with `keys` emptied: they live on in
+    /// `table` (a second copy would double the memory of a large key table).
     pub config: Arc<Config>,
     /// hash → key entry.
     pub table: KeyTable,
@@ -94,6 +95,12 @@ impl Live {
     /// Builds the live state for `config`, keeping the limiters of `previous` where ids stay.
     pub fn new(config: Config, previous: Option<&Live>) -> Live {
         let table = KeyTable::build(&config, previous.map(|p| &p.table));
+        Live::with_table(config, table, previous)
+    }
+
+    /// The live state for `config` whose keys are already in `table` (a reload streams a key
+    /// file straight into a table); the failure budgets of `previous` are kept when they fit.
+    pub fn with_table(mut config: Config, table: KeyTable, previous: Option<&Live>) -> Live {
         // Like the key limiters, the failure budgets survive a reload that keeps their rate.
         let failures = config.auth.failures_per_ip.map(|limit| {
             match previous.and_then(|p| p.failures.as_ref()) {
@@ -101,6 +108,7 @@ impl Live {
                 _ => Arc::new(FailureGuard::new(limit)),
             }
         });
+        config.keys = Vec::new();
         Live {
             config: Arc::new(config),
             table,
@@ -537,10 +545,48 @@ fn rewrite<B>(
     .map_err(|_| GatewayError::BadRequest("The request target is malformed."))?;
     parts.version = Version::HTTP_11;
 
-    let headers = &mut parts.headers;
+    rewrite_headers(
+        live,
+        conn,
+        &mut parts.headers,
+        entry,
+        source == KeySource::Bearer,
+        original_host,
+        request_id,
+    );
+    if let Some(key) = &upstream.identity {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let who = Identity {
+            key_id: &entry.id,
+            tenant: entry.tenant.as_deref(),
+            method: parts.method.as_str(),
+            path: parts.uri.path(),
+        };
+        parts
+            .headers
+            .insert(X_KEYGATE_SIGNATURE.clone(), key.header(now, &who));
+    }
+    Ok(Request::from_parts(parts, body))
+}
+
+/// Phase 5's header part (public for the criterion bench): drops the key (`bearer`: it came
+/// in `Authorization`), hop-by-hop and client-sent `X-Keygate-*` headers, and sets the
+/// forwarding, request id and identity headers.
+pub fn rewrite_headers(
+    live: &Live,
+    conn: &ConnInfo,
+    headers: &mut HeaderMap,
+    entry: &KeyEntry,
+    bearer: bool,
+    original_host: Option<HeaderValue>,
+    request_id: &HeaderValue,
+) {
+    let upstream = &live.config.upstream;
     strip_hop_by_hop(headers);
     headers.remove(&live.config.auth.header);
-    if source == KeySource::Bearer {
+    if bearer {
         headers.remove(header::AUTHORIZATION);
     }
     strip_keygate_headers(headers);
@@ -571,21 +617,6 @@ fn rewrite<B>(
     if let Some(tenant) = &entry.tenant_header {
         headers.insert(X_KEYGATE_TENANT.clone(), tenant.clone());
     }
-    if let Some(key) = &upstream.identity {
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let who = Identity {
-            key_id: &entry.id,
-            tenant: entry.tenant.as_deref(),
-            method: parts.method.as_str(),
-            path: parts.uri.path(),
-        };
-        parts
-            .headers
-            .insert(X_KEYGATE_SIGNATURE.clone(), key.header(now, &who));
-    }
-    Ok(Request::from_parts(parts, body))
 }
 
 /// The client's `X-Forwarded-For` values joined, if any.

@@ -4,7 +4,9 @@
 //! file by rename, which a watch on the file itself would miss), and likewise `[auth] keys_file`
 //! when one is set (the one named at start; a changed `keys_file` is watched after a restart,
 //! SIGHUP reloads it meanwhile). Events are debounced for a few
-//! milliseconds, then the file is parsed off the request path (`spawn_blocking`). A valid file
+//! milliseconds, then the file is parsed off the request path, on a thread of its own at a
+//! lower priority (`nice` 19 on Linux), so a large key table never takes CPU the request path
+//! needs. A valid file
 //! becomes a new [`Live`] that carries over the limiters of ids that stay, stored with one atomic
 //! swap; a broken one is logged once with `file:line:col` and the running state is kept.
 
@@ -19,6 +21,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::{
     config::{Config, ConfigError},
+    keys::KeyTableBuilder,
     proxy::{Live, Shared},
 };
 
@@ -28,8 +31,14 @@ const DEBOUNCE: Duration = Duration::from_millis(50);
 /// Reads and validates the config at `path` and, when valid, swaps it in.
 /// Returns the number of keys now loaded.
 pub fn reload_now(shared: &Shared, path: &Path) -> Result<usize, ConfigError> {
-    let config = Config::load(path)?;
+    let started = std::time::Instant::now();
     let old = shared.live.load_full();
+    // Keys stream from the file straight into the new table (no vector of a million parsed
+    // keys beside it), carrying over the limiters of ids that stay.
+    let mut table = KeyTableBuilder::new(Some(&old.table));
+    let config = Config::load_into(path, &mut table)?;
+    let table = table.finish();
+    let parsed = started.elapsed();
     if config.server.listen != old.config.server.listen
         || config.server.tls != old.config.server.tls
     {
@@ -41,10 +50,47 @@ pub fn reload_now(shared: &Shared, path: &Path) -> Result<usize, ConfigError> {
     if config.limit_store != old.config.limit_store {
         tracing::warn!("[limits] store/on_store_error changes take effect after a restart");
     }
-    let live = Live::new(config, Some(&old));
+    let live = Live::with_table(config, table, Some(&old));
+    drop(old);
     let keys = live.table.len();
-    shared.live.store(Arc::new(live));
+    tracing::debug!(
+        ms = parsed.as_millis() as u64,
+        keys,
+        "config read and key table built"
+    );
+    let replaced = shared.live.swap(Arc::new(live));
+    std::thread::spawn(move || {
+        lower_priority();
+        drop_off_the_request_path(replaced)
+    });
     Ok(keys)
+}
+
+/// Nice value of the reload thread: parsing a million keys is seconds of CPU, and on a busy
+/// machine serving requests comes first. An idle core still runs it at full speed.
+const RELOAD_NICE: i32 = 19;
+
+/// Lowers the calling thread's scheduling priority to [`RELOAD_NICE`] (Linux: per thread).
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) =
+        rustix::process::setpriority_process(Some(rustix::thread::gettid()), RELOAD_NICE)
+    {
+        tracing::debug!("cannot lower the reload thread's priority: {e}");
+    }
+}
+
+/// Drops the replaced state on a thread of its own, once requests in flight have let go of
+/// it: whoever drops the last `Arc` frees the old table, and for a million keys that is a few
+/// hundred milliseconds a request should not wait for (nor the "config reloaded" line). Gives
+/// up waiting after a while (a request slow to get its response head); the last holder frees
+/// it then.
+fn drop_off_the_request_path(replaced: Arc<Live>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while Arc::strong_count(&replaced) > 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    drop(replaced);
 }
 
 /// Starts the watcher and the SIGHUP handler; both stop when `stop` turns true.
@@ -108,7 +154,19 @@ pub fn spawn(shared: Arc<Shared>, stop: watch::Receiver<Option<Duration>>) -> an
             let result = {
                 let shared = Arc::clone(&shared);
                 let path = path.clone();
-                tokio::task::spawn_blocking(move || reload_now(&shared, &path)).await
+                let (done, result) = tokio::sync::oneshot::channel();
+                let spawned = std::thread::Builder::new()
+                    .name("keygate-reload".into())
+                    .spawn(move || {
+                        lower_priority();
+                        let _ = done.send(reload_now(&shared, &path));
+                    });
+                match spawned {
+                    Ok(_) => result
+                        .await
+                        .map_err(|_| "the reload thread panicked".to_string()),
+                    Err(e) => Err(format!("cannot start the reload thread: {e}")),
+                }
             };
             shared.metrics.config_reload(matches!(result, Ok(Ok(_))));
             match result {
@@ -117,7 +175,7 @@ pub fn spawn(shared: Arc<Shared>, stop: watch::Receiver<Option<Duration>>) -> an
                     tracing::error!("config reload failed, keeping the running config: {err}")
                 }
                 Err(e) => {
-                    tracing::error!("config reload panicked, keeping the running config: {e}")
+                    tracing::error!("config reload failed, keeping the running config: {e}")
                 }
             }
         }

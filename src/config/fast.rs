@@ -1,0 +1,402 @@
+//! A line scanner for `[[keys]]` tables, the bulk of a large config, written the plain way.
+//!
+//! It accepts a strict subset of TOML: `[[keys]]` headers and, under each, one `name = value`
+//! a line for the known key fields, with values that are basic or literal strings without
+//! escapes, decimal integers, booleans, date-times, and one-line arrays of strings; comments
+//! and blank lines anywhere. On anything else (an escape, a multi-line value, a dotted or
+//! quoted name, an unknown or repeated field, a missing `id` or `hash`, a control character,
+//! another table) it returns `None`, and the caller parses the text with the toml crate, which
+//! then accepts it or reports the error. So this never decides what is valid TOML, it only
+//! reads the common case faster, with the same spans the toml crate would give (a value's span
+//! starts at its first character: the opening quote of a string, the `[` of an array).
+
+use std::ops::Range;
+
+use toml::{value::Datetime, Spanned};
+
+use super::{RawConfig, RawKey, RawSize};
+
+/// The whole config `text`, when everything from its first `[[keys]]` line on is plain
+/// `[[keys]]` tables: the part before is parsed by the toml crate, the keys by the scanner.
+/// `None` means: parse `text` with the toml crate.
+pub(super) fn split(text: &str) -> Option<RawConfig> {
+    let start = first_keys_header(text)?;
+    let keys = keys(text, start)?;
+    let prefix = &text[..start];
+    // `keys` defined before the split too (`keys = []`) is the toml crate's error to report.
+    if toml::from_str::<toml::Table>(prefix)
+        .ok()?
+        .contains_key("keys")
+    {
+        return None;
+    }
+    let mut raw: RawConfig = toml::from_str(prefix).ok()?;
+    raw.keys = keys;
+    Some(raw)
+}
+
+/// The byte offset of the first line that is exactly `[[keys]]`.
+fn first_keys_header(text: &str) -> Option<usize> {
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        if line.trim_end() == "[[keys]]" {
+            return Some(offset);
+        }
+        offset += line.len();
+    }
+    None
+}
+
+/// The `[[keys]]` tables of `text[start..]` (spans relative to `text`), or `None` when that
+/// part is not entirely plain `[[keys]]` tables.
+pub(super) fn keys(text: &str, start: usize) -> Option<Vec<RawKey>> {
+    // Sized up front: a RawKey is ~450 bytes, and growing a vector of a million of them by
+    // doubling copies and faults in gigabytes.
+    let mut keys = Vec::with_capacity(text[start..].matches("[[keys]]").count());
+    scan(text, start, |k| {
+        keys.push(k);
+        Ok(())
+    })?
+    .ok()?;
+    Some(keys)
+}
+
+/// Hands each `[[keys]]` table of `text` to `each` as it is read: `None` when the text is not
+/// entirely plain `[[keys]]` tables. The first error of `each` is returned only once the whole
+/// text has been scanned, so a syntax error further on (which the toml crate reports before
+/// any validation) still wins: then the answer is `None`.
+pub(super) fn each_key(
+    text: &str,
+    each: impl FnMut(RawKey) -> Result<(), super::ConfigError>,
+) -> Option<Result<(), super::ConfigError>> {
+    scan(text, 0, each)
+}
+
+fn scan(
+    text: &str,
+    start: usize,
+    mut each: impl FnMut(RawKey) -> Result<(), super::ConfigError>,
+) -> Option<Result<(), super::ConfigError>> {
+    let mut first_error = None;
+    let mut emit = |k: RawKey| {
+        if first_error.is_none() {
+            if let Err(e) = each(k) {
+                first_error = Some(e);
+            }
+        }
+    };
+    let mut current: Option<Partial> = None;
+    let mut offset = start;
+    for raw_line in text[start..].split_inclusive('\n') {
+        let line_start = offset;
+        offset += raw_line.len();
+        let line = raw_line
+            .strip_suffix('\n')
+            .map(|l| l.strip_suffix('\r').unwrap_or(l))
+            .unwrap_or(raw_line);
+        if line.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+            return None;
+        }
+        let body = line.trim_start_matches([' ', '\t']);
+        let at = line_start + (line.len() - body.len());
+        if body.is_empty() || body.starts_with('#') {
+            continue;
+        }
+        if let Some(rest) = body.strip_prefix("[[keys]]") {
+            if !comment_or_nothing(rest) {
+                return None;
+            }
+            if let Some(done) = current.take() {
+                emit(done.finish()?);
+            }
+            current = Some(Partial::default());
+            continue;
+        }
+        let key = current.as_mut()?;
+        let name_len = body
+            .bytes()
+            .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+            .count();
+        let name = &body[..name_len];
+        let after_name = body[name_len..].trim_start_matches([' ', '\t']);
+        let value = after_name.strip_prefix('=')?;
+        let value_trimmed = value.trim_start_matches([' ', '\t']);
+        let value_at = at + (body.len() - value_trimmed.len());
+        key.field(name, value_trimmed, value_at)?;
+    }
+    if let Some(done) = current.take() {
+        emit(done.finish()?);
+    }
+    Some(first_error.map_or(Ok(()), Err))
+}
+
+/// Whether `rest` (what follows a value) is only blanks and perhaps a comment.
+fn comment_or_nothing(rest: &str) -> bool {
+    let rest = rest.trim_start_matches([' ', '\t']);
+    rest.is_empty() || rest.starts_with('#')
+}
+
+/// A string value at the start of `s`: `(contents, length including quotes)`.
+fn string(s: &str) -> Option<(&str, usize)> {
+    let quote = s.as_bytes().first().copied()?;
+    if quote != b'"' && quote != b'\'' {
+        return None;
+    }
+    let rest = &s[1..];
+    let end = rest.find(char::from(quote))?;
+    let contents = &rest[..end];
+    // Escapes (and `"""` / `'''` multi-line strings) are left to the toml crate.
+    if (quote == b'"' && contents.contains('\\'))
+        || (end == 0 && rest[1..].starts_with(char::from(quote)))
+    {
+        return None;
+    }
+    Some((contents, end + 2))
+}
+
+/// The same span around `f` of the value.
+fn respan<T, U>(v: Spanned<T>, f: impl FnOnce(T) -> U) -> Spanned<U> {
+    let span = v.span();
+    Spanned::new(span, f(v.into_inner()))
+}
+
+fn spanned<T>(at: usize, len: usize, value: T) -> Spanned<T> {
+    let span: Range<usize> = at..at + len;
+    Spanned::new(span, value)
+}
+
+/// A string value that must be all of the line but a comment.
+fn whole_string(value: &str, at: usize) -> Option<Spanned<String>> {
+    let (contents, len) = string(value)?;
+    comment_or_nothing(&value[len..]).then(|| spanned(at, len, contents.to_string()))
+}
+
+/// The bare token (integer, boolean, date-time) that a value line holds.
+fn token(value: &str) -> Option<&str> {
+    let len = value
+        .bytes()
+        .take_while(|b| !matches!(b, b' ' | b'\t' | b'#'))
+        .count();
+    let (token, rest) = value.split_at(len);
+    (!token.is_empty() && comment_or_nothing(rest)).then_some(token)
+}
+
+fn integer(value: &str, at: usize) -> Option<Spanned<i64>> {
+    let t = token(value)?;
+    let digits = t.strip_prefix(['+', '-']).unwrap_or(t);
+    // Leading zeros, underscores, hex and the like are the toml crate's business.
+    if digits.is_empty()
+        || !digits.bytes().all(|b| b.is_ascii_digit())
+        || (digits.len() > 1 && digits.starts_with('0'))
+    {
+        return None;
+    }
+    Some(spanned(at, t.len(), t.parse().ok()?))
+}
+
+fn datetime(value: &str, at: usize) -> Option<Spanned<Datetime>> {
+    let t = token(value)?;
+    if !t.bytes().all(|b| {
+        b.is_ascii_digit() || matches!(b, b'-' | b':' | b'.' | b'+' | b'T' | b'Z' | b't' | b'z')
+    }) {
+        return None;
+    }
+    Some(spanned(at, t.len(), t.parse().ok()?))
+}
+
+/// A one-line array of strings.
+fn string_array(value: &str, at: usize) -> Option<Spanned<Vec<Spanned<String>>>> {
+    let mut rest = value.strip_prefix('[')?;
+    let mut items = Vec::new();
+    loop {
+        let trimmed = rest.trim_start_matches([' ', '\t']);
+        let item_at = at + (value.len() - trimmed.len());
+        if let Some(after) = trimmed.strip_prefix(']') {
+            let len = value.len() - after.len();
+            return comment_or_nothing(after).then(|| spanned(at, len, items));
+        }
+        let (contents, len) = string(trimmed)?;
+        items.push(spanned(item_at, len, contents.to_string()));
+        let after = trimmed[len..].trim_start_matches([' ', '\t']);
+        rest = match after.strip_prefix(',') {
+            Some(r) => r,
+            None if after.starts_with(']') => after,
+            None => return None,
+        };
+    }
+}
+
+/// A `[[keys]]` table being read; every field at most once.
+#[derive(Default)]
+struct Partial {
+    id: Option<Spanned<String>>,
+    hash: Option<Spanned<String>>,
+    tenant: Option<Spanned<String>>,
+    rate: Option<Spanned<String>>,
+    burst: Option<Spanned<i64>>,
+    disabled: Option<bool>,
+    expires: Option<Spanned<Datetime>>,
+    scopes: Option<Spanned<Vec<Spanned<String>>>>,
+    quota: Option<Spanned<String>>,
+    created_at: Option<Spanned<Datetime>>,
+    revoked_at: Option<Spanned<Datetime>>,
+    previous_hash: Option<Spanned<String>>,
+    previous_expires: Option<Spanned<Datetime>>,
+    max_body: Option<Spanned<RawSize>>,
+}
+
+/// Sets `slot` once; a second value for it is the toml crate's error to report.
+fn set<T>(slot: &mut Option<T>, value: Option<T>) -> Option<()> {
+    if slot.is_some() {
+        return None;
+    }
+    *slot = Some(value?);
+    Some(())
+}
+
+impl Partial {
+    fn field(&mut self, name: &str, value: &str, at: usize) -> Option<()> {
+        match name {
+            "id" => set(&mut self.id, whole_string(value, at)),
+            "hash" => set(&mut self.hash, whole_string(value, at)),
+            "tenant" => set(&mut self.tenant, whole_string(value, at)),
+            "rate" => set(&mut self.rate, whole_string(value, at)),
+            "quota" => set(&mut self.quota, whole_string(value, at)),
+            "previous_hash" => set(&mut self.previous_hash, whole_string(value, at)),
+            "burst" => set(&mut self.burst, integer(value, at)),
+            "disabled" => set(
+                &mut self.disabled,
+                match token(value)? {
+                    "true" => Some(true),
+                    "false" => Some(false),
+                    _ => None,
+                },
+            ),
+            "expires" => set(&mut self.expires, datetime(value, at)),
+            "created_at" => set(&mut self.created_at, datetime(value, at)),
+            "revoked_at" => set(&mut self.revoked_at, datetime(value, at)),
+            "previous_expires" => set(&mut self.previous_expires, datetime(value, at)),
+            "scopes" => set(&mut self.scopes, string_array(value, at)),
+            "max_body" => set(
+                &mut self.max_body,
+                match integer(value, at) {
+                    Some(n) => Some(respan(n, RawSize::Bytes)),
+                    None => whole_string(value, at).map(|s| respan(s, RawSize::Text)),
+                },
+            ),
+            _ => None,
+        }
+    }
+
+    fn finish(self) -> Option<RawKey> {
+        Some(RawKey {
+            id: self.id?,
+            hash: self.hash?,
+            tenant: self.tenant,
+            rate: self.rate,
+            burst: self.burst,
+            disabled: self.disabled.unwrap_or(false),
+            expires: self.expires,
+            scopes: self.scopes,
+            quota: self.quota,
+            created_at: self.created_at,
+            revoked_at: self.revoked_at,
+            previous_hash: self.previous_hash,
+            previous_expires: self.previous_expires,
+            max_body: self.max_body,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RawKeysFile;
+
+    /// What the toml crate makes of `text`, in a comparable form.
+    fn by_toml(text: &str) -> Vec<String> {
+        let raw: RawKeysFile = toml::from_str(text).unwrap();
+        raw.keys.iter().map(describe).collect()
+    }
+
+    fn describe(k: &RawKey) -> String {
+        fn s<T: std::fmt::Debug>(v: &Option<Spanned<T>>) -> String {
+            v.as_ref()
+                .map_or("-".into(), |v| format!("{:?}@{:?}", v.get_ref(), v.span()))
+        }
+        format!(
+            "id={:?}@{:?} hash={:?}@{:?} tenant={} rate={} burst={} disabled={} expires={} scopes={} quota={} created={} revoked={} prev={} prev_exp={} max_body={}",
+            k.id.get_ref(),
+            k.id.span(),
+            k.hash.get_ref(),
+            k.hash.span(),
+            s(&k.tenant),
+            s(&k.rate),
+            s(&k.burst),
+            k.disabled,
+            s(&k.expires),
+            k.scopes.as_ref().map_or("-".into(), |v| format!(
+                "{:?}@{:?}",
+                v.get_ref()
+                    .iter()
+                    .map(|i| format!("{:?}@{:?}", i.get_ref(), i.span()))
+                    .collect::<Vec<_>>(),
+                v.span()
+            )),
+            s(&k.quota),
+            s(&k.created_at),
+            s(&k.revoked_at),
+            s(&k.previous_hash),
+            s(&k.previous_expires),
+            s(&k.max_body),
+        )
+    }
+
+    #[test]
+    fn plain_tables_read_exactly_as_the_toml_crate_reads_them() {
+        let text = "# key store\n\n[[keys]]\nid = \"partner-a\"   # the first\nhash = \"blake3:00\"\n\
+                    tenant = 'hotel-1'\nrate = \"5/s\"\nburst = 7\ndisabled = false\n\
+                    expires = 2027-06-30T00:00:00Z\ncreated_at = 2026-01-01T10:00:00+02:00\n\
+                    scopes = [\"GET /v1/**\", 'POST /v1/x' ,]\nquota = \"100/day\"\nmax_body = \"2MiB\"\n\
+                    \t[[keys]] # second\r\n  id = \"b\"\r\nhash=\"h\"\r\ndisabled = true\n\
+                    previous_hash = \"p\"\nprevious_expires = 2030-01-01T00:00:00Z\nrevoked_at = 2026-02-02T00:00:00Z\n\
+                    scopes = []\nburst = -3\nmax_body = 1024\n\n[[keys]]\nid = \"\"\nhash = \"\"\n";
+        let fast: Vec<String> = keys(text, 0).unwrap().iter().map(describe).collect();
+        assert_eq!(fast, by_toml(text));
+        assert_eq!(fast.len(), 3);
+    }
+
+    #[test]
+    fn anything_unusual_is_left_to_the_toml_crate() {
+        for text in [
+            "[[keys]]\nid = \"a\\u0041\"\nhash = \"h\"\n", // escape
+            "[[keys]]\nid = \"\"\"a\"\"\"\nhash = \"h\"\n", // multi-line string
+            "[[keys]]\nid = \"a\"\nhash = \"h\"\nid = \"b\"\n", // repeated field
+            "[[keys]]\nid = \"a\"\nhash = \"h\"\ncolour = \"b\"\n", // unknown field
+            "[[keys]]\nid = \"a\"\n",                      // missing hash
+            "[[keys]]\nid = \"a\"\nhash = \"h\"\nburst = 007\n", // leading zeros
+            "[[keys]]\nid = \"a\"\nhash = \"h\"\nburst = 1_000\n", // underscores
+            "[[keys]]\nid = \"a\"\nhash = \"h\"\nscopes = [\n\"GET /\"]\n", // multi-line array
+            "[[keys]]\nid = \"a\" x\nhash = \"h\"\n",      // junk after a value
+            "[[keys]]\n\"id\" = \"a\"\nhash = \"h\"\n",    // quoted name
+            "[[keys]]\nid = \"a\"\nhash = \"h\"\n[limits]\n", // another table
+            "id = \"a\"\n",                                // outside a table
+            "[[keys]]\nid = \"a\"\nhash = \"h\"\nexpires = 2027-06-30 10:00:00Z\n", // space in a date
+            "[[keys]]\nid = \"a\u{1}\"\nhash = \"h\"\n", // control character
+        ] {
+            assert!(keys(text, 0).is_none(), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn a_whole_config_is_split_at_its_first_keys_table() {
+        let text = "[server]\nlisten = \"127.0.0.1:0\"\n[upstream]\nurl = \"http://x\"\n\
+                    [[keys]]\nid = \"a\"\nhash = \"h\"\n";
+        let raw = split(text).unwrap();
+        assert_eq!(raw.keys.len(), 1);
+        assert_eq!(&text[raw.keys[0].id.span()], "\"a\"");
+        // keys both before and after the split point: the toml crate decides.
+        let both = "keys = []\n[server]\nlisten = \"x\"\n[upstream]\nurl = \"x\"\n[[keys]]\nid = \"a\"\nhash = \"h\"\n";
+        assert!(split(both).is_none());
+    }
+}

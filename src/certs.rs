@@ -9,24 +9,20 @@
 //! that does not match the certificate, or a half-written renewal) is logged with the reason
 //! and the previous certificate stays; the next change is tried afresh.
 
-use std::{
-    path::{Path, PathBuf},
-    sync::Arc,
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
-use notify::{RecursiveMode, Watcher};
 use rustls::{
     server::{ClientHello, ResolvesServerCert},
     sign::CertifiedKey,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::{
     config::TlsFiles,
     metrics::Metrics,
     tls::{self, TlsError},
+    watch::ChangeFeed,
 };
 
 /// How long to wait after a change before reading: renewals write the certificate and the key
@@ -76,56 +72,15 @@ impl CertStore {
     ) -> anyhow::Result<()> {
         let cert = std::path::absolute(&self.files.cert)?;
         let key = std::path::absolute(&self.files.key)?;
-        let mut dirs: Vec<PathBuf> = [&cert, &key]
-            .iter()
-            .map(|p| {
-                p.parent()
-                    .map_or_else(|| PathBuf::from("/"), Path::to_path_buf)
-            })
-            .collect();
-        dirs.dedup();
-
-        let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-        let event_tx = tx.clone();
-        let mut watcher =
-            notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-                // Any change in the directories may be a renewal (symlink swaps name other paths);
-                // the bytes comparison below makes unrelated changes free.
-                if res.is_ok_and(|e| !e.kind.is_access()) {
-                    let _ = event_tx.send(());
-                }
-            })?;
-        for dir in &dirs {
-            watcher.watch(dir, RecursiveMode::NonRecursive)?;
-        }
-
-        #[cfg(unix)]
-        {
-            let tx = tx.clone();
-            let mut stop = stop.clone();
-            let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        Some(()) = hup.recv() => { let _ = tx.send(()); }
-                        _ = stop.wait_for(Option::is_some) => break,
-                    }
-                }
-            });
-        }
-
+        // Any change in the directories may be a renewal (symlink swaps name other paths);
+        // the bytes comparison below makes unrelated changes free.
+        let files = [cert.clone(), key.clone()];
+        let mut feed = ChangeFeed::start(&files, |_| true, None, DEBOUNCE, stop.clone())?;
         let store = Arc::clone(self);
         let mut stop = stop;
         tokio::spawn(async move {
-            let _watcher = watcher;
             let mut last_seen = read_both(&store.files);
-            loop {
-                tokio::select! {
-                    Some(()) = rx.recv() => {}
-                    _ = stop.wait_for(Option::is_some) => break,
-                }
-                tokio::time::sleep(DEBOUNCE).await;
-                while rx.try_recv().is_ok() {}
+            while feed.next(&mut stop).await {
                 let seen = read_both(&store.files);
                 if seen == last_seen {
                     continue;
@@ -189,6 +144,7 @@ fn load_pair(files: &TlsFiles) -> Result<CertifiedKey, TlsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn write_pair(dir: &Path, cert: &str, key: &str) -> TlsFiles {
         std::fs::write(dir.join("c.pem"), cert).unwrap();

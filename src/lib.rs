@@ -25,6 +25,7 @@
 //! - [`certs`]: certificate hot reload behind one `ArcSwap`, keeping the last good pair.
 //! - [`server`]: accept loop, HTTP/1.1 + HTTP/2 serving, graceful shutdown.
 //! - [`conn`]: per-connection guards (the keep-alive idle timeout).
+//! - [`watch`]: directory watch + SIGHUP, debounced: the feed both reloads listen to.
 //! - [`reload`]: file watch + SIGHUP → validate → one atomic swap, or keep the old.
 //! - [`error`]: the gateway's error enum → status + JSON body, in one place.
 //! - [`telemetry`]: logging set-up, text or json.
@@ -65,3 +66,4 @@ pub mod telemetry;
 pub mod tls;
 pub mod upgrade;
 pub mod upstream;
+pub mod watch;

@@ -10,19 +10,15 @@
 //! becomes a new [`Live`] that carries over the limiters of ids that stay, stored with one atomic
 //! swap; a broken one is logged once with `file:line:col` and the running state is kept.
 
-use std::{
-    path::{Path, PathBuf},
-    sync::Arc,
-    time::Duration,
-};
+use std::{path::Path, sync::Arc, time::Duration};
 
-use notify::{RecursiveMode, Watcher};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::{
     config::{Config, ConfigError},
     keys::KeyTableBuilder,
     proxy::{Live, Shared},
+    watch::ChangeFeed,
 };
 
 /// How long to wait after a change before reading, so a burst of events is one reload.
@@ -101,56 +97,17 @@ pub fn spawn(shared: Arc<Shared>, stop: watch::Receiver<Option<Duration>>) -> an
     if let Some(keys_file) = &live.config.auth.keys_file {
         targets.push(std::path::absolute(keys_file)?);
     }
-    let mut dirs: Vec<PathBuf> = targets
-        .iter()
-        .map(|t| {
-            t.parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|| PathBuf::from("/"))
-        })
-        .collect();
-    dirs.dedup();
-    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-    let event_tx = tx.clone();
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if let Ok(event) = res {
-            if !event.kind.is_access() && event.paths.iter().any(|p| targets.contains(p)) {
-                let _ = event_tx.send(());
-            }
-        }
-    })?;
-    for dir in &dirs {
-        watcher.watch(dir, RecursiveMode::NonRecursive)?;
-    }
-
-    #[cfg(unix)]
-    {
-        let tx = tx.clone();
-        let mut stop = stop.clone();
-        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    Some(()) = hup.recv() => {
-                        tracing::info!("SIGHUP: reloading the config");
-                        let _ = tx.send(());
-                    }
-                    _ = stop.wait_for(Option::is_some) => break,
-                }
-            }
-        });
-    }
-
+    let watched = targets.clone();
+    let mut feed = ChangeFeed::start(
+        &watched,
+        move |event| event.paths.iter().any(|p| targets.contains(p)),
+        Some("SIGHUP: reloading the config"),
+        DEBOUNCE,
+        stop.clone(),
+    )?;
     let mut stop = stop;
     tokio::spawn(async move {
-        let _watcher = watcher;
-        loop {
-            tokio::select! {
-                Some(()) = rx.recv() => {}
-                _ = stop.wait_for(Option::is_some) => break,
-            }
-            tokio::time::sleep(DEBOUNCE).await;
-            while rx.try_recv().is_ok() {}
+        while feed.next(&mut stop).await {
             let result = {
                 let shared = Arc::clone(&shared);
                 let path = path.clone();

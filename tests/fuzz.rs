@@ -11,6 +11,8 @@
 //! - `fuzz_client_ip`: forwarding headers never panic the client-IP walk, and an untrusted
 //!   peer's headers are never believed.
 //! - `fuzz_proxy_v2`: the PROXY v2 reader never panics and reads no byte past its header.
+//! - `fuzz_scope_matching`: path normalisation never panics, leaves no dot segment, is
+//!   idempotent, and a `GET /v1/guests/**` scope admits only paths that really are under it.
 
 mod common;
 
@@ -407,4 +409,37 @@ fn canonical(ip: IpAddr) -> IpAddr {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
     }
+}
+
+#[test]
+fn fuzz_scope_matching() {
+    use keygate::scope::{self, Scope};
+    let seeds = seeds("paths");
+    let n = seeds.len();
+    let guests = [Scope::parse("GET /v1/guests/**").unwrap()];
+    fuzz_for("scope", (0..n, mutations()), |(i, muts)| {
+        let bytes = mutate(&seeds[i], &muts);
+        let text = String::from_utf8_lossy(&bytes);
+        let path = text.split('?').next().unwrap_or("");
+        let Ok(normal) = scope::normalise(path) else {
+            return Ok(());
+        };
+        prop_assert!(normal.encoded.starts_with('/'), "{normal:?}");
+        prop_assert!(
+            normal.segments.iter().all(|s| s != b"." && s != b".."),
+            "dot segment left in {normal:?}"
+        );
+        let again = scope::normalise(&normal.encoded);
+        prop_assert_eq!(again.as_ref().ok(), Some(&normal), "not idempotent");
+        if scope::allowed(&guests, &http::Method::GET, &normal) {
+            prop_assert!(
+                normal.segments.len() >= 2
+                    && normal.segments[0] == b"v1"
+                    && normal.segments[1] == b"guests",
+                "{path:?} slipped past GET /v1/guests/** as {normal:?}"
+            );
+        }
+        prop_assert!(!scope::allowed(&guests, &http::Method::POST, &normal));
+        Ok(())
+    });
 }

@@ -175,6 +175,8 @@ pub struct UpstreamConfig {
     pub authority: Authority,
     /// Path prefix prepended to every forwarded path, without a trailing slash (may be empty).
     pub path_prefix: String,
+    /// The `Host` value sent upstream (the authority), made once.
+    pub host_header: http::HeaderValue,
     /// TCP (and TLS) connect timeout.
     pub connect_timeout: Duration,
     /// Time allowed for the upstream's response head.
@@ -1169,12 +1171,15 @@ fn parse_upstream(src: &Source<'_>, raw: &RawUpstream) -> Result<UpstreamConfig,
         }
         None => None,
     };
+    let host_header = http::HeaderValue::try_from(authority.as_str())
+        .map_err(|_| src.at(&raw.url, "url's host is not a valid Host header"))?;
     Ok(UpstreamConfig {
         identity,
         url: url.clone(),
         scheme,
         authority,
         path_prefix,
+        host_header,
         connect_timeout: duration(&raw.connect_timeout, Duration::from_secs(2))?,
         timeout: duration(&raw.timeout, Duration::from_secs(30))?,
         health_path,

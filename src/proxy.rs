@@ -608,10 +608,7 @@ pub fn rewrite_headers(
         Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host),
         None => headers.remove(&X_FORWARDED_HOST),
     };
-    headers.insert(
-        header::HOST,
-        HeaderValue::try_from(upstream.authority.as_str()).expect("authority is a valid header"),
-    );
+    headers.insert(header::HOST, upstream.host_header.clone());
     headers.insert(X_REQUEST_ID.clone(), request_id.clone());
     headers.insert(X_KEYGATE_KEY_ID.clone(), entry.id_header.clone());
     if let Some(tenant) = &entry.tenant_header {
@@ -640,27 +637,34 @@ fn forwarded_for(headers: &HeaderMap) -> Option<String> {
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those `Connection` names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = headers
+    // One pass over the names (no hashing) finds what is there; most messages carry none of
+    // these, and a removal per absent name would cost a hash and a probe each.
+    let hop_by_hop = |name: &HeaderName| {
+        [
+            &header::CONNECTION,
+            &KEEP_ALIVE,
+            &PROXY_CONNECTION,
+            &header::TE,
+            &header::TRAILER,
+            &header::TRANSFER_ENCODING,
+            &header::UPGRADE,
+            &header::PROXY_AUTHENTICATE,
+            &header::PROXY_AUTHORIZATION,
+        ]
+        .contains(&name)
+    };
+    if !headers.keys().any(hop_by_hop) {
+        return;
+    }
+    let mut doomed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::try_from(name.trim()).ok())
         .collect();
-    for name in listed {
-        headers.remove(name);
-    }
-    for name in [
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-        &header::PROXY_AUTHENTICATE,
-        &header::PROXY_AUTHORIZATION,
-    ] {
+    doomed.extend(headers.keys().filter(|n| hop_by_hop(n)).cloned());
+    for name in doomed {
         headers.remove(name);
     }
 }

@@ -16,10 +16,8 @@ import argparse
 import datetime
 import os
 import platform
-import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,59 +25,9 @@ import threading
 import time
 
 # Self-contained on purpose: benches/load/harness.py belongs to the load harness and may change.
-BODY = '{"ok":true,"guests":[{"id":"g-1001","name":"Ada Lovelace"}]}'
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def wait_port(port, timeout=20):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listening on {port}")
-
-
-def nginx_conf(work, name, body):
-    path = os.path.join(work, f"{name}.conf")
-    with open(path, "w") as f:
-        f.write(f"""worker_processes 1;
-daemon off;
-pid {work}/{name}.pid;
-error_log {work}/{name}-error.log warn;
-events {{ worker_connections 8192; }}
-http {{
-    access_log off;
-    keepalive_requests 10000000;
-{body}
-}}
-""")
-    return path
-
-
-def ms(s):
-    m = re.match(r"([\d.]+)(us|ms|s)", s)
-    v, unit = float(m.group(1)), m.group(2)
-    return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
-
-
-def parse_wrk(out):
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {
-        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-        "p50": ms(re.search(r"\s50%\s+(\S+)", out).group(1)),
-        "p99": ms(re.search(r"\s99%\s+(\S+)", out).group(1)),
-        "non2xx": int(non2xx.group(1)) if non2xx else 0,
-    }
+# The load harness's helpers: one upstream body, ports, nginx config and wrk parsing for both.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "load"))
+from harness import BODY, free_port, nginx_conf, parse_wrk, wait_port  # noqa: E402
 
 
 MARK = "<!-- notes: kept when the table above is regenerated -->"

@@ -88,11 +88,8 @@ def parse_latency(s):
     return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
 
 
-def run_wrk(url, args, headers):
-    cmd = ["taskset", "-c", "1", "wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s", "--latency"]
-    for h in headers:
-        cmd += ["-H", h]
-    out = subprocess.run(cmd + [url], capture_output=True, text=True).stdout
+def parse_wrk(out):
+    """wrk --latency output: requests, req/s, p50 and p99 in ms, non-2xx count, socket errors."""
     total = int(re.search(r"(\d+) requests in", out).group(1))
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     p50 = parse_latency(re.search(r"\s50%\s+(\S+)", out).group(1))
@@ -107,6 +104,13 @@ def run_wrk(url, args, headers):
         "non2xx": int(non2xx.group(1)) if non2xx else 0,
         "errors": errors.group(1).strip() if errors else "",
     }
+
+
+def run_wrk(url, args, headers):
+    cmd = ["taskset", "-c", "1", "wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s", "--latency"]
+    for h in headers:
+        cmd += ["-H", h]
+    return parse_wrk(subprocess.run(cmd + [url], capture_output=True, text=True).stdout)
 
 
 def nginx_conf(work, name, body):

@@ -178,18 +178,22 @@ pub fn ratelimit_field(remaining: u32, reset: u64) -> HeaderValue {
         .expect("ASCII header value")
 }
 
+/// A limit from its written form, for tests.
+#[cfg(test)]
+pub(crate) fn test_limit(rate: &str, burst: u32) -> RateLimit {
+    let (count, per) = RateLimit::parse_rate(rate, false).expect("a valid test rate");
+    RateLimit {
+        count,
+        per,
+        burst: NonZeroU32::new(burst).expect("a positive test burst"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn limit(rate: &str, burst: u32) -> RateLimit {
-        let (count, per) = RateLimit::parse_rate(rate, false).unwrap();
-        RateLimit {
-            count,
-            per,
-            burst: NonZeroU32::new(burst).unwrap(),
-        }
-    }
+    use super::test_limit as limit;
 
     #[test]
     fn parses_rates_and_refuses_nonsense() {

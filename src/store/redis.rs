@@ -280,16 +280,8 @@ pub fn admission(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::num::NonZeroU32;
 
-    fn limit(rate: &str, burst: u32) -> RateLimit {
-        let (count, per) = RateLimit::parse_rate(rate, false).unwrap();
-        RateLimit {
-            count,
-            per,
-            burst: NonZeroU32::new(burst).unwrap(),
-        }
-    }
+    use crate::limit::test_limit as limit;
 
     #[test]
     fn urls_are_checked_and_passwords_never_shown() {

@@ -8,14 +8,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need=()
-command -v nginx >/dev/null || need+=(nginx-light)
-command -v wrk >/dev/null || need+=(wrk)
-command -v taskset >/dev/null || need+=(util-linux)
-if [ ${#need[@]} -gt 0 ]; then
-  apt-get update
-  apt-get install -y "${need[@]}"
-fi
-
-cargo build --release --quiet
+. benches/prepare.sh
 exec python3 benches/scale.py --keygate target/release/keygate "$@"

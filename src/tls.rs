@@ -8,8 +8,6 @@ use std::{path::Path, sync::Arc};
 use rustls::ServerConfig;
 use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 
-use crate::config::TlsFiles;
-
 /// Why a certificate or key could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -71,23 +69,6 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     })
 }
 
-/// Builds the listener's rustls config from the configured files.
-pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
-    install_crypto_provider();
-    let certs = load_certs(&files.cert)?;
-    let key = load_key(&files.key)?;
-    let mut config = ServerConfig::builder_with_protocol_versions(&[
-        &rustls::version::TLS13,
-        &rustls::version::TLS12,
-    ])
-    .with_no_client_auth()
-    .with_single_cert(certs, key)?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    // Pick the cipher suite in the server's order (strongest first), not the client's.
-    config.ignore_client_order = true;
-    Ok(Arc::new(config))
-}
-
 /// Builds the listener's rustls config around a certificate resolver (see [`crate::certs`]),
 /// so the certificate can change while the listener runs.
 pub fn server_config_with_resolver(
@@ -101,6 +82,8 @@ pub fn server_config_with_resolver(
     .with_no_client_auth()
     .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // Pick the cipher suite in the server's order (strongest first), not the client's.
+    config.ignore_client_order = true;
     Arc::new(config)
 }
 

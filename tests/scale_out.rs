@@ -55,6 +55,7 @@ impl RedisServer {
     /// Starts (again) on the same port, with an empty dataset, and waits for PONG.
     fn restart(&mut self) {
         assert!(self.child.is_none(), "redis-server already running");
+        install_redis_once();
         let bin = ["/usr/bin/redis-server", "redis-server"]
             .into_iter()
             .find(|b| !b.starts_with('/') || std::path::Path::new(b).exists())
@@ -114,6 +115,31 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// On a fresh machine `cargo test` installs redis-server itself (Debian's package, as root),
+/// so the README's test command is all the set-up there is; with it present, nothing happens.
+fn install_redis_once() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let present = Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if present {
+            return;
+        }
+        eprintln!("redis-server is missing: installing Debian's package for the scale-out tests");
+        let ok = Command::new("sh")
+            .args([
+                "-c",
+                "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server",
+            ])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "could not install redis-server (apt-get install redis-server, as root)");
+    });
 }
 
 /// A free loopback port (bind :0, read it, release it): redis-server cannot take port 0.

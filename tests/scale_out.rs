@@ -142,6 +142,14 @@ fn install_redis_once() {
     });
 }
 
+/// These tests run one at a time: each drives several keygate processes and a redis-server
+/// against timing (a 100 ms store timeout, a 10 s rate window), which two cores shared by the
+/// whole file would blur.
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
+
 /// A free loopback port (bind :0, read it, release it): redis-server cannot take port 0.
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -299,6 +307,7 @@ async fn alternate(urls: &[String], keys: &[&str], n: usize) -> usize {
 /// one limit (rate × 10 s + burst, within ±5%), not one per instance.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_enforce_one_limit_within_5_percent() {
+    let _serial = serial().await;
     let up = start_upstream().await;
     let redis = RedisServer::start();
     let rest = format!(
@@ -366,6 +375,7 @@ fn store_lines(logs: &str) -> String {
 /// once (not per request), and when Redis is back the limits are shared again by themselves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_in_local_mode_has_no_5xx_and_sharing_resumes() {
+    let _serial = serial().await;
     let up = start_upstream().await;
     let mut redis = RedisServer::start();
     let rest = format!(
@@ -430,6 +440,7 @@ async fn redis_outage_in_local_mode_has_no_5xx_and_sharing_resumes() {
 /// "allow" admits every request meanwhile, advertising no limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deny_mode_answers_503_and_allow_mode_admits_while_redis_is_down() {
+    let _serial = serial().await;
     let up = start_upstream().await;
     let mut redis = RedisServer::start();
     let key = key_entry("partner", KEY, "rate = \"1/min\"\nburst = 5");
@@ -484,6 +495,7 @@ async fn deny_mode_answers_503_and_allow_mode_admits_while_redis_is_down() {
 /// (The single-instance case, a rotation's grace, is `a_rotating_key_shares_one_redis_budget`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hashes_of_one_key_id_share_one_redis_budget() {
+    let _serial = serial().await;
     let up = start_upstream().await;
     let redis = RedisServer::start();
     let limit = "rate = \"1/min\"\nburst = 10";
@@ -516,6 +528,7 @@ async fn two_hashes_of_one_key_id_share_one_redis_budget() {
 /// shared store decides.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_limits_answer_with_the_same_fields_as_in_process() {
+    let _serial = serial().await;
     let up = start_upstream().await;
     let redis = RedisServer::start();
     let key = key_entry("partner", KEY, "rate = \"1/min\"\nburst = 3");
@@ -569,6 +582,7 @@ async fn shared_limits_answer_with_the_same_fields_as_in_process() {
 /// the shared budget by itself when Redis comes up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_started_before_redis_switches_over_when_it_answers() {
+    let _serial = serial().await;
     let up = start_upstream().await;
     let mut redis = RedisServer::start();
     redis.kill();
@@ -604,6 +618,7 @@ async fn an_instance_started_before_redis_switches_over_when_it_answers() {
 /// instance stops waiting for it, and returns to it once it answers again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_redis_costs_at_most_the_timeout_then_nothing() {
+    let _serial = serial().await;
     let up = start_upstream().await;
     let redis = RedisServer::start();
     let a = Instance::start(
@@ -669,6 +684,7 @@ async fn a_hung_redis_costs_at_most_the_timeout_then_nothing() {
 /// any log line, also when the password is wrong.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rediss_with_user_and_password_shares_limits_and_never_logs_the_password() {
+    let _serial = serial().await;
     let up = start_upstream().await;
     let certs = tempfile::tempdir().unwrap();
     let cert = make_cert();
@@ -743,6 +759,7 @@ async fn rediss_with_user_and_password_shares_limits_and_never_logs_the_password
 /// once, as with in-process limits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_keeps_the_shared_budget_and_revocation_still_refuses() {
+    let _serial = serial().await;
     let up = start_upstream().await;
     let redis = RedisServer::start();
     let limit = "rate = \"1/min\"\nburst = 3";
@@ -781,6 +798,7 @@ async fn reload_keeps_the_shared_budget_and_revocation_still_refuses() {
 /// entry draw from one Redis budget.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotating_key_shares_one_redis_budget() {
+    let _serial = serial().await;
     let up = start_upstream().await;
     let redis = RedisServer::start();
     let old_hash = keygate::keys::KeyHash::of(KEY.as_bytes()).to_config_string();
@@ -809,6 +827,7 @@ async fn a_rotating_key_shares_one_redis_budget() {
 /// quota_exceeded, and a request the rate refuses is not charged to the quota.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quota_is_shared_through_redis_and_never_double_charged() {
+    let _serial = serial().await;
     let up = start_upstream().await;
     let redis = RedisServer::start();
     let quota_remaining = |got: &Got| -> Option<u32> {

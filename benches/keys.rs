@@ -141,10 +141,7 @@ fn headers(c: &mut Criterion) {
         .lookup(&KeyHash::of(f.hot[0].as_bytes()))
         .unwrap()
         .entry;
-    let conn = ConnInfo {
-        peer: SocketAddr::from(([203, 0, 113, 7], 51234)),
-        tls: true,
-    };
+    let conn = ConnInfo::new(SocketAddr::from(([203, 0, 113, 7], 51234)), true);
     let mut request = HeaderMap::new();
     for (k, v) in [
         ("host", "api.example.com"),

@@ -1,9 +1,10 @@
 //! The access log line and the request metrics, written once per request when its response
 //! body is finished (or dropped: a client that goes away mid-body still gets its line).
 //!
-//! Two thin body wrappers count bytes on the way through: [`CountedBody`] for the request body
-//! sent upstream (one shared atomic, bumped once per data frame) and [`LoggedBody`] for the
-//! response body, which owns the [`AccessRecord`] and writes it on drop. Nothing is buffered.
+//! Bytes are counted on the way through: the request body's by its guard
+//! ([`GuardedBody`](crate::body::GuardedBody), whose [`BodyOutcome`] the record holds), the
+//! response body's by [`LoggedBody`], which owns the [`AccessRecord`] and writes it on drop.
+//! Nothing is buffered.
 //!
 //! Fields of the line (target `keygate::access`), the same in text and json:
 //! `request_id`, `key_id`, `tenant`, `method`, `path` (never the query string), `status`,
@@ -15,10 +16,7 @@
 use std::{
     net::IpAddr,
     pin::Pin,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
+    sync::Arc,
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -28,6 +26,7 @@ use http::{HeaderValue, Method, Uri};
 use hyper::body::{Body, Frame, SizeHint};
 
 use crate::{
+    body::BodyOutcome,
     keys::KeyEntry,
     metrics::{Metrics, UpstreamErrorKind},
 };
@@ -68,8 +67,8 @@ pub struct AccessRecord {
     pub status: u16,
     /// Time to the upstream's response head; `None` when nothing was forwarded.
     pub upstream: Option<Duration>,
-    /// Request body bytes forwarded, counted by [`CountedBody`].
-    pub bytes_in: Option<Arc<AtomicU64>>,
+    /// The forwarded request body's record (its byte count is `bytes_in`).
+    pub bytes_in: Option<Arc<BodyOutcome>>,
     /// The client's address.
     pub client_ip: IpAddr,
     /// Where the request is counted.
@@ -92,10 +91,7 @@ impl AccessRecord {
             status = self.status,
             duration_ms = millis(duration),
             upstream_ms = self.upstream.map(millis),
-            bytes_in = self
-                .bytes_in
-                .as_ref()
-                .map_or(0, |b| b.load(Ordering::Relaxed)),
+            bytes_in = self.bytes_in.as_ref().map_or(0, |b| b.bytes()),
             bytes_out,
             client_ip = %self.client_ip,
         );
@@ -104,50 +100,6 @@ impl AccessRecord {
 
 fn millis(d: Duration) -> f64 {
     (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
-}
-
-/// A request body that counts the data bytes it yields into a shared counter.
-#[derive(Debug)]
-pub struct CountedBody<B> {
-    inner: B,
-    count: Arc<AtomicU64>,
-}
-
-impl<B> CountedBody<B> {
-    /// Wraps `inner`, adding every data frame's length to `count`.
-    pub fn new(inner: B, count: Arc<AtomicU64>) -> Self {
-        CountedBody { inner, count }
-    }
-}
-
-impl<B> Body for CountedBody<B>
-where
-    B: Body + Unpin,
-{
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                self.count
-                    .fetch_add(data.remaining() as u64, Ordering::Relaxed);
-            }
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
 }
 
 /// A response body that counts what it sends and writes the access line when it is done.

@@ -15,7 +15,7 @@ use std::{
     future::Future,
     pin::Pin,
     sync::{
-        atomic::{AtomicU8, Ordering},
+        atomic::{AtomicU64, AtomicU8, Ordering},
         Arc,
     },
     task::{Context, Poll},
@@ -46,7 +46,11 @@ pub enum BodyError {
 /// How a guarded body ended, shared with the code that started it.
 /// Zero while the body is whole or still streaming.
 #[derive(Debug, Default)]
-pub struct BodyOutcome(AtomicU8);
+pub struct BodyOutcome {
+    state: AtomicU8,
+    /// Bytes passed on so far (what the access log calls `bytes_in` for a request body).
+    bytes: AtomicU64,
+}
 
 const TOO_LARGE: u8 = 1;
 const IDLE: u8 = 2;
@@ -55,21 +59,26 @@ const BROKEN: u8 = 3;
 impl BodyOutcome {
     /// Whether the body was cut at its size limit.
     pub fn too_large(&self) -> bool {
-        self.0.load(Ordering::Acquire) == TOO_LARGE
+        self.state.load(Ordering::Acquire) == TOO_LARGE
+    }
+
+    /// Bytes of the body passed on so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
     }
 
     /// Whether the body was cut for stalling.
     pub fn idle(&self) -> bool {
-        self.0.load(Ordering::Acquire) == IDLE
+        self.state.load(Ordering::Acquire) == IDLE
     }
 
     /// Whether the inner body failed (its sender reset or closed mid-body).
     pub fn broken(&self) -> bool {
-        self.0.load(Ordering::Acquire) == BROKEN
+        self.state.load(Ordering::Acquire) == BROKEN
     }
 
     fn set(&self, v: u8) {
-        self.0.store(v, Ordering::Release);
+        self.state.store(v, Ordering::Release);
     }
 }
 
@@ -135,13 +144,14 @@ where
                     }
                     Some(Ok(frame)) => frame,
                 };
-                if let (Some(limit), Some(data)) = (this.limit, frame.data_ref()) {
+                if let Some(data) = frame.data_ref() {
                     this.seen += data.len() as u64;
-                    if this.seen > limit {
+                    if let Some(limit) = this.limit.filter(|&limit| this.seen > limit) {
                         this.done = true;
                         this.outcome.set(TOO_LARGE);
                         return Poll::Ready(Some(Err(BodyError::TooLarge { limit })));
                     }
+                    this.outcome.bytes.store(this.seen, Ordering::Relaxed);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }

@@ -45,7 +45,7 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
 use crate::{
-    access::{AccessRecord, CountedBody, LoggedBody},
+    access::{AccessRecord, LoggedBody},
     body::{BodyOutcome, GuardedBody},
     bruteforce::FailureGuard,
     config::Config,
@@ -130,12 +130,22 @@ pub struct Shared {
 }
 
 /// What the request path knows about the client connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     /// The peer's address: from the socket, or from the PROXY v2 header a trusted proxy sent.
     pub peer: SocketAddr,
     /// Whether the client connection is TLS.
     pub tls: bool,
+    /// The peer's IP as a header value, made once per connection for `X-Forwarded-For`.
+    peer_ip: HeaderValue,
+}
+
+impl ConnInfo {
+    /// The connection from `peer`, over TLS or not.
+    pub fn new(peer: SocketAddr, tls: bool) -> ConnInfo {
+        let peer_ip = HeaderValue::try_from(peer.ip().to_string()).expect("IP addresses are ASCII");
+        ConnInfo { peer, tls, peer_ip }
+    }
 }
 
 /// Where the presented key came from; decides which header is removed before forwarding.
@@ -154,7 +164,7 @@ struct Caller {
     /// Time to the upstream's response head, once forwarded.
     upstream: Option<Duration>,
     /// Request body bytes forwarded, once forwarding starts.
-    bytes_in: Option<Arc<AtomicU64>>,
+    bytes_in: Option<Arc<BodyOutcome>>,
     /// The client's address (behind trusted proxies, the one they name), once known.
     client_ip: Option<IpAddr>,
 }
@@ -261,9 +271,7 @@ async fn admit_and_forward(
         live.config.upstream.body_timeout,
     );
     let outcome = body.outcome();
-    let bytes_in = Arc::new(AtomicU64::new(0));
-    caller.bytes_in = Some(Arc::clone(&bytes_in));
-    let body = CountedBody::new(body, bytes_in);
+    caller.bytes_in = Some(Arc::clone(&outcome));
     let sent = Instant::now();
     let result = forward(
         shared,
@@ -591,15 +599,12 @@ pub fn rewrite_headers(
     }
     strip_keygate_headers(headers);
 
-    let peer_ip = conn.peer.ip().to_string();
     let xff = match forwarded_for(headers) {
-        Some(prior) => format!("{prior}, {peer_ip}"),
-        None => peer_ip,
+        Some(prior) => HeaderValue::try_from(format!("{prior}, {}", conn.peer.ip()))
+            .expect("joined X-Forwarded-For values are visible ASCII"),
+        None => conn.peer_ip.clone(),
     };
-    headers.insert(
-        X_FORWARDED_FOR.clone(),
-        HeaderValue::try_from(xff).expect("IP addresses are ASCII"),
-    );
+    headers.insert(X_FORWARDED_FOR.clone(), xff);
     headers.insert(
         X_FORWARDED_PROTO.clone(),
         HeaderValue::from_static(if conn.tls { "https" } else { "http" }),

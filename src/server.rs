@@ -248,10 +248,7 @@ async fn accept_loop(
                     Err(_) => return tracing::debug!(%peer, "PROXY header timed out"),
                 }
             }
-            let info = ConnInfo {
-                peer,
-                tls: acceptor.is_some(),
-            };
+            let info = ConnInfo::new(peer, acceptor.is_some());
             match acceptor {
                 None => serve(stream, &builder, &server, shared, info, watcher).await,
                 Some(acceptor) => {
@@ -293,8 +290,11 @@ async fn serve<IO>(
 {
     let in_flight = InFlight::default();
     let io = IdleIo::new(io, server.idle_timeout, in_flight.clone());
+    let peer = info.peer;
+    let info = Arc::new(info);
     let service = service_fn(move |req| {
         let shared = Arc::clone(&shared);
+        let info = Arc::clone(&info);
         let started = in_flight.start();
         async move {
             let resp = proxy::handle(&shared, &info, req).await;
@@ -304,6 +304,6 @@ async fn serve<IO>(
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     if let Err(e) = watcher.watch(conn).await {
-        tracing::debug!(peer = %info.peer, "connection ended with an error: {e}");
+        tracing::debug!(%peer, "connection ended with an error: {e}");
     }
 }

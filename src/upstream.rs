@@ -37,8 +37,8 @@ use tokio_rustls::TlsConnector;
 use crate::config::UpstreamConfig;
 
 /// The body type sent upstream: the client's own body, streamed through the `max_body` and
-/// body-idle guards, its bytes counted.
-pub type RequestBody = crate::access::CountedBody<crate::body::GuardedBody<Incoming>>;
+/// body-idle guards (which also count its bytes for the access log).
+pub type RequestBody = crate::body::GuardedBody<Incoming>;
 
 /// Idle connections older than this are closed instead of reused.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);

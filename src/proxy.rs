@@ -213,7 +213,7 @@ pub async fn handle(
     resp.map(|body| LoggedBody::new(body, record))
 }
 
-/// Phases 2 to 5; records the key and its rate-limit state in `caller` as soon as known.
+/// Phases 2 to 7; records the key and its rate-limit state in `caller` as soon as known.
 async fn admit_and_forward(
     shared: &Shared,
     live: &Live,
@@ -272,17 +272,15 @@ async fn admit_and_forward(
     );
     let outcome = body.outcome();
     caller.bytes_in = Some(Arc::clone(&outcome));
-    let sent = Instant::now();
-    let result = forward(
+    let mut resp = forward(
         shared,
         live,
         Request::from_parts(parts, body),
         &outcome,
         request_id,
+        &mut caller.upstream,
     )
-    .await;
-    caller.upstream = Some(sent.elapsed());
-    let mut resp = result?;
+    .await?;
     if let Some(client) = client_upgrade {
         if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
             upgrade::splice(client, &mut resp, request_id.clone());
@@ -415,7 +413,7 @@ fn authenticate(
     Ok((Arc::clone(entry), source))
 }
 
-/// Phase 3: for a key with scopes, the normalised path when a scope covers the request.
+/// Phase 4: for a key with scopes, the normalised path when a scope covers the request.
 fn check_scope(
     entry: &KeyEntry,
     method: &Method,
@@ -488,7 +486,7 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     }
 }
 
-/// Phase 5: the request as the upstream will see it.
+/// Phase 6: the request as the upstream will see it.
 fn rewrite<B>(
     live: &Live,
     conn: &ConnInfo,
@@ -579,7 +577,7 @@ fn rewrite<B>(
     Ok(Request::from_parts(parts, body))
 }
 
-/// Phase 5's header part (public for the criterion bench): drops the key (`bearer`: it came
+/// Phase 6's header part (public for the criterion bench): drops the key (`bearer`: it came
 /// in `Authorization`), hop-by-hop and client-sent `X-Keygate-*` headers, and sets the
 /// forwarding, request id and identity headers.
 pub fn rewrite_headers(
@@ -686,19 +684,24 @@ fn strip_keygate_headers(headers: &mut HeaderMap) {
     }
 }
 
-/// Phase 6: sends the request upstream and waits for the head within `upstream.timeout`.
+/// Phase 7: sends the request upstream and waits for the head within `upstream.timeout`;
+/// `waited` gets the time spent waiting (the access log's `upstream_ms`).
 async fn forward(
     shared: &Shared,
     live: &Live,
     req: Request<RequestBody>,
     request_body: &BodyOutcome,
     request_id: &HeaderValue,
+    waited: &mut Option<Duration>,
 ) -> Result<Response<ResponseBody>, GatewayError> {
     let deadline = live.config.upstream.timeout;
     let sent = Instant::now();
-    let err = match tokio::time::timeout(deadline, shared.client.request(req)).await {
+    let answer = tokio::time::timeout(deadline, shared.client.request(req)).await;
+    let elapsed = sent.elapsed();
+    *waited = Some(elapsed);
+    let err = match answer {
         Ok(Ok(resp)) => {
-            shared.metrics.upstream_head(sent.elapsed());
+            shared.metrics.upstream_head(elapsed);
             let (mut parts, body) = resp.into_parts();
             let switched = parts.headers.get(header::UPGRADE).cloned();
             strip_hop_by_hop(&mut parts.headers);

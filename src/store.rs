@@ -175,10 +175,8 @@ impl Limits {
             mode: AtomicU8::new(LimitMode::Fallback.as_u8()),
             wake: Notify::new(),
         });
-        match link.redis.connect().await {
+        match link.share().await {
             Ok(()) => {
-                link.mode
-                    .store(LimitMode::Shared.as_u8(), Ordering::Release);
                 tracing::info!(
                     store = %link.redis.url(),
                     "limits shared through the limit store"
@@ -233,6 +231,14 @@ impl Limits {
 }
 
 impl StoreLink {
+    /// Connects (and loads the script); from then on limits are decided in the store.
+    async fn share(&self) -> Result<(), StoreError> {
+        self.redis.connect().await?;
+        self.mode
+            .store(LimitMode::Shared.as_u8(), Ordering::Release);
+        Ok(())
+    }
+
     /// Shared → Fallback, logged once by whichever request saw the failure first.
     fn trip(&self, cause: &StoreError) {
         if self
@@ -273,10 +279,8 @@ async fn probe(link: Arc<StoreLink>, mut stop: watch::Receiver<Option<Duration>>
                 _ = stop.wait_for(Option::is_some) => return,
             }
         }
-        match link.redis.connect().await {
+        match link.share().await {
             Ok(()) => {
-                link.mode
-                    .store(LimitMode::Shared.as_u8(), Ordering::Release);
                 tracing::info!(
                     store = %link.redis.url(),
                     "limit store answering again; limits shared through it"

@@ -454,45 +454,10 @@ pub fn keygate_bin() -> &'static str {
     env!("CARGO_BIN_EXE_keygate")
 }
 
-/// Starts `keygate run --config path` with `envs`; waits for the "listening on" line.
+/// Starts `keygate run --config path` at `RUST_LOG=trace` (unless `envs` sets it) with `envs`;
+/// waits for the "listening on" line.
 pub fn spawn_keygate(path: &Path, envs: &[(&str, &str)]) -> Process {
-    let mut cmd = Command::new(keygate_bin());
-    cmd.args(["run", "--config"])
-        .arg(path)
-        .env("RUST_LOG", "trace")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("spawn keygate");
-    let stderr = child.stderr.take().unwrap();
-    let logs = Arc::new(Mutex::new(String::new()));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let sink = logs.clone();
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if let Some(rest) = line.split("listening on ").nth(1) {
-                let addr = rest.split("://").nth(1).unwrap_or(rest).trim().to_string();
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(addr);
-                }
-            }
-            let mut l = sink.lock().unwrap();
-            l.push_str(&line);
-            l.push('\n');
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(20))
-        .unwrap_or_else(|_| panic!("keygate did not start; logs:\n{}", logs.lock().unwrap()));
-    Process {
-        child,
-        addr: addr.parse().expect("listen address in the log"),
-        logs,
-    }
+    spawn(path, Some("trace"), envs)
 }
 
 /// Polls `f` every 20 ms until it returns true or `timeout` passes.
@@ -527,15 +492,23 @@ pub fn addr_after(logs: &str, marker: &str) -> Option<SocketAddr> {
     })
 }
 
-/// Like [`spawn_keygate`], but `RUST_LOG` is left unset unless `envs` sets it, and the listen
-/// address is found in text or json logs.
+/// Like [`spawn_keygate`], but `RUST_LOG` is left unset unless `envs` sets it.
 pub fn spawn_keygate_plain_env(path: &Path, envs: &[(&str, &str)]) -> Process {
+    spawn(path, None, envs)
+}
+
+/// The binary with `rust_log` (or none), then `envs`; its stderr collected; the listen address
+/// read from its start-up line, in text or json logs.
+fn spawn(path: &Path, rust_log: Option<&str>, envs: &[(&str, &str)]) -> Process {
     let mut cmd = Command::new(keygate_bin());
     cmd.args(["run", "--config"])
         .arg(path)
         .env_remove("RUST_LOG")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
+    if let Some(level) = rust_log {
+        cmd.env("RUST_LOG", level);
+    }
     for (k, v) in envs {
         cmd.env(k, v);
     }

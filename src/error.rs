@@ -54,6 +54,10 @@ pub enum GatewayError {
     /// The request is malformed in a way the gateway refuses to forward.
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    /// The request states its body's length twice (see [`crate::framing`]); the connection
+    /// closes after the answer, since where this request ends is in doubt.
+    #[error("ambiguous request framing: {}", .0.message())]
+    AmbiguousFraming(crate::framing::Ambiguity),
     /// The request body exceeds the allowed size.
     #[error("request body too large")]
     PayloadTooLarge,
@@ -76,7 +80,9 @@ impl GatewayError {
             | GatewayError::InvalidApiKey
             | GatewayError::BadChecksum
             | GatewayError::ExpiredApiKey => StatusCode::UNAUTHORIZED,
-            GatewayError::AmbiguousApiKey | GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            GatewayError::AmbiguousApiKey
+            | GatewayError::BadRequest(_)
+            | GatewayError::AmbiguousFraming(_) => StatusCode::BAD_REQUEST,
             GatewayError::ForbiddenScope => StatusCode::FORBIDDEN,
             GatewayError::RateLimited { .. }
             | GatewayError::QuotaExceeded { .. }
@@ -102,7 +108,7 @@ impl GatewayError {
             GatewayError::QuotaExceeded { .. } => "quota_exceeded",
             GatewayError::TooManyFailures { .. } => "too_many_failures",
             GatewayError::RequestTimeout => "request_timeout",
-            GatewayError::BadRequest(_) => "bad_request",
+            GatewayError::BadRequest(_) | GatewayError::AmbiguousFraming(_) => "bad_request",
             GatewayError::PayloadTooLarge => "payload_too_large",
             GatewayError::UpstreamUnavailable => "upstream_unavailable",
             GatewayError::UpstreamTimeout => "upstream_timeout",
@@ -115,6 +121,7 @@ impl GatewayError {
     pub fn reason(&self) -> &'static str {
         match self {
             GatewayError::BadChecksum => "bad_checksum",
+            GatewayError::AmbiguousFraming(_) => "ambiguous_framing",
             other => other.code(),
         }
     }
@@ -140,6 +147,7 @@ impl GatewayError {
             }
             GatewayError::RequestTimeout => "The request body stopped arriving.",
             GatewayError::BadRequest(why) => why,
+            GatewayError::AmbiguousFraming(why) => why.message(),
             GatewayError::PayloadTooLarge => "The request body is too large.",
             GatewayError::UpstreamUnavailable => "The upstream service is unavailable.",
             GatewayError::UpstreamTimeout => "The upstream service did not answer in time.",
@@ -182,6 +190,9 @@ impl GatewayError {
             | GatewayError::QuotaExceeded { retry_after }
             | GatewayError::TooManyFailures { retry_after } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+            }
+            GatewayError::AmbiguousFraming(_) => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             _ => {}
         }
@@ -236,6 +247,11 @@ mod tests {
             ),
             (GatewayError::RequestTimeout, 408, "request_timeout"),
             (GatewayError::BadRequest("x"), 400, "bad_request"),
+            (
+                GatewayError::AmbiguousFraming(crate::framing::Ambiguity::RepeatedLength),
+                400,
+                "bad_request",
+            ),
             (GatewayError::PayloadTooLarge, 413, "payload_too_large"),
             (
                 GatewayError::UpstreamUnavailable,

@@ -25,6 +25,7 @@
 //! - [`certs`]: certificate hot reload behind one `ArcSwap`, keeping the last good pair.
 //! - [`server`]: accept loop, HTTP/1.1 + HTTP/2 serving, graceful shutdown.
 //! - [`conn`]: per-connection guards (the keep-alive idle timeout).
+//! - [`framing`]: HTTP/1 request framing screened on the wire (repeated lengths, CL + TE).
 //! - [`watch`]: directory watch + SIGHUP, debounced: the feed both reloads listen to.
 //! - [`reload`]: file watch + SIGHUP → validate → one atomic swap, or keep the old.
 //! - [`error`]: the gateway's error enum → status + JSON body, in one place.
@@ -49,6 +50,7 @@ pub mod config;
 pub mod conn;
 pub mod demo;
 pub mod error;
+pub mod framing;
 pub mod health;
 pub mod identity;
 pub mod keyfile;

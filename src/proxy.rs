@@ -1,8 +1,9 @@
 //! The request path, phase by phase.
 //!
 //! 1. **identify** – take the request id the client sent (when sane) or make one;
-//! 2. **screen** – refuse a repeated `Content-Length` or `Host`, or an HTTP/1.1 request without
-//!    `Host`, before anything else is read;
+//! 2. **screen** – refuse a head whose length is stated twice ([`crate::framing`]: repeated
+//!    `Content-Length`, or with `Transfer-Encoding`; the connection closes), a repeated
+//!    `Host`, or an HTTP/1.1 request without `Host`, before anything else is read;
 //! 3. **authenticate** – find the key (configured header, else `Authorization: Bearer`, else
 //!    the query parameter when `allow_query_key`), hash it once with blake3, look it up in the
 //!    live [`KeyTable`](crate::keys::KeyTable), refuse missing, unknown, disabled and expired
@@ -50,6 +51,7 @@ use crate::{
     bruteforce::FailureGuard,
     config::Config,
     error::GatewayError,
+    framing::Framing,
     identity::Identity,
     keys::{self, KeyEntry, KeyHash, KeyTable},
     metrics::{Metrics, UpstreamErrorKind},
@@ -138,13 +140,20 @@ pub struct ConnInfo {
     pub tls: bool,
     /// The peer's IP as a header value, made once per connection for `X-Forwarded-For`.
     peer_ip: HeaderValue,
+    /// The HTTP/1 framing verdicts of this connection's request heads.
+    pub framing: Arc<Framing>,
 }
 
 impl ConnInfo {
     /// The connection from `peer`, over TLS or not.
     pub fn new(peer: SocketAddr, tls: bool) -> ConnInfo {
         let peer_ip = HeaderValue::try_from(peer.ip().to_string()).expect("IP addresses are ASCII");
-        ConnInfo { peer, tls, peer_ip }
+        ConnInfo {
+            peer,
+            tls,
+            peer_ip,
+            framing: Arc::default(),
+        }
     }
 }
 
@@ -222,6 +231,9 @@ async fn admit_and_forward(
     request_id: &HeaderValue,
     caller: &mut Caller,
 ) -> Result<Response<ResponseBody>, GatewayError> {
+    conn.framing
+        .admit()
+        .map_err(GatewayError::AmbiguousFraming)?;
     screen(req.version(), req.headers())?;
     let client_ip = live
         .config
@@ -283,6 +295,7 @@ async fn admit_and_forward(
     .await?;
     if let Some(client) = client_upgrade {
         if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            conn.framing.stop();
             upgrade::splice(client, &mut resp, request_id.clone());
         }
     }
@@ -291,8 +304,8 @@ async fn admit_and_forward(
 
 /// Phase 2: refuses a request whose length or target is stated twice, or whose target is
 /// missing, so that no proxy in front of or behind keygate can read it differently. (On
-/// HTTP/1.1 hyper already refuses conflicting lengths and collapses identical ones; the length
-/// check here guards the other protocol paths.)
+/// HTTP/1 repeated lengths never get here: hyper refuses conflicting ones and [`crate::framing`]
+/// the rest; the length check here guards HTTP/2.)
 fn screen(version: Version, headers: &HeaderMap) -> Result<(), GatewayError> {
     if headers
         .get_all(header::CONTENT_LENGTH)

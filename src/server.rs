@@ -41,6 +41,7 @@ use crate::{
     client_ip,
     config::{Config, ServerConfig},
     conn::{IdleIo, InFlight},
+    framing::FramingScreen,
     health::{self, Readiness},
     metrics::Metrics,
     proxy::{self, ConnInfo, Live, Shared},
@@ -289,6 +290,7 @@ async fn serve<IO>(
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let in_flight = InFlight::default();
+    let io = FramingScreen::new(io, Arc::clone(&info.framing), server.max_header_bytes);
     let io = IdleIo::new(io, server.idle_timeout, in_flight.clone());
     let peer = info.peer;
     let info = Arc::new(info);

@@ -1,6 +1,7 @@
-//! Per-connection guards: the keep-alive idle timeout.
+//! Per-connection guards on the client's byte stream: the keep-alive idle timeout, and the
+//! HTTP/1 framing screen ([`crate::framing`]), which sees every byte read.
 //!
-//! [`IdleIo`] wraps a client connection's byte stream. When neither a byte has been read or
+//! [`ClientIo`] wraps a client connection's byte stream. When neither a byte has been read or
 //! written for `[server] idle_timeout` nor a request is in flight ([`InFlight`]), the next
 //! read reports end of stream: hyper then closes an idle HTTP/1.1 connection cleanly and ends
 //! an HTTP/2 one. A request waiting on a slow upstream keeps its connection (the upstream's own
@@ -24,6 +25,8 @@ use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     time::{Instant, Sleep},
 };
+
+use crate::framing::FramingScreen;
 
 /// Requests of one connection that are being handled (from the head read to the response head).
 #[derive(Debug, Default, Clone)]
@@ -51,24 +54,33 @@ impl Drop for InFlightGuard {
     }
 }
 
-/// A byte stream that ends itself after `idle` without traffic or requests in flight.
+/// A client byte stream that ends itself after `idle` without traffic or requests in flight,
+/// and hands what it reads to a [`FramingScreen`].
 #[derive(Debug)]
-pub struct IdleIo<T> {
+pub struct ClientIo<T> {
     inner: T,
     idle: Duration,
     timer: Pin<Box<Sleep>>,
     in_flight: InFlight,
+    screen: Option<FramingScreen>,
 }
 
-impl<T> IdleIo<T> {
+impl<T> ClientIo<T> {
     /// Wraps `inner`; `in_flight` is shared with the connection's request handler.
-    pub fn new(inner: T, idle: Duration, in_flight: InFlight) -> IdleIo<T> {
-        IdleIo {
+    pub fn new(inner: T, idle: Duration, in_flight: InFlight) -> ClientIo<T> {
+        ClientIo {
             inner,
             idle,
             timer: Box::pin(tokio::time::sleep(idle)),
             in_flight,
+            screen: None,
         }
+    }
+
+    /// Hands every byte read to `screen` too.
+    pub fn screened(mut self, screen: FramingScreen) -> ClientIo<T> {
+        self.screen = Some(screen);
+        self
     }
 
     fn touch(&mut self) {
@@ -76,7 +88,7 @@ impl<T> IdleIo<T> {
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
+impl<T: AsyncRead + Unpin> AsyncRead for ClientIo<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -88,6 +100,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
             Poll::Ready(res) => {
                 if buf.filled().len() > before {
                     this.touch();
+                    if let Some(screen) = &mut this.screen {
+                        screen.scan(&buf.filled()[before..]);
+                    }
                 }
                 Poll::Ready(res)
             }
@@ -105,7 +120,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
+impl<T: AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -154,7 +169,7 @@ mod tests {
     async fn an_idle_stream_reads_as_ended_but_not_while_a_request_is_in_flight() {
         let (a, mut b) = tokio::io::duplex(64);
         let in_flight = InFlight::default();
-        let mut io = IdleIo::new(a, Duration::from_millis(50), in_flight.clone());
+        let mut io = ClientIo::new(a, Duration::from_millis(50), in_flight.clone());
         b.write_all(b"x").await.unwrap();
         let mut buf = [0u8; 8];
         assert_eq!(io.read(&mut buf).await.unwrap(), 1);

@@ -8,7 +8,7 @@
 //! nginx does for the second case and Envoy for both; nothing of such a request is forwarded.
 //!
 //! Since the parsed request no longer shows them, [`FramingScreen`] reads the client's bytes as
-//! they pass to hyper: it finds each request head, checks its `Content-Length` and
+//! they pass to hyper (from the connection's reads, [`crate::conn::ClientIo`]): it finds each request head, checks its `Content-Length` and
 //! `Transfer-Encoding` lines, and follows the body's framing (a length, or chunks exactly as
 //! hyper's decoder reads them) to the next head. The verdicts go to [`Framing`], which the
 //! request path asks once per request, in order ([`Framing::admit`]): the `n`-th request hyper
@@ -21,17 +21,10 @@
 //! over `max_header_bytes`, a malformed chunk), since hyper then ends the connection itself.
 //! Its cost is one pass over each head's line starts and a few branches per body read.
 
-use std::{
-    io,
-    pin::Pin,
-    sync::{
-        atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering},
-        Arc,
-    },
-    task::{Context, Poll},
+use std::sync::{
+    atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering},
+    Arc,
 };
-
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Why a request head's framing is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,10 +127,10 @@ enum Chunk {
     EndLf,
 }
 
-/// A client byte stream whose HTTP/1 request framing is screened on the way to hyper.
+/// Follows a client byte stream's HTTP/1 request framing; the connection's reads
+/// ([`crate::conn::ClientIo`]) hand it every byte on the way to hyper.
 #[derive(Debug)]
-pub struct FramingScreen<T> {
-    inner: T,
+pub struct FramingScreen {
     framing: Arc<Framing>,
     state: State,
     /// The start of a head that did not arrive in one read.
@@ -146,11 +139,10 @@ pub struct FramingScreen<T> {
     max_head: usize,
 }
 
-impl<T> FramingScreen<T> {
-    /// Screens `inner`, reporting to `framing`; heads longer than `max_head` are left to hyper.
-    pub fn new(inner: T, framing: Arc<Framing>, max_head: usize) -> FramingScreen<T> {
+impl FramingScreen {
+    /// Reports to `framing`; heads longer than `max_head` are left to hyper.
+    pub fn new(framing: Arc<Framing>, max_head: usize) -> FramingScreen {
         FramingScreen {
-            inner,
             framing,
             state: State::Head,
             partial: Vec::new(),
@@ -159,7 +151,10 @@ impl<T> FramingScreen<T> {
     }
 
     /// Follows `data`, the next bytes the client sent.
-    fn scan(&mut self, mut data: &[u8]) {
+    pub fn scan(&mut self, mut data: &[u8]) {
+        if self.state == State::Off {
+            return;
+        }
         if self.framing.stopped.load(Ordering::Relaxed) {
             self.state = State::Off;
         }
@@ -403,52 +398,6 @@ fn decimal(v: &[u8]) -> Option<u64> {
     Some(v.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')))
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for FramingScreen<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let res = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if this.state != State::Off {
-            this.scan(&buf.filled()[before..]);
-        }
-        res
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for FramingScreen<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -458,7 +407,7 @@ mod tests {
     /// path would get for `requests` requests.
     fn verdicts(bytes: &[u8], cuts: &[usize], requests: usize) -> Vec<Option<Ambiguity>> {
         let framing = Arc::new(Framing::default());
-        let mut screen = FramingScreen::new((), Arc::clone(&framing), 8192);
+        let mut screen = FramingScreen::new(Arc::clone(&framing), 8192);
         let mut rest = bytes;
         for &cut in cuts.iter().cycle() {
             if rest.is_empty() {
@@ -526,7 +475,7 @@ mod tests {
         assert_eq!(verdicts(h2.as_bytes(), &[5], 1), [None]);
 
         let framing = Arc::new(Framing::default());
-        let mut screen = FramingScreen::new((), Arc::clone(&framing), 8192);
+        let mut screen = FramingScreen::new(Arc::clone(&framing), 8192);
         screen.scan(get("/ws").as_bytes());
         assert_eq!(framing.admit(), Ok(()));
         framing.stop();
@@ -598,7 +547,7 @@ mod tests {
         ) {
             let bytes = pieces.concat();
             let framing = Arc::new(Framing::default());
-            let mut screen = FramingScreen::new((), Arc::clone(&framing), max_head);
+            let mut screen = FramingScreen::new(Arc::clone(&framing), max_head);
             let mut rest = &bytes[..];
             for &cut in cuts.iter().cycle() {
                 if rest.is_empty() {

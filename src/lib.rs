@@ -24,7 +24,7 @@
 //! - [`tls`]: the listener's rustls config and certificate loading.
 //! - [`certs`]: certificate hot reload behind one `ArcSwap`, keeping the last good pair.
 //! - [`server`]: accept loop, HTTP/1.1 + HTTP/2 serving, graceful shutdown.
-//! - [`conn`]: per-connection guards (the keep-alive idle timeout).
+//! - [`conn`]: the client byte stream's guards (keep-alive idle timeout, framing screen).
 //! - [`framing`]: HTTP/1 request framing screened on the wire (repeated lengths, CL + TE).
 //! - [`watch`]: directory watch + SIGHUP, debounced: the feed both reloads listen to.
 //! - [`reload`]: file watch + SIGHUP → validate → one atomic swap, or keep the old.

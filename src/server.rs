@@ -40,7 +40,7 @@ use crate::{
     certs::CertStore,
     client_ip,
     config::{Config, ServerConfig},
-    conn::{IdleIo, InFlight},
+    conn::{ClientIo, InFlight},
     framing::FramingScreen,
     health::{self, Readiness},
     metrics::Metrics,
@@ -290,8 +290,8 @@ async fn serve<IO>(
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let in_flight = InFlight::default();
-    let io = FramingScreen::new(io, Arc::clone(&info.framing), server.max_header_bytes);
-    let io = IdleIo::new(io, server.idle_timeout, in_flight.clone());
+    let screen = FramingScreen::new(Arc::clone(&info.framing), server.max_header_bytes);
+    let io = ClientIo::new(io, server.idle_timeout, in_flight.clone()).screened(screen);
     let peer = info.peer;
     let info = Arc::new(info);
     let service = service_fn(move |req| {

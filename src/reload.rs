@@ -4,9 +4,9 @@
 //! file by rename, which a watch on the file itself would miss), and likewise `[auth] keys_file`
 //! when one is set (the one named at start; a changed `keys_file` is watched after a restart,
 //! SIGHUP reloads it meanwhile). Events are debounced for a few
-//! milliseconds, then the file is parsed off the request path, on a thread of its own at the
-//! lowest priority (`SCHED_IDLE` on Linux, see [`lower_priority`]), so a large key table never
-//! takes CPU the request path needs. A valid file
+//! milliseconds, then the file is parsed off the request path, on a thread of its own at a
+//! lower priority (`nice` 19 on Linux), so a large key table never takes CPU the request path
+//! needs. A valid file
 //! becomes a new [`Live`] that carries over the limiters of ids that stay, stored with one atomic
 //! swap; a broken one is logged once with `file:line:col` and the running state is kept.
 
@@ -62,36 +62,17 @@ pub fn reload_now(shared: &Shared, path: &Path) -> Result<usize, ConfigError> {
     Ok(keys)
 }
 
-/// Nice value of the reload thread where `SCHED_IDLE` is refused.
+/// Nice value of the reload thread: parsing a million keys is seconds of CPU, and on a busy
+/// machine serving requests comes first. An idle core still runs it at full speed.
 const RELOAD_NICE: i32 = 19;
 
-/// Moves the calling thread (the reload, or the drop of a replaced table) out of the request
-/// path's way. On Linux it becomes `SCHED_IDLE`: a request-path thread that wakes up takes the
-/// CPU from it at once, where a `nice 19` thread keeps it to the end of its time slice (a few
-/// milliseconds, which is what a p99 during a million-key reload showed). It still runs
-/// whenever a core has nothing else to do, so an idle or lightly loaded machine reloads at
-/// full speed. Falls back to `nice 19` if the policy is refused.
+/// Lowers the calling thread's scheduling priority to [`RELOAD_NICE`] (Linux: per thread).
 fn lower_priority() {
     #[cfg(target_os = "linux")]
+    if let Err(e) =
+        rustix::process::setpriority_process(Some(rustix::thread::gettid()), RELOAD_NICE)
     {
-        use thread_priority::unix::{
-            set_thread_priority_and_policy, thread_native_id, NormalThreadSchedulePolicy,
-            ThreadSchedulePolicy,
-        };
-        let idle = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
-        match set_thread_priority_and_policy(
-            thread_native_id(),
-            thread_priority::ThreadPriority::Min,
-            idle,
-        ) {
-            Ok(()) => return,
-            Err(e) => tracing::debug!("SCHED_IDLE refused, using nice {RELOAD_NICE}: {e:?}"),
-        }
-        if let Err(e) =
-            rustix::process::setpriority_process(Some(rustix::thread::gettid()), RELOAD_NICE)
-        {
-            tracing::debug!("cannot lower the reload thread's priority: {e}");
-        }
+        tracing::debug!("cannot lower the reload thread's priority: {e}");
     }
 }
 
@@ -157,28 +138,4 @@ pub fn spawn(shared: Arc<Shared>, stop: watch::Receiver<Option<Duration>>) -> an
         }
     });
     Ok(())
-}
-
-#[cfg(all(test, target_os = "linux"))]
-mod tests {
-    /// The reload thread runs as `SCHED_IDLE` (policy 5, field 41 of `/proc/thread-self/stat`),
-    /// which this machine grants unprivileged threads.
-    #[test]
-    fn the_reload_thread_gets_the_idle_policy() {
-        let policy = std::thread::spawn(|| {
-            super::lower_priority();
-            let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
-            // Fields after the command name, which ends at the last ')'.
-            let fields: Vec<&str> = stat
-                .rsplit_once(')')
-                .unwrap()
-                .1
-                .split_whitespace()
-                .collect();
-            fields[41 - 3].to_string()
-        })
-        .join()
-        .unwrap();
-        assert_eq!(policy, "5");
-    }
 }

@@ -1,5 +1,5 @@
 //! Logging: a tracing subscriber on stderr, text or json (`[log] format`), the level from
-//! `[log] level` unless `RUST_LOG` is set (it always wins).
+//! `[log] level` (rustls's own lines: errors only) unless `RUST_LOG` is set (it always wins).
 //!
 //! The access log is the `keygate::access` target, one line per request ([`crate::access`]). In
 //! json every line is one object: `ts` (RFC 3339, UTC), `level`, `target`, `message` when there is
@@ -27,10 +27,16 @@ pub fn init() {
     init_with(&LogConfig::default());
 }
 
+/// What rustls itself may log unless `RUST_LOG` says otherwise: errors only. Its warnings are
+/// about what a client sent (an IP address as SNI, as wrk and some HTTP libraries send), one
+/// line per connection that anyone on the internet can trigger: noise for operators and a way
+/// to flood the log. keygate logs failed handshakes itself, at debug.
+const RUSTLS_LEVEL: &str = "rustls=error";
+
 /// Installs the global subscriber as `[log]` says; call once, from the binary.
 pub fn init_with(log: &LogConfig) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(log.level.as_str()));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{},{RUSTLS_LEVEL}", log.level.as_str())));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

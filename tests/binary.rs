@@ -92,6 +92,59 @@ async fn logs_carry_access_lines_and_never_a_secret() {
     }
 }
 
+/// A client that sends an IP address as SNI (wrk and some HTTP libraries do) gets no log line
+/// per connection: rustls's own warnings are off unless `RUST_LOG` asks for them, so nobody
+/// can flood the log with handshakes. The connection itself is served.
+#[tokio::test]
+async fn an_ip_address_as_sni_puts_nothing_in_the_log() {
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let up = start_upstream().await;
+    let cert = make_cert();
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(&up.url(), &key_entry("a", KEY, "")).replace(
+        "listen = \"127.0.0.1:0\"\n",
+        &format!("listen = \"127.0.0.1:0\"\n{}", cert.write_into(dir.path())),
+    );
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, text).unwrap();
+    let gw = spawn_keygate_plain_env(&path, &[]);
+
+    // rustls never sends an IP as SNI, so make its ClientHello for a 9-letter name and put
+    // "127.0.0.1" in its place.
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = rustls_pki_types::ServerName::try_from("abcdefghi").unwrap();
+    let mut client = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut hello = Vec::new();
+    client.write_tls(&mut hello).unwrap();
+    let at = hello.windows(9).position(|w| w == b"abcdefghi").unwrap();
+    hello[at..at + 9].copy_from_slice(b"127.0.0.1");
+    for _ in 0..3 {
+        let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        conn.write_all(&hello).await.unwrap();
+        let mut server_hello = [0u8; 5];
+        conn.read_exact(&mut server_hello).await.unwrap();
+        assert_eq!(server_hello[0], 22, "a TLS handshake record answers");
+    }
+    let got = get(
+        &tls_client(&cert, false),
+        &format!("https://localhost:{}/v1/ok", gw.addr.port()),
+        &[("x-api-key", KEY)],
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert!(gw.wait_for_log("keygate::access", Duration::from_secs(5)));
+    let logs = gw.logs();
+    assert!(!logs.contains("rustls"), "{logs}");
+    assert!(!logs.contains("WARN"), "{logs}");
+}
+
 /// Reload through the binary: SIGHUP reloads, a broken file logs one error with
 /// file:line:col and keeps serving the old table.
 #[tokio::test]

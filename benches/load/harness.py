@@ -190,11 +190,16 @@ url = "http://127.0.0.1:{up_port}"
 rate = "1000000/s"
 burst = 1000000
 
+[log]
+level = "warn"
+
 {entries}"""
             path = os.path.join(work, f"{name}.toml")
             with open(path, "w") as f:
                 f.write(conf)
-            env = dict(os.environ, RUST_LOG="warn")
+            # No access lines, as nginx's access_log off; set in the config as an operator
+            # would (RUST_LOG would also replace keygate's default filter).
+            env = {k: v for k, v in os.environ.items() if k != "RUST_LOG"}
             start([keygate, "run", "--config", path], 0, env=env, stderr=subprocess.DEVNULL)
 
         key_map = "\n".join(f'        "{k}" "partner-{i}";' for i, k in enumerate(keys))

@@ -638,37 +638,59 @@ fn forwarded_for(headers: &HeaderMap) -> Option<String> {
     joined
 }
 
+/// The hop-by-hop header fields of RFC 9110 §7.6.1 (and the legacy `Keep-Alive` and
+/// `Proxy-Connection`), at most 16 (a bit each in [`strip_hop_by_hop`]'s mask).
+fn hop_by_hop_names() -> [&'static HeaderName; 9] {
+    [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+        &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
+    ]
+}
+
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those `Connection` names.
+///
+/// Both messages of every request pass through here (most responses carry
+/// `Connection: keep-alive`), so it allocates nothing in the common cases: one pass over the
+/// names (no hashing) marks which fixed hop-by-hop fields are present, only those are removed,
+/// and a name listed in `Connection` is only turned into a `HeaderName` (an allocation for a
+/// non-standard name) when it is not one of the fixed ones and the message has such a field.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the names (no hashing) finds what is there; most messages carry none of
-    // these, and a removal per absent name would cost a hash and a probe each.
-    let hop_by_hop = |name: &HeaderName| {
-        [
-            &header::CONNECTION,
-            &KEEP_ALIVE,
-            &PROXY_CONNECTION,
-            &header::TE,
-            &header::TRAILER,
-            &header::TRANSFER_ENCODING,
-            &header::UPGRADE,
-            &header::PROXY_AUTHENTICATE,
-            &header::PROXY_AUTHORIZATION,
-        ]
-        .contains(&name)
-    };
-    if !headers.keys().any(hop_by_hop) {
+    let fixed = hop_by_hop_names();
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = fixed.iter().position(|f| *f == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
-    let mut doomed: Vec<HeaderName> = headers
+    let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+        .map(str::trim)
+        .filter(|name| {
+            !fixed.iter().any(|f| f.as_str().eq_ignore_ascii_case(name))
+                && headers.contains_key(*name)
+        })
+        .filter_map(|name| HeaderName::try_from(name).ok())
         .collect();
-    doomed.extend(headers.keys().filter(|n| hop_by_hop(n)).cloned());
-    for name in doomed {
+    for name in named {
         headers.remove(name);
+    }
+    for (i, name) in fixed.into_iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
 }
 
@@ -780,15 +802,12 @@ pub fn new_request_id() -> HeaderValue {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let prefix = *PREFIX.get_or_init(rand::random::<u64>);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    // Both halves as one 128-bit number, written nibble by nibble from the right.
+    let mut id = u128::from(prefix) << 64 | u128::from(n);
     let mut hex = [0u8; 32];
-    for (i, byte) in prefix
-        .to_be_bytes()
-        .into_iter()
-        .chain(n.to_be_bytes())
-        .enumerate()
-    {
-        hex[2 * i] = HEX[usize::from(byte >> 4)];
-        hex[2 * i + 1] = HEX[usize::from(byte & 15)];
+    for digit in hex.iter_mut().rev() {
+        *digit = HEX[(id & 15) as usize];
+        id >>= 4;
     }
     HeaderValue::from_bytes(&hex).expect("hex is ASCII")
 }
@@ -812,7 +831,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(
             header::CONNECTION,
-            HeaderValue::from_static("close, x-secret-hop"),
+            HeaderValue::from_static("close, X-Secret-Hop, Keep-Alive, x-absent"),
         );
         h.insert("x-secret-hop", HeaderValue::from_static("1"));
         h.insert(

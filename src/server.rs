@@ -195,6 +195,11 @@ async fn accept_loop(
         .timer(TokioTimer::new())
         .header_read_timeout(server.header_timeout)
         .max_buf_size(server.max_header_bytes)
+        // One flat buffer per write (head and body copied together) instead of a queue of
+        // buffers for writev: most responses are small, and the queue's bookkeeping costs more
+        // than the copy (with the same choice upstream, ~800 instructions a request less; a
+        // body chunk is copied once at most). TLS streams get flat writes either way.
+        .writev(false)
         .keep_alive(true);
     if server.max_headers != HYPER_DEFAULT_MAX_HEADERS {
         http1.max_headers(server.max_headers);

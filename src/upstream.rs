@@ -234,6 +234,8 @@ where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (sender, conn) = http1::Builder::new()
+        // Flat writes, as on the listener side (see `server::accept_loop`).
+        .writev(false)
         .handshake(TokioIo::new(io))
         .await
         .map_err(io::Error::other)?;

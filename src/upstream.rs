@@ -173,10 +173,13 @@ impl UpstreamClient {
     ) -> Option<SendRequest<RequestBody>> {
         let mut idle = self.idle.lock().expect("upstream pool lock");
         while let Some(conn) = idle.pop() {
+            // Authorities compared byte for byte (`==` on `Authority` folds case, byte by
+            // byte): both come from the config, so a connection is only ever passed over after
+            // a reload that changed the upstream's spelling.
             if conn.sender.is_ready()
                 && conn.since.elapsed() < IDLE_TIMEOUT
                 && conn.scheme == *scheme
-                && conn.authority == *authority
+                && conn.authority.as_str() == authority.as_str()
             {
                 return Some(conn.sender);
             }

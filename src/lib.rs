@@ -25,6 +25,7 @@
 //! - [`certs`]: certificate hot reload behind one `ArcSwap`, keeping the last good pair.
 //! - [`server`]: accept loop, HTTP/1.1 + HTTP/2 serving, graceful shutdown.
 //! - [`conn`]: per-connection guards (the keep-alive idle timeout).
+//! - [`drain`]: graceful shutdown of served connections (the drain signal and the wait).
 //! - [`watch`]: directory watch + SIGHUP, debounced: the feed both reloads listen to.
 //! - [`reload`]: file watch + SIGHUP → validate → one atomic swap, or keep the old.
 //! - [`error`]: the gateway's error enum → status + JSON body, in one place.
@@ -48,6 +49,7 @@ pub mod client_ip;
 pub mod config;
 pub mod conn;
 pub mod demo;
+pub mod drain;
 pub mod error;
 pub mod health;
 pub mod identity;

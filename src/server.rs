@@ -25,7 +25,7 @@ use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto, graceful::GracefulShutdown},
+    server::conn::auto,
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -41,6 +41,7 @@ use crate::{
     client_ip,
     config::{Config, ServerConfig},
     conn::{IdleIo, InFlight},
+    drain::{Drain, Watcher},
     health::{self, Readiness},
     metrics::Metrics,
     proxy::{self, ConnInfo, Live, Shared},
@@ -212,7 +213,7 @@ async fn accept_loop(
         .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS);
     let builder = Arc::new(builder);
     let permits = Arc::new(Semaphore::new(server.max_connections));
-    let graceful = GracefulShutdown::new();
+    let drain = Drain::new();
     let mut backoff = Duration::from_millis(5);
     loop {
         let permit = tokio::select! {
@@ -241,7 +242,7 @@ async fn accept_loop(
         let builder = Arc::clone(&builder);
         let server = Arc::clone(&server);
         let acceptor = acceptor.clone();
-        let watcher = graceful.watcher();
+        let watcher = drain.watcher();
         tokio::spawn(async move {
             let _open = open;
             let _permit = permit;
@@ -282,10 +283,7 @@ async fn accept_loop(
     }
     drop(listener);
     let grace = stop.borrow().unwrap_or_default();
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(grace, drain.shutdown()).await.is_err() {
         tracing::warn!("connections still open after {grace:?}; closing them");
     }
 }
@@ -296,7 +294,7 @@ async fn serve<IO>(
     server: &ServerConfig,
     shared: Arc<Shared>,
     info: ConnInfo,
-    watcher: hyper_util::server::graceful::Watcher,
+    watcher: Watcher,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {

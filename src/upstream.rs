@@ -131,11 +131,14 @@ impl UpstreamClient {
         );
         let mut req = Request::from_parts(parts, body);
         let mut reused = true;
+        // `connect` is boxed where it is awaited: its future (TCP and TLS handshakes) is large,
+        // and inline it would enlarge every request's future, which is moved several times a
+        // request, for a step most requests skip.
         let mut sender = match self.take_idle(&scheme, &authority) {
             Some(s) => s,
             None => {
                 reused = false;
-                self.connect(&scheme, &authority).await?
+                Box::pin(self.connect(&scheme, &authority)).await?
             }
         };
         loop {
@@ -158,7 +161,7 @@ impl UpstreamClient {
                     Some(unsent) if reused => {
                         req = unsent;
                         reused = false;
-                        sender = self.connect(&scheme, &authority).await?;
+                        sender = Box::pin(self.connect(&scheme, &authority)).await?;
                     }
                     _ => return Err(UpstreamError::Send(e.into_error())),
                 },

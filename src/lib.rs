@@ -25,6 +25,7 @@
 //! - [`certs`]: certificate hot reload behind one `ArcSwap`, keeping the last good pair.
 //! - [`server`]: accept loop, HTTP/1.1 + HTTP/2 serving, graceful shutdown.
 //! - [`conn`]: per-connection guards (the keep-alive idle timeout).
+//! - [`timers`]: recycled timers for the per-request deadlines (head timeout, upstream wait).
 //! - [`drain`]: graceful shutdown of served connections (the drain signal and the wait).
 //! - [`watch`]: directory watch + SIGHUP, debounced: the feed both reloads listen to.
 //! - [`reload`]: file watch + SIGHUP → validate → one atomic swap, or keep the old.
@@ -65,6 +66,7 @@ pub mod scope;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod timers;
 pub mod tls;
 pub mod upgrade;
 pub mod upstream;

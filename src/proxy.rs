@@ -56,6 +56,7 @@ use crate::{
     quota::{self, Admission},
     scope::{self, NormalPath},
     store::Limits,
+    timers::TimerPool,
     upgrade,
     upstream::{RequestBody, UpstreamBody, UpstreamClient},
 };
@@ -127,6 +128,8 @@ pub struct Shared {
     pub client: Arc<UpstreamClient>,
     /// Where requests, refusals and upstream errors are counted.
     pub metrics: Arc<Metrics>,
+    /// Recycled timers for the per-request deadlines (this gateway's runtime's).
+    pub timers: TimerPool,
 }
 
 /// What the request path knows about the client connection.
@@ -718,7 +721,8 @@ async fn forward(
 ) -> Result<Response<ResponseBody>, GatewayError> {
     let deadline = live.config.upstream.timeout;
     let sent = Instant::now();
-    let answer = tokio::time::timeout(deadline, shared.client.request(req)).await;
+    let request = std::pin::pin!(shared.client.request(req));
+    let answer = shared.timers.timeout(deadline, request).await;
     let elapsed = sent.elapsed();
     *waited = Some(elapsed);
     let err = match answer {

@@ -24,7 +24,7 @@ use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
+    rt::{TokioExecutor, TokioIo},
     server::conn::auto,
 };
 use tokio::{
@@ -47,6 +47,7 @@ use crate::{
     proxy::{self, ConnInfo, Live, Shared},
     reload,
     store::Limits,
+    timers::TimerPool,
     tls, upstream,
 };
 
@@ -100,6 +101,7 @@ impl Gateway {
             limits,
             client,
             metrics: Arc::new(Metrics::new()),
+            timers: TimerPool::default(),
         });
         let readiness = Arc::new(Readiness::default());
         reload::spawn(Arc::clone(&shared), stop_rx.clone())?;
@@ -193,7 +195,7 @@ async fn accept_loop(
     let mut builder = auto::Builder::new(TokioExecutor::new());
     let mut http1 = builder.http1();
     http1
-        .timer(TokioTimer::new())
+        .timer(shared.timers.clone())
         .header_read_timeout(server.header_timeout)
         .max_buf_size(server.max_header_bytes)
         // One flat buffer per write (head and body copied together) instead of a queue of
@@ -207,7 +209,7 @@ async fn accept_loop(
     }
     builder
         .http2()
-        .timer(TokioTimer::new())
+        .timer(shared.timers.clone())
         .max_concurrent_streams(server.h2_max_streams)
         .max_header_list_size(u32::try_from(server.max_header_bytes).unwrap_or(u32::MAX))
         .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS);

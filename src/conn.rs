@@ -16,7 +16,7 @@ use std::{
         atomic::{AtomicUsize, Ordering},
         Arc,
     },
-    task::{Context, Poll},
+    task::{Context, Poll, Waker},
     time::Duration,
 };
 
@@ -58,11 +58,17 @@ impl Drop for InFlightGuard {
 /// timer converts the deadline to a wheel tick and updates the entry: too much for each of the
 /// several reads and writes of every request). The connection still ends exactly `idle` after
 /// its last byte, at timer granularity.
+///
+/// Likewise a read that must wait polls the timer only when it may have fired or the waker has
+/// changed: a timer keeps the waker it was last polled with until it fires, so re-polling it
+/// with the same waker (each pending read, several a request) would only register it again.
 #[derive(Debug)]
 pub struct IdleIo<T> {
     inner: T,
     idle: Duration,
     timer: Pin<Box<Sleep>>,
+    /// The waker the timer was last polled with, while that registration holds.
+    registered: Option<Waker>,
     last_active: Instant,
     in_flight: InFlight,
 }
@@ -75,6 +81,7 @@ impl<T> IdleIo<T> {
             inner,
             idle,
             timer: Box::pin(tokio::time::sleep_until(now + idle)),
+            registered: None,
             last_active: now,
             in_flight,
         }
@@ -87,6 +94,14 @@ impl<T> IdleIo<T> {
     /// Whether the connection has been idle for `idle` with no request in flight; re-arms the
     /// timer (and registers `cx`) otherwise.
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let same_waker = self
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()));
+        if same_waker && !self.timer.is_elapsed() {
+            return false;
+        }
+        self.registered = Some(cx.waker().clone());
         while self.timer.as_mut().poll(cx).is_ready() {
             let due = self.last_active + self.idle;
             if due > Instant::now() {

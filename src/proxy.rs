@@ -307,11 +307,13 @@ fn screen(version: Version, headers: &HeaderMap) -> Result<(), GatewayError> {
             "Send at most one Content-Length header.",
         ));
     }
-    if headers.get_all(header::HOST).iter().nth(1).is_some() {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let (first_host, second_host) = (hosts.next(), hosts.next());
+    if second_host.is_some() {
         return Err(GatewayError::BadRequest("Send at most one Host header."));
     }
     // RFC 9112 §3.2: an HTTP/1.1 request without Host is answered 400.
-    if version == Version::HTTP_11 && !headers.contains_key(header::HOST) {
+    if version == Version::HTTP_11 && first_host.is_none() {
         return Err(GatewayError::BadRequest(
             "HTTP/1.1 requests need a Host header.",
         ));

@@ -80,7 +80,8 @@ impl AccessRecord {
     fn finish(&self, bytes_out: u64) {
         let duration = self.start.elapsed();
         let key_id = self.key.as_ref().map(|k| &k.id);
-        self.metrics.request_done(key_id, self.status, duration);
+        let counters = self.key.as_ref().map(|k| &k.counters);
+        self.metrics.request_done(counters, self.status, duration);
         tracing::info!(
             target: TARGET,
             request_id = self.request_id.to_str().unwrap_or("-"),

@@ -16,11 +16,11 @@ use http_body_util::Full;
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo},
-    server::{conn::auto, graceful::GracefulShutdown},
+    server::conn::auto,
 };
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
-use crate::{error::json_string, health::Readiness, proxy::Shared};
+use crate::{drain::Drain, error::json_string, health::Readiness, proxy::Shared};
 
 /// The running admin listener.
 #[derive(Debug)]
@@ -69,7 +69,7 @@ async fn serve(
     readiness: Arc<Readiness>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let graceful = GracefulShutdown::new();
+    let drain = Drain::new();
     loop {
         let accepted = tokio::select! {
             res = listener.accept() => res,
@@ -92,13 +92,13 @@ async fn serve(
         let conn = auto::Builder::new(TokioExecutor::new())
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
-        let conn = graceful.watch(conn);
+        let conn = drain.watcher().watch(conn);
         tokio::spawn(async move {
             let _ = conn.await;
         });
     }
     drop(listener);
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), graceful.shutdown()).await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drain.shutdown()).await;
 }
 
 /// Answers one admin request.

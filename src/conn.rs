@@ -17,7 +17,7 @@ use std::{
         atomic::{AtomicUsize, Ordering},
         Arc,
     },
-    task::{Context, Poll},
+    task::{Context, Poll, Waker},
     time::Duration,
 };
 
@@ -56,11 +56,24 @@ impl Drop for InFlightGuard {
 
 /// A client byte stream that ends itself after `idle` without traffic or requests in flight,
 /// and hands what it reads to a [`FramingScreen`].
+///
+/// Traffic only records the time ([`touch`](Self::touch)); the timer is moved when it fires,
+/// to `idle` after the last traffic, rather than on every read and write (resetting a tokio
+/// timer converts the deadline to a wheel tick and updates the entry: too much for each of the
+/// several reads and writes of every request). The connection still ends exactly `idle` after
+/// its last byte, at timer granularity.
+///
+/// Likewise a read that must wait polls the timer only when it may have fired or the waker has
+/// changed: a timer keeps the waker it was last polled with until it fires, so re-polling it
+/// with the same waker (each pending read, several a request) would only register it again.
 #[derive(Debug)]
 pub struct ClientIo<T> {
     inner: T,
     idle: Duration,
     timer: Pin<Box<Sleep>>,
+    /// The waker the timer was last polled with, while that registration holds.
+    registered: Option<Waker>,
+    last_active: Instant,
     in_flight: InFlight,
     screen: Option<FramingScreen>,
 }
@@ -68,10 +81,13 @@ pub struct ClientIo<T> {
 impl<T> ClientIo<T> {
     /// Wraps `inner`; `in_flight` is shared with the connection's request handler.
     pub fn new(inner: T, idle: Duration, in_flight: InFlight) -> ClientIo<T> {
+        let now = Instant::now();
         ClientIo {
             inner,
             idle,
-            timer: Box::pin(tokio::time::sleep(idle)),
+            timer: Box::pin(tokio::time::sleep_until(now + idle)),
+            registered: None,
+            last_active: now,
             in_flight,
             screen: None,
         }
@@ -84,7 +100,32 @@ impl<T> ClientIo<T> {
     }
 
     fn touch(&mut self) {
-        self.timer.as_mut().reset(Instant::now() + self.idle);
+        self.last_active = Instant::now();
+    }
+
+    /// Whether the connection has been idle for `idle` with no request in flight; re-arms the
+    /// timer (and registers `cx`) otherwise.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let same_waker = self
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()));
+        if same_waker && !self.timer.is_elapsed() {
+            return false;
+        }
+        self.registered = Some(cx.waker().clone());
+        while self.timer.as_mut().poll(cx).is_ready() {
+            let due = self.last_active + self.idle;
+            if due > Instant::now() {
+                self.timer.as_mut().reset(due);
+            } else if self.in_flight.any() {
+                // Waiting on the upstream is not idleness: look again an `idle` from now.
+                self.touch();
+            } else {
+                return true;
+            }
+        }
+        false
     }
 }
 
@@ -107,12 +148,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for ClientIo<T> {
                 Poll::Ready(res)
             }
             Poll::Pending => {
-                while this.timer.as_mut().poll(cx).is_ready() {
-                    if !this.in_flight.any() {
-                        tracing::debug!("closing a connection idle for {:?}", this.idle);
-                        return Poll::Ready(Ok(()));
-                    }
-                    this.touch();
+                if this.expired(cx) {
+                    tracing::debug!("closing a connection idle for {:?}", this.idle);
+                    return Poll::Ready(Ok(()));
                 }
                 Poll::Pending
             }
@@ -190,6 +228,35 @@ mod tests {
         let (n, ended) = reader.await.unwrap();
         assert_eq!(n, 0);
         assert!(ended - started >= Duration::from_millis(200));
+        drop(b);
+    }
+
+    #[tokio::test]
+    async fn traffic_postpones_the_close_until_idle_after_the_last_byte() {
+        let (a, mut b) = tokio::io::duplex(64);
+        let idle = Duration::from_millis(80);
+        let mut io = ClientIo::new(a, idle, InFlight::default());
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 8];
+            let mut last_byte = Instant::now();
+            loop {
+                match io.read(&mut buf).await.unwrap() {
+                    0 => return (last_byte, Instant::now()),
+                    _ => last_byte = Instant::now(),
+                }
+            }
+        });
+        // A byte every 30 ms for 300 ms: well past `idle` in all, never `idle` apart.
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            b.write_all(b"x").await.unwrap();
+        }
+        let (last_byte, ended) = reader.await.unwrap();
+        assert!(
+            ended - last_byte >= idle,
+            "closed {:?} after the last byte",
+            ended - last_byte
+        );
         drop(b);
     }
 }

@@ -27,6 +27,7 @@ use http::HeaderValue;
 use crate::{
     config::{Config, KeyConfig, KeySink},
     limit::{KeyLimiter, RateLimit},
+    metrics::KeyCounters,
     quota::{self, QuotaLimit, QuotaLimiter},
     scope::Scope,
 };
@@ -250,6 +251,8 @@ pub struct KeyEntry {
     pub tenant_header: Option<HeaderValue>,
     /// Largest request body this key may send, in bytes.
     pub max_body: u64,
+    /// This key's request counters (`keygate_requests_total`).
+    pub counters: KeyCounters,
 }
 
 /// What a presented hash found in the table.
@@ -386,8 +389,10 @@ impl KeyTable {
 
     fn entry(&self, key: &Compact) -> Arc<KeyEntry> {
         let tenant = self.shared.tenants.get(key.tenant as usize);
+        let id: Arc<str> = Arc::from(&*key.id);
         Arc::new(KeyEntry {
-            id: Arc::from(&*key.id),
+            counters: KeyCounters::new(Arc::clone(&id)),
+            id,
             tenant: tenant.map(|(t, _)| Arc::clone(t)),
             disabled: key.disabled,
             expires: key.expires,

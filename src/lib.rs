@@ -26,6 +26,8 @@
 //! - [`server`]: accept loop, HTTP/1.1 + HTTP/2 serving, graceful shutdown.
 //! - [`conn`]: the client byte stream's guards (keep-alive idle timeout, framing screen).
 //! - [`framing`]: HTTP/1 request framing screened on the wire (repeated lengths, CL + TE).
+//! - [`timers`]: recycled timers for the per-request deadlines (head timeout, upstream wait).
+//! - [`drain`]: graceful shutdown of served connections (the drain signal and the wait).
 //! - [`watch`]: directory watch + SIGHUP, debounced: the feed both reloads listen to.
 //! - [`reload`]: file watch + SIGHUP → validate → one atomic swap, or keep the old.
 //! - [`error`]: the gateway's error enum → status + JSON body, in one place.
@@ -49,6 +51,7 @@ pub mod client_ip;
 pub mod config;
 pub mod conn;
 pub mod demo;
+pub mod drain;
 pub mod error;
 pub mod framing;
 pub mod health;
@@ -65,6 +68,7 @@ pub mod scope;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod timers;
 pub mod tls;
 pub mod upgrade;
 pub mod upstream;

@@ -58,6 +58,7 @@ use crate::{
     quota::{self, Admission},
     scope::{self, NormalPath},
     store::Limits,
+    timers::TimerPool,
     upgrade,
     upstream::{RequestBody, UpstreamBody, UpstreamClient},
 };
@@ -129,6 +130,8 @@ pub struct Shared {
     pub client: Arc<UpstreamClient>,
     /// Where requests, refusals and upstream errors are counted.
     pub metrics: Arc<Metrics>,
+    /// Recycled timers for the per-request deadlines (this gateway's runtime's).
+    pub timers: TimerPool,
 }
 
 /// What the request path knows about the client connection.
@@ -317,11 +320,13 @@ fn screen(version: Version, headers: &HeaderMap) -> Result<(), GatewayError> {
             "Send at most one Content-Length header.",
         ));
     }
-    if headers.get_all(header::HOST).iter().nth(1).is_some() {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let (first_host, second_host) = (hosts.next(), hosts.next());
+    if second_host.is_some() {
         return Err(GatewayError::BadRequest("Send at most one Host header."));
     }
     // RFC 9112 §3.2: an HTTP/1.1 request without Host is answered 400.
-    if version == Version::HTTP_11 && !headers.contains_key(header::HOST) {
+    if version == Version::HTTP_11 && first_host.is_none() {
         return Err(GatewayError::BadRequest(
             "HTTP/1.1 requests need a Host header.",
         ));
@@ -651,37 +656,59 @@ fn forwarded_for(headers: &HeaderMap) -> Option<String> {
     joined
 }
 
+/// The hop-by-hop header fields of RFC 9110 §7.6.1 (and the legacy `Keep-Alive` and
+/// `Proxy-Connection`), at most 16 (a bit each in [`strip_hop_by_hop`]'s mask).
+fn hop_by_hop_names() -> [&'static HeaderName; 9] {
+    [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+        &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
+    ]
+}
+
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those `Connection` names.
+///
+/// Both messages of every request pass through here (most responses carry
+/// `Connection: keep-alive`), so it allocates nothing in the common cases: one pass over the
+/// names (no hashing) marks which fixed hop-by-hop fields are present, only those are removed,
+/// and a name listed in `Connection` is only turned into a `HeaderName` (an allocation for a
+/// non-standard name) when it is not one of the fixed ones and the message has such a field.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the names (no hashing) finds what is there; most messages carry none of
-    // these, and a removal per absent name would cost a hash and a probe each.
-    let hop_by_hop = |name: &HeaderName| {
-        [
-            &header::CONNECTION,
-            &KEEP_ALIVE,
-            &PROXY_CONNECTION,
-            &header::TE,
-            &header::TRAILER,
-            &header::TRANSFER_ENCODING,
-            &header::UPGRADE,
-            &header::PROXY_AUTHENTICATE,
-            &header::PROXY_AUTHORIZATION,
-        ]
-        .contains(&name)
-    };
-    if !headers.keys().any(hop_by_hop) {
+    let fixed = hop_by_hop_names();
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = fixed.iter().position(|f| *f == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
-    let mut doomed: Vec<HeaderName> = headers
+    let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+        .map(str::trim)
+        .filter(|name| {
+            !fixed.iter().any(|f| f.as_str().eq_ignore_ascii_case(name))
+                && headers.contains_key(*name)
+        })
+        .filter_map(|name| HeaderName::try_from(name).ok())
         .collect();
-    doomed.extend(headers.keys().filter(|n| hop_by_hop(n)).cloned());
-    for name in doomed {
+    for name in named {
         headers.remove(name);
+    }
+    for (i, name) in fixed.into_iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
 }
 
@@ -709,7 +736,8 @@ async fn forward(
 ) -> Result<Response<ResponseBody>, GatewayError> {
     let deadline = live.config.upstream.timeout;
     let sent = Instant::now();
-    let answer = tokio::time::timeout(deadline, shared.client.request(req)).await;
+    let request = std::pin::pin!(shared.client.request(req));
+    let answer = shared.timers.timeout(deadline, request).await;
     let elapsed = sent.elapsed();
     *waited = Some(elapsed);
     let err = match answer {
@@ -793,15 +821,12 @@ pub fn new_request_id() -> HeaderValue {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let prefix = *PREFIX.get_or_init(rand::random::<u64>);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    // Both halves as one 128-bit number, written nibble by nibble from the right.
+    let mut id = u128::from(prefix) << 64 | u128::from(n);
     let mut hex = [0u8; 32];
-    for (i, byte) in prefix
-        .to_be_bytes()
-        .into_iter()
-        .chain(n.to_be_bytes())
-        .enumerate()
-    {
-        hex[2 * i] = HEX[usize::from(byte >> 4)];
-        hex[2 * i + 1] = HEX[usize::from(byte & 15)];
+    for digit in hex.iter_mut().rev() {
+        *digit = HEX[(id & 15) as usize];
+        id >>= 4;
     }
     HeaderValue::from_bytes(&hex).expect("hex is ASCII")
 }
@@ -825,7 +850,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(
             header::CONNECTION,
-            HeaderValue::from_static("close, x-secret-hop"),
+            HeaderValue::from_static("close, X-Secret-Hop, Keep-Alive, x-absent"),
         );
         h.insert("x-secret-hop", HeaderValue::from_static("1"));
         h.insert(

@@ -210,22 +210,65 @@ pub fn admit(rate: &KeyLimiter, quota: Option<&QuotaLimiter>) -> Admission {
 
 /// The `RateLimit` field for an admission: `"default";r=..;t=..` for the rate, then
 /// `"quota";r=..;t=..` when there is a quota; a refusal names only the policy that refused.
+///
+/// Written on every admitted request, so it is built in a stack buffer with `itoa` rather than
+/// with `format!` (whose formatting machinery and growing `String` cost about twice as much):
+/// the header value's own copy is the one allocation.
 pub fn ratelimit_header(a: &Admission) -> HeaderValue {
-    let v = match *a {
+    let mut v = FieldBuf::default();
+    match *a {
         Admission::Admit {
             remaining,
             reset,
-            quota: None,
-        } => format!("\"default\";r={remaining};t={reset}"),
-        Admission::Admit {
-            remaining,
-            reset,
-            quota: Some((q_remaining, q_reset)),
-        } => format!("\"default\";r={remaining};t={reset}, \"quota\";r={q_remaining};t={q_reset}"),
-        Admission::RateLimited { retry_after } => format!("\"default\";r=0;t={retry_after}"),
-        Admission::QuotaExceeded { retry_after } => format!("\"quota\";r=0;t={retry_after}"),
-    };
-    HeaderValue::try_from(v).expect("ASCII header value")
+            quota,
+        } => {
+            v.item("default", remaining.into(), reset);
+            if let Some((q_remaining, q_reset)) = quota {
+                v.push(b", ");
+                v.item("quota", q_remaining.into(), q_reset);
+            }
+        }
+        Admission::RateLimited { retry_after } => v.item("default", 0, retry_after),
+        Admission::QuotaExceeded { retry_after } => v.item("quota", 0, retry_after),
+    }
+    HeaderValue::from_bytes(v.as_bytes()).expect("ASCII header value")
+}
+
+/// A `RateLimit` value being written: two items of at most 61 bytes each and a separator.
+struct FieldBuf {
+    buf: [u8; 128],
+    len: usize,
+}
+
+impl Default for FieldBuf {
+    fn default() -> Self {
+        FieldBuf {
+            buf: [0; 128],
+            len: 0,
+        }
+    }
+}
+
+impl FieldBuf {
+    fn push(&mut self, bytes: &[u8]) {
+        self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+    }
+
+    /// `"<policy>";r=<remaining>;t=<reset>`.
+    fn item(&mut self, policy: &str, remaining: u64, reset: u64) {
+        let mut n = itoa::Buffer::new();
+        self.push(b"\"");
+        self.push(policy.as_bytes());
+        self.push(b"\";r=");
+        self.push(n.format(remaining).as_bytes());
+        self.push(b";t=");
+        self.push(n.format(reset).as_bytes());
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
 }
 
 /// The `RateLimit-Policy` value for a rate and an optional quota.
@@ -241,6 +284,39 @@ pub fn policy_header(rate: &limit::RateLimit, quota: Option<&QuotaLimit>) -> Hea
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ratelimit_fields_read_the_same_for_every_admission() {
+        let admit = |quota| Admission::Admit {
+            remaining: 7,
+            reset: 12,
+            quota,
+        };
+        assert_eq!(ratelimit_header(&admit(None)), "\"default\";r=7;t=12");
+        assert_eq!(
+            ratelimit_header(&admit(Some((99, 86_400)))),
+            "\"default\";r=7;t=12, \"quota\";r=99;t=86400"
+        );
+        assert_eq!(
+            ratelimit_header(&Admission::RateLimited { retry_after: 3 }),
+            "\"default\";r=0;t=3"
+        );
+        assert_eq!(
+            ratelimit_header(&Admission::QuotaExceeded { retry_after: 60 }),
+            "\"quota\";r=0;t=60"
+        );
+        let widest = Admission::Admit {
+            remaining: u32::MAX,
+            reset: u64::MAX,
+            quota: Some((u32::MAX, u64::MAX)),
+        };
+        let expected = format!(
+            "\"default\";r={0};t={1}, \"quota\";r={0};t={1}",
+            u32::MAX,
+            u64::MAX
+        );
+        assert_eq!(ratelimit_header(&widest), expected.as_str());
+    }
 
     const SEC: u64 = 1_000_000_000;
 

@@ -16,6 +16,11 @@ pub fn requested<B>(req: &Request<B>) -> Option<HeaderValue> {
     if req.version() != http::Version::HTTP_11 {
         return None;
     }
+    // `Upgrade` first: most requests have none, and then `Connection` need not be read.
+    let mut values = req.headers().get_all(header::UPGRADE).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return None;
+    };
     let asks = req
         .headers()
         .get_all(header::CONNECTION)
@@ -23,11 +28,7 @@ pub fn requested<B>(req: &Request<B>) -> Option<HeaderValue> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    let mut values = req.headers().get_all(header::UPGRADE).iter();
-    match (asks, values.next(), values.next()) {
-        (true, Some(v), None) => Some(v.clone()),
-        _ => None,
-    }
+    asks.then(|| value.clone())
 }
 
 /// Puts the upgrade fields back after the hop-by-hop headers were stripped.

@@ -131,11 +131,14 @@ impl UpstreamClient {
         );
         let mut req = Request::from_parts(parts, body);
         let mut reused = true;
+        // `connect` is boxed where it is awaited: its future (TCP and TLS handshakes) is large,
+        // and inline it would enlarge every request's future, which is moved several times a
+        // request, for a step most requests skip.
         let mut sender = match self.take_idle(&scheme, &authority) {
             Some(s) => s,
             None => {
                 reused = false;
-                self.connect(&scheme, &authority).await?
+                Box::pin(self.connect(&scheme, &authority)).await?
             }
         };
         loop {
@@ -158,7 +161,7 @@ impl UpstreamClient {
                     Some(unsent) if reused => {
                         req = unsent;
                         reused = false;
-                        sender = self.connect(&scheme, &authority).await?;
+                        sender = Box::pin(self.connect(&scheme, &authority)).await?;
                     }
                     _ => return Err(UpstreamError::Send(e.into_error())),
                 },
@@ -173,10 +176,13 @@ impl UpstreamClient {
     ) -> Option<SendRequest<RequestBody>> {
         let mut idle = self.idle.lock().expect("upstream pool lock");
         while let Some(conn) = idle.pop() {
+            // Authorities compared byte for byte (`==` on `Authority` folds case, byte by
+            // byte): both come from the config, so a connection is only ever passed over after
+            // a reload that changed the upstream's spelling.
             if conn.sender.is_ready()
                 && conn.since.elapsed() < IDLE_TIMEOUT
                 && conn.scheme == *scheme
-                && conn.authority == *authority
+                && conn.authority.as_str() == authority.as_str()
             {
                 return Some(conn.sender);
             }
@@ -234,6 +240,8 @@ where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (sender, conn) = http1::Builder::new()
+        // Flat writes, as on the listener side (see `server::accept_loop`).
+        .writev(false)
         .handshake(TokioIo::new(io))
         .await
         .map_err(io::Error::other)?;

@@ -255,6 +255,26 @@ async fn oversized_heads_and_too_many_headers_get_431_and_are_not_forwarded() {
     still_serves(&gw).await;
 }
 
+/// The default header count limit (100, which keygate leaves to hyper's built-in default):
+/// 101 fields get 431 and are not forwarded; 90 pass (the upstream, itself limited to 100,
+/// sees the forwarding headers keygate adds too).
+#[tokio::test]
+async fn the_default_header_count_limit_is_100() {
+    let up = start_upstream().await;
+    let gw = gateway(&up, "", "", "").await;
+    let head = |fields: usize| {
+        let mut h = format!("GET /v1/x HTTP/1.1\r\nHost: x\r\nX-Api-Key: {KEY}\r\n");
+        for i in 2..fields {
+            h.push_str(&format!("X-H{i}: v\r\n"));
+        }
+        h + "\r\n"
+    };
+    assert_eq!(status_of(&raw(gw.addr(), head(101).as_bytes()).await), 431);
+    assert_eq!(up.hits(), 0);
+    assert_eq!(status_of(&raw(gw.addr(), head(90).as_bytes()).await), 200);
+    assert_eq!(up.hits(), 1);
+}
+
 /// `max_body`: 413 as soon as Content-Length says so, without reading or forwarding the body.
 #[tokio::test]
 async fn content_length_over_max_body_gets_413_at_once() {

@@ -187,9 +187,9 @@ impl FramingScreen {
             if data.is_empty() {
                 return data;
             }
-            return match head_end(data, 0) {
-                Some(end) => {
-                    self.finish_head(&data[..end]);
+            return match read_head(data) {
+                Some((end, framing)) => {
+                    self.finish_head(&data[..end], framing);
                     &data[end..]
                 }
                 None => {
@@ -203,10 +203,12 @@ impl FramingScreen {
             .len()
             .min(self.max_head + 4 - had.min(self.max_head + 4));
         self.partial.extend_from_slice(&data[..take]);
-        match head_end(&self.partial, had.saturating_sub(3)) {
-            Some(end) => {
+        // Read again from the start: a head split across reads is the rare case.
+        match read_head(&self.partial) {
+            Some((end, framing)) => {
                 let head = std::mem::take(&mut self.partial);
-                self.finish_head(&head[..end]);
+                self.finish_head(&head[..end], framing);
+                // The part read before held no complete head, so this one ends in `data`.
                 &data[end - had..]
             }
             None => {
@@ -230,13 +232,12 @@ impl FramingScreen {
         self.partial = Vec::new();
     }
 
-    /// Judges one complete head and sets the framing of its body.
-    fn finish_head(&mut self, head: &[u8]) {
+    /// Judges one complete head, which frames its body as `framing`, and follows that body.
+    fn finish_head(&mut self, head: &[u8], framing: BodyFraming) {
         if head.starts_with(b"PRI * HTTP/2.0\r\n") {
             // The HTTP/2 connection preface: not HTTP/1 from here on.
             return self.give_up();
         }
-        let framing = read_framing(head);
         let verdict = match framing {
             BodyFraming::Length(_) | BodyFraming::Chunked | BodyFraming::Unreadable => None,
             BodyFraming::Ambiguous(why) => Some(why),
@@ -319,21 +320,6 @@ fn hex(b: u8) -> u8 {
     }
 }
 
-/// Where the head starting at `buf[0]` ends (just after its empty line), looking for the empty
-/// line from `from` on. Lines end in CRLF or, as hyper also accepts, a bare LF.
-fn head_end(buf: &[u8], from: usize) -> Option<usize> {
-    let mut at = from;
-    while let Some(i) = memchr::memchr(b'\n', &buf[at..]) {
-        let lf = at + i;
-        match buf.get(lf + 1..) {
-            Some([b'\n', ..]) => return Some(lf + 2),
-            Some([b'\r', b'\n', ..]) => return Some(lf + 3),
-            _ => at = lf + 1,
-        }
-    }
-    None
-}
-
 /// How a request head frames its body.
 #[derive(Debug, PartialEq, Eq)]
 enum BodyFraming {
@@ -344,38 +330,64 @@ enum BodyFraming {
     Unreadable,
 }
 
-/// Reads the `Content-Length` and `Transfer-Encoding` lines of a complete head.
-fn read_framing(head: &[u8]) -> BodyFraming {
-    let mut length: Option<Option<u64>> = None;
-    let mut lengths = 0;
-    let mut chunked: Option<bool> = None;
-    // Skip the request line; each later line is a field line (or the final empty line).
-    let mut lines = head.split(|&b| b == b'\n').skip(1);
-    for line in &mut lines {
-        let Some(&first) = line.first() else { continue };
-        if !matches!(first, b'c' | b'C' | b't' | b'T') {
-            continue;
+/// Reads the head at the start of `buf`: where it ends (just after its empty line) and how it
+/// frames its body; `None` until the empty line has arrived. One pass over the line ends, with
+/// a closer look only at lines starting like `Content-Length` or `Transfer-Encoding`. Lines end
+/// in CRLF or, as hyper also accepts, a bare LF.
+fn read_head(buf: &[u8]) -> Option<(usize, BodyFraming)> {
+    let mut fields = FramingFields::default();
+    // The request line is not a field line.
+    let mut at = memchr::memchr(b'\n', buf)? + 1;
+    loop {
+        let line = &buf[at..];
+        match line {
+            [b'\n', ..] => return Some((at + 1, fields.framing())),
+            [b'\r', b'\n', ..] => return Some((at + 2, fields.framing())),
+            [b'c' | b'C' | b't' | b'T', ..] => {
+                let end = memchr::memchr(b'\n', line)?;
+                fields.read(&line[..end]);
+                at += end + 1;
+            }
+            _ => at += memchr::memchr(b'\n', line)? + 1,
         }
+    }
+}
+
+/// What a head's `Content-Length` and `Transfer-Encoding` lines say.
+#[derive(Default)]
+struct FramingFields {
+    lengths: u32,
+    /// The last length, `Some(None)` when it is not one decimal number.
+    length: Option<Option<u64>>,
+    /// Whether the last `Transfer-Encoding` line ends in chunked.
+    chunked: Option<bool>,
+}
+
+impl FramingFields {
+    fn read(&mut self, line: &[u8]) {
         let Some(colon) = memchr::memchr(b':', line) else {
-            continue;
+            return;
         };
         let (name, value) = (&line[..colon], trim(&line[colon + 1..]));
         if name.eq_ignore_ascii_case(b"content-length") {
-            lengths += 1;
-            length = Some(decimal(value));
+            self.lengths += 1;
+            self.length = Some(decimal(value));
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             // As hyper: chunked when the last coding named is chunked.
             let last = value.rsplit(|&b| b == b',').next().map(trim);
-            chunked = Some(last.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked")));
+            self.chunked = Some(last.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked")));
         }
     }
-    match (lengths, length, chunked) {
-        (2.., _, _) => BodyFraming::Ambiguous(Ambiguity::RepeatedLength),
-        (1, _, Some(_)) => BodyFraming::Ambiguous(Ambiguity::LengthAndEncoding),
-        (_, _, Some(true)) => BodyFraming::Chunked,
-        (_, _, Some(false)) | (_, Some(None), _) => BodyFraming::Unreadable,
-        (_, Some(Some(n)), None) => BodyFraming::Length(n),
-        (_, None, None) => BodyFraming::Length(0),
+
+    fn framing(&self) -> BodyFraming {
+        match (self.lengths, self.length, self.chunked) {
+            (2.., _, _) => BodyFraming::Ambiguous(Ambiguity::RepeatedLength),
+            (1, _, Some(_)) => BodyFraming::Ambiguous(Ambiguity::LengthAndEncoding),
+            (_, _, Some(true)) => BodyFraming::Chunked,
+            (_, _, Some(false)) | (_, Some(None), _) => BodyFraming::Unreadable,
+            (_, Some(Some(n)), None) => BodyFraming::Length(n),
+            (_, None, None) => BodyFraming::Length(0),
+        }
     }
 }
 

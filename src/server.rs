@@ -77,8 +77,7 @@ pub struct Gateway {
 impl Gateway {
     /// Binds `server.listen` and starts serving.
     pub async fn start(config: Config) -> anyhow::Result<Gateway> {
-        let listener = TcpListener::bind(config.server.listen)
-            .await
+        let listener = bind(config.server.listen)
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.server.listen))?;
         Gateway::start_on(listener, config).await
     }
@@ -180,6 +179,27 @@ impl Gateway {
             admin.shutdown().await;
         }
     }
+}
+
+/// Connections the kernel may hold for the accept loop (capped by `net.core.somaxconn`): a burst
+/// of new connections, or those waiting while `max_connections` are served, queue here instead
+/// of having their SYNs dropped and retried a second later. The standard library's 128 is
+/// small for a gateway; nginx uses 511, this takes what the system allows up to 4096.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// A listening socket on `addr` with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`, as usual for
+/// servers, so a restart does not wait out TIME_WAIT).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    TcpListener::from_std(socket.into())
 }
 
 fn local_addr_is_tls(shared: &Shared) -> bool {

@@ -213,6 +213,51 @@ async fn connections_beyond_max_connections_wait_and_those_in_are_served() {
     assert_eq!(status_of(&head), 200, "{head}");
 }
 
+/// A burst of new connections while the gateway is at `max_connections` waits in the listen
+/// backlog, all of it: 300 connections complete their TCP handshake at once (with the standard
+/// library's backlog of 128 the rest would have their SYNs dropped and retried a second later),
+/// and each is served once a slot is free.
+#[tokio::test]
+async fn a_burst_of_connections_waits_in_the_backlog_and_is_served() {
+    let up = start_upstream().await;
+    let gw = gateway(&up, "max_connections = 1", "", "").await;
+    let hold = TcpStream::connect(gw.addr()).await.unwrap();
+    // The accept loop has taken `hold` and now waits for its slot; 300 more queue.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let connects = (0..300).map(|_| {
+        let addr = gw.addr();
+        tokio::spawn(async move {
+            tokio::time::timeout(Duration::from_millis(800), TcpStream::connect(addr)).await
+        })
+    });
+    let mut waiting = Vec::new();
+    for c in connects {
+        let conn = c
+            .await
+            .unwrap()
+            .expect("connect waited for a SYN retry")
+            .unwrap();
+        waiting.push(conn);
+    }
+    assert!(started.elapsed() < Duration::from_millis(800));
+    let req =
+        format!("GET /v1/x HTTP/1.1\r\nHost: x\r\nX-Api-Key: {KEY}\r\nConnection: close\r\n\r\n");
+    for conn in &mut waiting {
+        conn.write_all(req.as_bytes()).await.unwrap();
+    }
+    drop(hold);
+    // Each gets its answer: forwarded, or past the key's rate the gateway's own 429.
+    let mut answered = 0;
+    for mut conn in waiting {
+        let resp = read_to_close(&mut conn, Duration::from_secs(10)).await;
+        assert!(matches!(status_of(&resp), 200 | 429), "{resp}");
+        answered += 1;
+    }
+    assert_eq!(answered, 300);
+    assert!(up.hits() > 0);
+}
+
 /// Request head size and header count limits: 431, nothing forwarded.
 #[tokio::test]
 async fn oversized_heads_and_too_many_headers_get_431_and_are_not_forwarded() {

@@ -132,6 +132,101 @@ http {{
     return path
 
 
+def upstream_conf(work, port):
+    """The upstream every contender proxies to: nginx answering BODY."""
+    return nginx_conf(
+        work,
+        "upstream",
+        f"""    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{ default_type application/json; return 200 '{BODY}'; }}
+    }}""",
+    )
+
+
+def keygate_conf(port, up_port, entries, tls=None):
+    """keygate's gateway.toml for the harness: one worker, a limit too high to trigger, no
+    access lines (as nginx's `access_log off`; set in the config, as an operator would)."""
+    tls_lines = f'tls_cert = "{tls[0]}"\ntls_key = "{tls[1]}"\n' if tls else ""
+    return f"""[server]
+listen = "127.0.0.1:{port}"
+{tls_lines}workers = 1
+
+[upstream]
+url = "http://127.0.0.1:{up_port}"
+
+[limits]
+rate = "1000000/s"
+burst = 1000000
+
+[log]
+level = "warn"
+
+{entries}"""
+
+
+def nginx_gateway_conf(work, keys, up_port, plain_port, tls=None):
+    """nginx as the equivalent gateway: `map` over the keys, `limit_req` per key id, key header
+    removed, identity and forwarding headers added, keep-alive upstream; `tls` is
+    (port, cert, key) for a TLS listener beside the plain one."""
+    key_map = "\n".join(f'        "{k}" "partner-{i}";' for i, k in enumerate(keys))
+    tenant_map = "\n".join(f'        "{k}" "hotel-{i % 50}";' for i, k in enumerate(keys))
+    location = f"""        default_type application/json;
+        if ($key_id = "") {{
+            return 401 '{{"error":"invalid_api_key","message":"The API key is not valid."}}';
+        }}
+        limit_req zone=perkey burst=1000000 nodelay;
+        proxy_pass http://backend;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header X-Api-Key "";
+        proxy_set_header X-Keygate-Key-Id $key_id;
+        proxy_set_header X-Keygate-Tenant $tenant;
+        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        proxy_set_header X-Forwarded-Proto $scheme;
+        proxy_set_header X-Forwarded-Host $host;
+        proxy_set_header X-Request-Id $request_id;
+        add_header X-Request-Id $request_id always;"""
+    tls_server = ""
+    if tls:
+        tls_server = f"""
+    server {{
+        listen 127.0.0.1:{tls[0]} ssl backlog=4096;
+        ssl_certificate {tls[1]};
+        ssl_certificate_key {tls[2]};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        location / {{
+{location}
+        }}
+    }}"""
+    return nginx_conf(
+        work,
+        "gateway",
+        f"""    map_hash_bucket_size 128;
+    map_hash_max_size 4096;
+    map $http_x_api_key $key_id {{
+        default "";
+{key_map}
+    }}
+    map $http_x_api_key $tenant {{
+        default "";
+{tenant_map}
+    }}
+    limit_req_zone $key_id zone=perkey:10m rate=1000000r/s;
+    upstream backend {{
+        server 127.0.0.1:{up_port};
+        keepalive 128;
+        keepalive_requests 10000000;
+    }}
+    server {{
+        listen 127.0.0.1:{plain_port} backlog=4096;
+        location / {{
+{location}
+        }}
+    }}{tls_server}""",
+    )
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--keygate", required=True)
@@ -161,14 +256,7 @@ def main():
         cert, key = f"{work}/gateway.crt", f"{work}/gateway.key"
 
         up_port = free_port()
-        up_conf = nginx_conf(
-            work,
-            "upstream",
-            f"""    server {{
-        listen 127.0.0.1:{up_port} backlog=4096;
-        location / {{ default_type application/json; return 200 '{BODY}'; }}
-    }}""",
-        )
+        up_conf = upstream_conf(work, up_port)
         start(["nginx", "-c", up_conf], 1)
         wait_port(up_port)
 
@@ -178,82 +266,16 @@ def main():
             for i, h in enumerate(hashes)
         )
         for name, tls in [("kg_plain", False), ("kg_tls", True)]:
-            tls_lines = f'tls_cert = "{cert}"\ntls_key = "{key}"\n' if tls else ""
-            conf = f"""[server]
-listen = "127.0.0.1:{ports[name]}"
-{tls_lines}workers = 1
-
-[upstream]
-url = "http://127.0.0.1:{up_port}"
-
-[limits]
-rate = "1000000/s"
-burst = 1000000
-
-[log]
-level = "warn"
-
-{entries}"""
             path = os.path.join(work, f"{name}.toml")
             with open(path, "w") as f:
-                f.write(conf)
+                f.write(keygate_conf(ports[name], up_port, entries, (cert, key) if tls else None))
             # No access lines, as nginx's access_log off; set in the config as an operator
             # would (RUST_LOG would also replace keygate's default filter).
             env = {k: v for k, v in os.environ.items() if k != "RUST_LOG"}
             start([keygate, "run", "--config", path], 0, env=env, stderr=subprocess.DEVNULL)
 
-        key_map = "\n".join(f'        "{k}" "partner-{i}";' for i, k in enumerate(keys))
-        tenant_map = "\n".join(f'        "{k}" "hotel-{i % 50}";' for i, k in enumerate(keys))
-        location = f"""        default_type application/json;
-        if ($key_id = "") {{
-            return 401 '{{"error":"invalid_api_key","message":"The API key is not valid."}}';
-        }}
-        limit_req zone=perkey burst=1000000 nodelay;
-        proxy_pass http://backend;
-        proxy_http_version 1.1;
-        proxy_set_header Connection "";
-        proxy_set_header X-Api-Key "";
-        proxy_set_header X-Keygate-Key-Id $key_id;
-        proxy_set_header X-Keygate-Tenant $tenant;
-        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-        proxy_set_header X-Forwarded-Proto $scheme;
-        proxy_set_header X-Forwarded-Host $host;
-        proxy_set_header X-Request-Id $request_id;
-        add_header X-Request-Id $request_id always;"""
-        ng_conf = nginx_conf(
-            work,
-            "gateway",
-            f"""    map_hash_bucket_size 128;
-    map_hash_max_size 4096;
-    map $http_x_api_key $key_id {{
-        default "";
-{key_map}
-    }}
-    map $http_x_api_key $tenant {{
-        default "";
-{tenant_map}
-    }}
-    limit_req_zone $key_id zone=perkey:10m rate=1000000r/s;
-    upstream backend {{
-        server 127.0.0.1:{up_port};
-        keepalive 128;
-        keepalive_requests 10000000;
-    }}
-    server {{
-        listen 127.0.0.1:{ports['ng_plain']} backlog=4096;
-        location / {{
-{location}
-        }}
-    }}
-    server {{
-        listen 127.0.0.1:{ports['ng_tls']} ssl backlog=4096;
-        ssl_certificate {cert};
-        ssl_certificate_key {key};
-        ssl_protocols TLSv1.2 TLSv1.3;
-        location / {{
-{location}
-        }}
-    }}""",
+        ng_conf = nginx_gateway_conf(
+            work, keys, up_port, ports["ng_plain"], (ports["ng_tls"], cert, key)
         )
         ng = start(["nginx", "-c", ng_conf], 0)
         for p in ports.values():

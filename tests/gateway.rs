@@ -328,11 +328,8 @@ async fn upstream_down_is_502_and_slow_is_504() {
     assert_eq!(got.status, StatusCode::OK, "a fast request after a timeout");
 }
 
-/// Line 6: TLS with HTTP/1.1 and HTTP/2 (ALPN), TLS 1.2 and 1.3; plain HTTP serves h2c too.
-#[tokio::test]
-async fn tls_serves_http1_and_http2_and_plain_serves_h2c() {
-    let up = start_upstream().await;
-    let cert = make_cert();
+/// A gateway with `cert` on its listener and the key `KEY` (id `a`).
+async fn tls_gateway(up: &Upstream, cert: &TestCert) -> TestGateway {
     let dir = tempfile::tempdir().unwrap();
     let tls_lines = cert.write_into(dir.path());
     let text = config_text(&up.url(), &key_entry("a", KEY, "")).replace(
@@ -341,7 +338,118 @@ async fn tls_serves_http1_and_http2_and_plain_serves_h2c() {
     );
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, text).unwrap();
-    let gw = start_gateway_in(dir, path).await;
+    start_gateway_in(dir, path).await
+}
+
+/// TLS 1.3 session resumption: each handshake leaves the client one session ticket (rustls
+/// would send two; each costs the client a session object, and a resuming client only needs
+/// one), and the next connection resumes with it.
+#[tokio::test]
+async fn tls13_handshakes_leave_one_ticket_and_the_next_connection_resumes() {
+    use std::sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The client's session memory, counting the TLS 1.3 tickets the server sends.
+    #[derive(Debug)]
+    struct Counting(rustls::client::ClientSessionMemoryCache, AtomicUsize);
+    impl rustls::client::ClientSessionStore for Counting {
+        fn set_kx_hint(&self, n: rustls_pki_types::ServerName<'static>, g: rustls::NamedGroup) {
+            self.0.set_kx_hint(n, g)
+        }
+        fn kx_hint(&self, n: &rustls_pki_types::ServerName<'_>) -> Option<rustls::NamedGroup> {
+            self.0.kx_hint(n)
+        }
+        fn set_tls12_session(
+            &self,
+            n: rustls_pki_types::ServerName<'static>,
+            v: rustls::client::Tls12ClientSessionValue,
+        ) {
+            self.0.set_tls12_session(n, v)
+        }
+        fn tls12_session(
+            &self,
+            n: &rustls_pki_types::ServerName<'_>,
+        ) -> Option<rustls::client::Tls12ClientSessionValue> {
+            self.0.tls12_session(n)
+        }
+        fn remove_tls12_session(&self, n: &rustls_pki_types::ServerName<'static>) {
+            self.0.remove_tls12_session(n)
+        }
+        fn insert_tls13_ticket(
+            &self,
+            n: rustls_pki_types::ServerName<'static>,
+            v: rustls::client::Tls13ClientSessionValue,
+        ) {
+            self.1.fetch_add(1, Ordering::SeqCst);
+            self.0.insert_tls13_ticket(n, v)
+        }
+        fn take_tls13_ticket(
+            &self,
+            n: &rustls_pki_types::ServerName<'static>,
+        ) -> Option<rustls::client::Tls13ClientSessionValue> {
+            self.0.take_tls13_ticket(n)
+        }
+    }
+
+    let up = start_upstream().await;
+    let cert = make_cert();
+    let gw = tls_gateway(&up, &cert).await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert_der.clone().into()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let store = Arc::new(Counting(
+        rustls::client::ClientSessionMemoryCache::new(8),
+        AtomicUsize::new(0),
+    ));
+    config.resumption = rustls::client::Resumption::store(store.clone());
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let request = format!(
+        "GET /v1/ok HTTP/1.1\r\nHost: localhost\r\nX-Api-Key: {KEY}\r\nConnection: close\r\n\r\n"
+    );
+    let mut kinds = Vec::new();
+    for round in 1..=2 {
+        let tcp = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = connector.connect(name, tcp).await.unwrap();
+        tls.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let _ = tls.read_to_end(&mut answer).await;
+        assert!(
+            answer.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+        kinds.push(tls.get_ref().1.handshake_kind());
+        assert_eq!(
+            store.1.load(Ordering::SeqCst),
+            round,
+            "tickets after {round} handshakes"
+        );
+    }
+    assert_eq!(
+        kinds,
+        [
+            Some(rustls::HandshakeKind::Full),
+            Some(rustls::HandshakeKind::Resumed)
+        ]
+    );
+}
+
+/// Line 6: TLS with HTTP/1.1 and HTTP/2 (ALPN), TLS 1.2 and 1.3; plain HTTP serves h2c too.
+#[tokio::test]
+async fn tls_serves_http1_and_http2_and_plain_serves_h2c() {
+    let up = start_upstream().await;
+    let cert = make_cert();
+    let gw = tls_gateway(&up, &cert).await;
     let url = format!("https://localhost:{}/v1/guests", gw.addr().port());
 
     for h2 in [false, true] {

@@ -57,7 +57,7 @@ impl Drop for InFlightGuard {
 /// A client byte stream that ends itself after `idle` without traffic or requests in flight,
 /// and hands what it reads to a [`FramingScreen`].
 ///
-/// Traffic only records the time ([`touch`](Self::touch)); the timer is moved when it fires,
+/// Traffic only records the time (`touch`); the timer is moved when it fires,
 /// to `idle` after the last traffic, rather than on every read and write (resetting a tokio
 /// timer converts the deadline to a wheel tick and updates the entry: too much for each of the
 /// several reads and writes of every request). The connection still ends exactly `idle` after

@@ -6,7 +6,7 @@
 //!    `Host`, or an HTTP/1.1 request without `Host`, before anything else is read;
 //! 3. **authenticate** – find the key (configured header, else `Authorization: Bearer`, else
 //!    the query parameter when `allow_query_key`), hash it once with blake3, look it up in the
-//!    live [`KeyTable`](crate::keys::KeyTable), refuse missing, unknown, disabled and expired
+//!    live [`KeyTable`], refuse missing, unknown, disabled and expired
 //!    keys (and a rotated key's old hash after its grace); count failures per client IP
 //!    ([`bruteforce`](crate::bruteforce)) and answer 429 to an address past its budget;
 //! 4. **scope** – for a key with scopes, normalise the path ([`scope::normalise`]) and refuse

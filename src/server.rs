@@ -187,7 +187,7 @@ impl Gateway {
 /// small for a gateway; nginx uses 511, this takes what the system allows up to 4096.
 const LISTEN_BACKLOG: i32 = 4096;
 
-/// A listening socket on `addr` with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`, as usual for
+/// A listening socket on `addr` with `LISTEN_BACKLOG` (and `SO_REUSEADDR`, as usual for
 /// servers, so a restart does not wait out TIME_WAIT).
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = socket2::Socket::new(

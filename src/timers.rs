@@ -10,7 +10,7 @@
 //!
 //! A sleep waiting in the pool keeps its old deadline and the waker of the task that last
 //! polled it: if it is not reused before then, it fires once and wakes that task for nothing
-//! (a task that has ended ignores it). The pool keeps at most [`MAX_IDLE`] sleeps.
+//! (a task that has ended ignores it). The pool keeps at most `MAX_IDLE` sleeps.
 //!
 //! Sleeps belong to the runtime that made them, so each gateway has its own pool.
 

@@ -199,9 +199,8 @@ impl FramingScreen {
             };
         }
         let had = self.partial.len();
-        let take = data
-            .len()
-            .min(self.max_head + 4 - had.min(self.max_head + 4));
+        // Past `max_head` hyper refuses the head (431); a few bytes more show it is over.
+        let take = data.len().min((self.max_head + 4).saturating_sub(had));
         self.partial.extend_from_slice(&data[..take]);
         // Read again from the start: a head split across reads is the rare case.
         match read_head(&self.partial) {

@@ -110,6 +110,11 @@ impl<B> GuardedBody<B> {
         }
     }
 
+    /// The wrapped body.
+    pub fn get_mut(&mut self) -> &mut B {
+        &mut self.inner
+    }
+
     /// The shared record of how this body ended.
     pub fn outcome(&self) -> Arc<BodyOutcome> {
         Arc::clone(&self.outcome)

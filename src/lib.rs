@@ -21,6 +21,7 @@
 //! - [`body`]: body guards: the `max_body` size limit and the body idle timeout.
 //! - [`upgrade`]: WebSocket / `Upgrade` pass-through after the key check.
 //! - [`upstream`]: the pooled upstream client (HTTP and verified HTTPS).
+//! - [`wire`]: HTTP/1.1 on the upstream hop as bytes: request heads, response heads, framing.
 //! - [`tls`]: the listener's rustls config and certificate loading.
 //! - [`certs`]: certificate hot reload behind one `ArcSwap`, keeping the last good pair.
 //! - [`server`]: accept loop, HTTP/1.1 + HTTP/2 serving, graceful shutdown.
@@ -73,3 +74,4 @@ pub mod tls;
 pub mod upgrade;
 pub mod upstream;
 pub mod watch;
+pub mod wire;

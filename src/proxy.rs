@@ -298,8 +298,12 @@ async fn admit_and_forward(
     .await?;
     if let Some(client) = client_upgrade {
         if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-            conn.framing.stop();
-            upgrade::splice(client, &mut resp, request_id.clone());
+            if let Either::Left(body) = resp.body_mut() {
+                if let Some(upstream) = body.get_mut().take_upgraded() {
+                    conn.framing.stop();
+                    upgrade::splice(client, upstream, request_id.clone());
+                }
+            }
         }
     }
     Ok(resp)

@@ -7,9 +7,11 @@
 //! either side closes. The client side stays under `[server] idle_timeout`, so an upgraded
 //! connection with no traffic at all (not even pings) is closed like any idle connection.
 
-use http::{header, HeaderMap, HeaderValue, Request, Response};
+use http::{header, HeaderMap, HeaderValue, Request};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+
+use crate::upstream::Upgraded;
 
 /// The `Upgrade` value of an HTTP/1.1 request that asks to switch protocols, if it does.
 pub fn requested<B>(req: &Request<B>) -> Option<HeaderValue> {
@@ -37,21 +39,19 @@ pub fn restore(headers: &mut HeaderMap, upgrade: HeaderValue) {
     headers.insert(header::UPGRADE, upgrade);
 }
 
-/// After a `101` from the upstream: waits for both sides to hand over their connections and
-/// copies bytes between them in a task of its own.
-pub fn splice<B>(client: OnUpgrade, upstream: &mut Response<B>, request_id: HeaderValue) {
-    let upstream = hyper::upgrade::on(upstream);
+/// After a `101` from the upstream: waits for the client side to hand over its connection and
+/// copies bytes between the two in a task of its own.
+pub fn splice(client: OnUpgrade, mut upstream: Upgraded, request_id: HeaderValue) {
     tokio::spawn(async move {
         let rid = request_id.to_str().unwrap_or("-").to_string();
-        let (client, upstream) = match tokio::try_join!(client, upstream) {
-            Ok(both) => both,
+        let client = match client.await {
+            Ok(client) => client,
             Err(e) => {
                 tracing::debug!(request_id = rid, "upgrade failed: {e}");
                 return;
             }
         };
         let mut client = TokioIo::new(client);
-        let mut upstream = TokioIo::new(upstream);
         match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
             Ok((up, down)) => {
                 tracing::debug!(request_id = rid, up, down, "upgraded connection closed")

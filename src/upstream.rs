@@ -1,49 +1,68 @@
 //! The pooled client that carries admitted requests to the upstream.
 //!
-//! A small pool of hyper's low-level HTTP/1.1 client connections (`hyper::client::conn::http1`),
-//! chosen over hyper-util's general-purpose pooled client because the request path pays for
-//! every layer on every request: here a request takes an idle connection from a mutex-guarded
-//! stack (uncontended: one lock, one pop), and the response body puts it back when it ends.
-//! Measured with the load harness (`benches/load/`), this is about 3 µs of CPU per request
-//! cheaper than hyper-util's client on the same machine.
+//! HTTP/1.1 over a small pool of connections, driven inside the request's own task: a request
+//! takes an idle connection from a mutex-guarded stack (uncontended: one lock, one pop),
+//! writes its head ([`crate::wire`]), streams its body if it has one, and reads the response
+//! head; the response body ([`UpstreamBody`]) reads the rest from the same connection and puts
+//! it back when it ends. This replaced hyper's low-level client, which runs each connection as
+//! a task of its own and passes every request and response through two channels: measured under
+//! callgrind (`benches/load/instructions.sh`) that was about a third of the gateway's work per
+//! request.
 //!
 //! - `http://` upstreams: TCP with `TCP_NODELAY`, `SO_KEEPALIVE` 60 s, `connect_timeout`.
 //! - `https://` upstreams: rustls, verified against the webpki roots, ALPN `http/1.1`.
 //! - Connections idle for more than 90 s are closed rather than reused; at most 1,024 idle
-//!   connections are kept.
-//! - A request that could not be written on a reused connection (the upstream closed it while
-//!   idle) is retried once on a fresh connection, so a keep-alive race never reaches a partner.
-//! - Connections support HTTP upgrades (WebSocket pass-through).
+//!   connections are kept. A connection is reused only after a complete exchange: the request
+//!   body all written, the response read to its end with nothing after it, no `Connection:
+//!   close`, HTTP/1.1, a length-delimited body.
+//! - An idle connection the upstream has closed is noticed when it is taken (its socket is
+//!   readable) and passed over. A request whose reused connection fails before any byte of a
+//!   response arrives is sent once more on a fresh connection when that is safe: an idempotent
+//!   method (RFC 9110 §9.2.2) and no body byte taken yet, as nginx and Envoy do. So a keep-alive
+//!   race never reaches a partner.
+//! - The request body streams while the response is read: an upstream may answer early, or
+//!   echo the body as it arrives. A response that ends before the request body was all sent
+//!   closes the connection.
+//! - `101 Switching Protocols`: the connection and any bytes already read are handed to
+//!   [`crate::upgrade`] ([`UpstreamBody::take_upgraded`]).
 
 use std::{
+    collections::VecDeque,
+    future::poll_fn,
     io,
     pin::Pin,
     sync::{Arc, Mutex},
-    task::{Context, Poll},
+    task::{ready, Context, Poll},
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
-use http::{uri::Authority, uri::PathAndQuery, uri::Scheme, Request, Response, Uri};
-use hyper::{
-    body::{Body, Frame, Incoming, SizeHint},
-    client::conn::http1::{self, SendRequest},
-};
-use hyper_util::rt::TokioIo;
+use bytes::{Buf, Bytes, BytesMut};
+use http::{uri::Authority, uri::Scheme, Method, Request, Response, StatusCode};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use rustls_pki_types::ServerName;
-use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
+use tokio_rustls::{client::TlsStream, TlsConnector};
+use tokio_util::io::poll_read_buf;
 
-use crate::config::UpstreamConfig;
+use crate::{
+    body::{BodyError, GuardedBody},
+    config::UpstreamConfig,
+    wire::{self, BodyKind, BodyReader, Malformed, RequestFraming, ResponseHead, Step},
+};
 
 /// The body type sent upstream: the client's own body, streamed through the `max_body` and
 /// body-idle guards (which also count its bytes for the access log).
-pub type RequestBody = crate::body::GuardedBody<Incoming>;
+pub type RequestBody = GuardedBody<Incoming>;
 
 /// Idle connections older than this are closed instead of reused.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle connections kept at most.
 const MAX_IDLE: usize = 1024;
+/// Room made in a connection's read buffer before each read.
+const READ_CHUNK: usize = 8 * 1024;
 
 /// Why a request could not be sent or answered.
 #[derive(Debug, thiserror::Error)]
@@ -51,9 +70,18 @@ pub enum UpstreamError {
     /// No connection could be made (refused, unreachable, DNS, TLS, connect timeout).
     #[error("cannot connect to the upstream: {0}")]
     Connect(io::Error),
-    /// The connection broke before the response head arrived.
+    /// Reading or writing the connection failed.
     #[error("upstream connection failed: {0}")]
-    Send(#[from] hyper::Error),
+    Io(io::Error),
+    /// The upstream closed the connection without answering.
+    #[error("the upstream closed the connection before answering")]
+    Closed,
+    /// The upstream's answer is not HTTP/1.1 as keygate reads it.
+    #[error(transparent)]
+    Malformed(#[from] Malformed),
+    /// The client's request body failed (too large, stalled, cut off).
+    #[error("the request body failed: {0}")]
+    Body(BodyError),
     /// The request's URI has no scheme or authority (a bug in the rewrite phase).
     #[error("request URI has no upstream authority")]
     NoAuthority,
@@ -66,17 +94,98 @@ impl UpstreamError {
     }
 }
 
-/// An idle connection and where it goes.
-struct Idle {
-    sender: SendRequest<RequestBody>,
+/// An upstream connection, plain or TLS.
+enum Stream {
+    Tcp(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Tcp(s) => s,
+            Stream::Tls(s) => s.get_ref().0,
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A connection to the upstream and what goes with it between requests.
+struct Conn {
+    io: Stream,
+    /// Bytes read and not yet used.
+    buf: BytesMut,
+    /// The request head being written (kept to reuse its allocation).
+    head: Vec<u8>,
     scheme: Scheme,
     authority: Authority,
     since: Instant,
 }
 
+impl Conn {
+    /// Whether the upstream has closed this idle connection (or sent it something unasked).
+    /// Costs no system call unless the socket became readable while idle.
+    fn is_stale(&self, cx: &mut Context<'_>) -> bool {
+        let mut probe = [0u8; 1];
+        let mut probe = ReadBuf::new(&mut probe);
+        match self.io.tcp().poll_peek(cx, &mut probe) {
+            Poll::Pending => false,
+            // A TLS upstream may send a record on its own (a session ticket): not a close.
+            Poll::Ready(Ok(n)) => n == 0 || matches!(self.io, Stream::Tcp(_)),
+            Poll::Ready(Err(_)) => true,
+        }
+    }
+
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        self.buf.reserve(READ_CHUNK);
+        poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+    }
+}
+
 /// The pool of idle upstream connections, and how to make new ones.
 pub struct UpstreamClient {
-    idle: Mutex<Vec<Idle>>,
+    /// Boxed: a connection moves with its request several times; a pointer moves cheaply.
+    #[allow(clippy::vec_box)]
+    idle: Mutex<Vec<Box<Conn>>>,
     tls: TlsConnector,
     connect_timeout: Duration,
 }
@@ -110,92 +219,124 @@ impl UpstreamClient {
         self: &Arc<Self>,
         req: Request<RequestBody>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        let (mut parts, body) = req.into_parts();
-        let scheme = parts
-            .uri
-            .scheme()
-            .cloned()
-            .ok_or(UpstreamError::NoAuthority)?;
-        let authority = parts
-            .uri
-            .authority()
-            .cloned()
-            .ok_or(UpstreamError::NoAuthority)?;
-        // The connection is already to the authority: send origin-form.
-        parts.uri = Uri::from(
-            parts
-                .uri
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/")),
-        );
-        let mut req = Request::from_parts(parts, body);
-        let mut reused = true;
-        // `connect` is boxed where it is awaited: its future (TCP and TLS handshakes) is large,
-        // and inline it would enlarge every request's future, which is moved several times a
-        // request, for a step most requests skip.
-        let mut sender = match self.take_idle(&scheme, &authority) {
-            Some(s) => s,
-            None => {
-                reused = false;
-                Box::pin(self.connect(&scheme, &authority)).await?
-            }
+        let (parts, body) = req.into_parts();
+        let (Some(scheme), Some(authority)) = (parts.uri.scheme(), parts.uri.authority()) else {
+            return Err(UpstreamError::NoAuthority);
         };
+        let empty = body.is_end_stream();
+        let framing = RequestFraming::of(&parts.method, &parts.headers, empty);
+        let mut upload = (!empty).then(|| {
+            Box::new(Upload {
+                body: Some(body),
+                chunked: framing == RequestFraming::Chunked,
+                queue: VecDeque::with_capacity(3),
+                taken: false,
+                state: UploadState::Sending,
+            })
+        });
+        let taken = poll_fn(|cx| Poll::Ready(self.take_idle(scheme, authority, cx))).await;
+        let (mut conn, mut reused) = match taken {
+            Some(conn) => (conn, true),
+            // Boxed where it is awaited: the connect future (TCP and TLS handshakes) is large,
+            // and inline it would enlarge every request's future for a step most skip.
+            None => (Box::pin(self.connect(scheme, authority)).await?, false),
+        };
+        // The connection is already to the authority: origin-form.
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        conn.head.clear();
+        wire::encode_request(&parts.method, path, &parts.headers, framing, &mut conn.head);
         loop {
-            match sender.try_send_request(req).await {
-                Ok(resp) => {
-                    let pool = Arc::clone(self);
-                    return Ok(resp.map(|inner| UpstreamBody {
-                        inner,
-                        conn: Some(Idle {
-                            sender,
-                            scheme,
-                            authority,
-                            since: Instant::now(),
-                        }),
-                        pool,
-                    }));
+            let mut exchange = Exchange {
+                conn,
+                upload,
+                written: 0,
+                flushed: false,
+                answered: false,
+                write_error: None,
+            };
+            let result = poll_fn(|cx| exchange.poll_head(cx, &parts.method)).await;
+            match result {
+                Ok(head) => return Ok(self.response(exchange, head)),
+                Err(e) if reused && exchange.can_retry(&e, &parts.method) => {
+                    tracing::debug!("reused upstream connection failed ({e}); retrying once");
+                    let head = std::mem::take(&mut exchange.conn.head);
+                    upload = exchange.upload;
+                    conn = Box::pin(self.connect(scheme, authority)).await?;
+                    conn.head = head;
+                    reused = false;
                 }
-                Err(mut e) => match e.take_message() {
-                    // Never written: the idle connection was closed under us. Try a fresh one.
-                    Some(unsent) if reused => {
-                        req = unsent;
-                        reused = false;
-                        sender = Box::pin(self.connect(&scheme, &authority)).await?;
-                    }
-                    _ => return Err(UpstreamError::Send(e.into_error())),
-                },
+                Err(e) => return Err(e),
             }
         }
+    }
+
+    /// The response for a head read by `exchange`; a body-less one gives its connection back
+    /// at once.
+    fn response(
+        self: &Arc<Self>,
+        exchange: Exchange,
+        head: ResponseHead,
+    ) -> Response<UpstreamBody> {
+        let ResponseHead {
+            status,
+            version,
+            headers,
+            body,
+            keep_alive,
+        } = head;
+        let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+        let mut body = UpstreamBody {
+            conn: Some(exchange.conn),
+            upload: exchange.upload,
+            reader: BodyReader::new(if switching { BodyKind::Empty } else { body }),
+            reusable: keep_alive && !switching,
+            pool: Arc::clone(self),
+        };
+        if body.reader.is_done() && !switching {
+            body.finish();
+        }
+        let mut resp = Response::new(body);
+        *resp.status_mut() = status;
+        *resp.version_mut() = version;
+        *resp.headers_mut() = headers;
+        resp
     }
 
     fn take_idle(
         &self,
         scheme: &Scheme,
         authority: &Authority,
-    ) -> Option<SendRequest<RequestBody>> {
+        cx: &mut Context<'_>,
+    ) -> Option<Box<Conn>> {
         let mut idle = self.idle.lock().expect("upstream pool lock");
         while let Some(conn) = idle.pop() {
             // Authorities compared byte for byte (`==` on `Authority` folds case, byte by
             // byte): both come from the config, so a connection is only ever passed over after
             // a reload that changed the upstream's spelling.
-            if conn.sender.is_ready()
-                && conn.since.elapsed() < IDLE_TIMEOUT
+            if conn.since.elapsed() < IDLE_TIMEOUT
                 && conn.scheme == *scheme
                 && conn.authority.as_str() == authority.as_str()
+                && !conn.is_stale(cx)
             {
-                return Some(conn.sender);
+                return Some(conn);
             }
         }
         None
     }
 
-    fn put_back(&self, conn: Idle) {
-        if conn.sender.is_ready() {
-            let mut idle = self.idle.lock().expect("upstream pool lock");
-            if idle.len() < MAX_IDLE {
-                idle.push(conn);
-            }
+    fn put_back(&self, mut conn: Box<Conn>) {
+        conn.since = Instant::now();
+        let mut idle = self.idle.lock().expect("upstream pool lock");
+        // The oldest connection is at the bottom: close it once it is past reuse, so a pool
+        // that shrank does not keep sockets open for ever.
+        if idle
+            .first()
+            .is_some_and(|c| c.since.elapsed() >= IDLE_TIMEOUT)
+        {
+            idle.remove(0);
+        }
+        if idle.len() < MAX_IDLE {
+            idle.push(conn);
         }
     }
 
@@ -203,7 +344,7 @@ impl UpstreamClient {
         &self,
         scheme: &Scheme,
         authority: &Authority,
-    ) -> Result<SendRequest<RequestBody>, UpstreamError> {
+    ) -> Result<Box<Conn>, UpstreamError> {
         let https = *scheme == Scheme::HTTPS;
         let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
         let host = authority
@@ -218,45 +359,216 @@ impl UpstreamClient {
                 &socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)),
             )?;
             if !https {
-                return handshake(stream).await;
+                return Ok(Stream::Tcp(stream));
             }
             let name = ServerName::try_from(host.to_string())
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-            let tls = self.tls.connect(name, stream).await?;
-            handshake(tls).await
+            Ok(Stream::Tls(Box::new(self.tls.connect(name, stream).await?)))
         };
-        match tokio::time::timeout(self.connect_timeout, connecting).await {
-            Ok(result) => result.map_err(UpstreamError::Connect),
-            Err(_) => Err(UpstreamError::Connect(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("connect timed out after {:?}", self.connect_timeout),
-            ))),
-        }
+        let io = match tokio::time::timeout(self.connect_timeout, connecting).await {
+            Ok(result) => result.map_err(UpstreamError::Connect)?,
+            Err(_) => {
+                return Err(UpstreamError::Connect(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connect timed out after {:?}", self.connect_timeout),
+                )))
+            }
+        };
+        Ok(Box::new(Conn {
+            io,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            head: Vec::with_capacity(1024),
+            scheme: scheme.clone(),
+            authority: authority.clone(),
+            since: Instant::now(),
+        }))
     }
 }
 
-async fn handshake<IO>(io: IO) -> io::Result<SendRequest<RequestBody>>
-where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (sender, conn) = http1::Builder::new()
-        // Flat writes, as on the listener side (see `server::accept_loop`).
-        .writev(false)
-        .handshake(TokioIo::new(io))
-        .await
-        .map_err(io::Error::other)?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!("upstream connection ended: {e}");
+/// Where a request body's upload stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UploadState {
+    Sending,
+    /// All of it written and flushed.
+    Sent,
+    /// The upstream stopped taking it (a write failed); its answer may still come.
+    Refused,
+}
+
+/// A request body on its way up: frames taken from the client's body, framed, and written.
+struct Upload {
+    body: Option<RequestBody>,
+    chunked: bool,
+    /// Framed bytes not yet written.
+    queue: VecDeque<Bytes>,
+    /// Whether a frame has been taken from the body (the request can no longer be resent).
+    taken: bool,
+    state: UploadState,
+}
+
+impl Upload {
+    /// Writes what it can; `Ready(Ok)` once all is written (or the upstream refused it),
+    /// `Ready(Err)` when the client's body failed.
+    fn poll(&mut self, io: &mut Stream, cx: &mut Context<'_>) -> Poll<Result<(), BodyError>> {
+        while self.state == UploadState::Sending {
+            if let Err(e) = ready!(self.poll_write_queue(io, cx)) {
+                tracing::debug!("upstream stopped taking the request body: {e}");
+                self.state = UploadState::Refused;
+                self.body = None;
+                break;
+            }
+            let Some(body) = &mut self.body else {
+                self.state = UploadState::Sent;
+                break;
+            };
+            match ready!(Pin::new(body).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    self.taken = true;
+                    match frame.into_data() {
+                        Ok(data) if data.is_empty() => {}
+                        Ok(data) if self.chunked => {
+                            self.queue.push_back(wire::chunk_line(data.len()));
+                            self.queue.push_back(data);
+                            self.queue.push_back(Bytes::from_static(b"\r\n"));
+                        }
+                        Ok(data) => self.queue.push_back(data),
+                        Err(frame) => {
+                            if self.chunked {
+                                let trailers = frame.trailers_ref();
+                                self.queue.push_back(wire::last_chunk(trailers));
+                                self.chunked = false;
+                            }
+                            self.body = None;
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    self.taken = true;
+                    self.body = None;
+                    return Poll::Ready(Err(e));
+                }
+                None => {
+                    if self.chunked {
+                        self.queue.push_back(wire::last_chunk(None));
+                        self.chunked = false;
+                    }
+                    self.body = None;
+                }
+            }
         }
-    });
-    Ok(sender)
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_write_queue(&mut self, io: &mut Stream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some(front) = self.queue.front_mut() {
+            let n = ready!(Pin::new(&mut *io).poll_write(cx, front))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            front.advance(n);
+            if front.is_empty() {
+                self.queue.pop_front();
+            }
+        }
+        Pin::new(io).poll_flush(cx)
+    }
+}
+
+/// One request on one connection, up to the response head.
+struct Exchange {
+    conn: Box<Conn>,
+    upload: Option<Box<Upload>>,
+    /// Bytes of the head written.
+    written: usize,
+    flushed: bool,
+    /// Whether any byte of a response was read.
+    answered: bool,
+    write_error: Option<io::Error>,
+}
+
+impl Exchange {
+    fn poll_head(
+        &mut self,
+        cx: &mut Context<'_>,
+        method: &Method,
+    ) -> Poll<Result<ResponseHead, UpstreamError>> {
+        let conn = &mut *self.conn;
+        while self.written < conn.head.len() {
+            match ready!(Pin::new(&mut conn.io).poll_write(cx, &conn.head[self.written..])) {
+                Ok(0) => {
+                    return Poll::Ready(Err(UpstreamError::Io(io::ErrorKind::WriteZero.into())))
+                }
+                Ok(n) => self.written += n,
+                Err(e) => return Poll::Ready(Err(UpstreamError::Io(e))),
+            }
+        }
+        match &mut self.upload {
+            Some(upload) => {
+                if let Poll::Ready(Err(e)) = upload.poll(&mut conn.io, cx) {
+                    return Poll::Ready(Err(UpstreamError::Body(e)));
+                }
+            }
+            None if !self.flushed => match ready!(Pin::new(&mut conn.io).poll_flush(cx)) {
+                Ok(()) => self.flushed = true,
+                Err(e) => self.write_error = Some(e),
+            },
+            None => {}
+        }
+        loop {
+            if !conn.buf.is_empty() {
+                if let Some(head) = wire::parse_response(&mut conn.buf, method)? {
+                    // Interim answers (`100 Continue`, `103 Early Hints`) are not passed on.
+                    if head.status.is_informational()
+                        && head.status != StatusCode::SWITCHING_PROTOCOLS
+                    {
+                        continue;
+                    }
+                    return Poll::Ready(Ok(head));
+                }
+            }
+            match ready!(conn.poll_fill(cx)) {
+                Ok(0) if conn.buf.is_empty() && !self.answered => {
+                    return Poll::Ready(Err(match self.write_error.take() {
+                        Some(e) => UpstreamError::Io(e),
+                        None => UpstreamError::Closed,
+                    }))
+                }
+                Ok(0) => return Poll::Ready(Err(Malformed("connection closed mid-head").into())),
+                Ok(_) => self.answered = true,
+                Err(e) => return Poll::Ready(Err(UpstreamError::Io(e))),
+            }
+        }
+    }
+
+    /// Whether the request may go again on a fresh connection after `err` on a reused one:
+    /// nothing came back, no body byte was taken, and sending it twice is harmless (or it was
+    /// never all written).
+    fn can_retry(&self, err: &UpstreamError, method: &Method) -> bool {
+        let idempotent = matches!(
+            *method,
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::PUT
+                | Method::DELETE
+        );
+        matches!(err, UpstreamError::Io(_) | UpstreamError::Closed)
+            && !self.answered
+            && self.upload.as_ref().map_or(true, |u| !u.taken)
+            && (idempotent || self.written < self.conn.head.len())
+    }
 }
 
 /// The upstream's response body; hands its connection back to the pool when it ends.
 pub struct UpstreamBody {
-    inner: Incoming,
-    conn: Option<Idle>,
+    /// `None` once the body is over (the connection pooled or closed).
+    conn: Option<Box<Conn>>,
+    /// The request body, when it is still being sent.
+    upload: Option<Box<Upload>>,
+    reader: BodyReader,
+    /// Whether the connection may be reused once this exchange is complete.
+    reusable: bool,
     pool: Arc<UpstreamClient>,
 }
 
@@ -266,46 +578,142 @@ impl std::fmt::Debug for UpstreamBody {
     }
 }
 
+/// An upstream connection after `101 Switching Protocols`: bytes already read come first.
+pub struct Upgraded {
+    io: Stream,
+    read: BytesMut,
+}
+
+impl AsyncRead for Upgraded {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.read.is_empty() {
+            let n = this.read.len().min(buf.remaining());
+            buf.put_slice(&this.read.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Upgraded {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
 impl UpstreamBody {
-    fn release(&mut self) {
-        if let Some(mut conn) = self.conn.take() {
-            conn.since = Instant::now();
+    /// After `101 Switching Protocols`: the connection, for [`crate::upgrade::splice`].
+    pub fn take_upgraded(&mut self) -> Option<Upgraded> {
+        if self.reusable {
+            return None;
+        }
+        let conn = self.conn.take()?;
+        Some(Upgraded {
+            io: conn.io,
+            read: conn.buf,
+        })
+    }
+
+    /// The response is complete: the connection goes back to the pool if the exchange left it
+    /// clean, and is closed otherwise.
+    fn finish(&mut self) {
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        let sent = self
+            .upload
+            .as_ref()
+            .map_or(true, |u| u.state == UploadState::Sent);
+        if self.reusable && sent && conn.buf.is_empty() {
             self.pool.put_back(conn);
         }
+        self.upload = None;
+    }
+
+    /// Aborts: the connection is closed.
+    fn fail(&mut self, err: UpstreamError) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
+        self.conn = None;
+        self.upload = None;
+        Poll::Ready(Some(Err(err)))
     }
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = UpstreamError;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => self.release(),
-            Poll::Ready(Some(Err(_))) => self.conn = None,
-            _ => {}
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
+        let this = self.get_mut();
+        let Some(conn) = this.conn.as_mut() else {
+            return Poll::Ready(None);
+        };
+        // The request body keeps going while the response is read (an echo needs both).
+        if let Some(upload) = &mut this.upload {
+            if let Poll::Ready(Err(e)) = upload.poll(&mut conn.io, cx) {
+                return this.fail(UpstreamError::Body(e));
+            }
         }
-        polled
+        loop {
+            match this.reader.next(&mut conn.buf) {
+                Err(e) => return this.fail(e.into()),
+                Ok(Step::Data(data)) => {
+                    if this.reader.is_done() {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(Step::Trailers(trailers)) => {
+                    this.finish();
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                }
+                Ok(Step::End) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(Step::More) => {}
+            }
+            match ready!(conn.poll_fill(cx)) {
+                Ok(0) => {
+                    if let Err(e) = this.reader.at_eof() {
+                        return this.fail(e.into());
+                    }
+                    this.conn = None;
+                    return Poll::Ready(None);
+                }
+                Ok(_) => {}
+                Err(e) => return this.fail(UpstreamError::Io(e)),
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.conn.is_none() || (self.reader.is_done() && self.reusable)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for UpstreamBody {
-    fn drop(&mut self) {
-        // A body dropped before its end leaves the connection mid-response: close it.
-        if self.inner.is_end_stream() {
-            self.release();
+        match self.reader.remaining() {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
         }
     }
 }

@@ -275,8 +275,9 @@ async fn admit_and_forward(
     }
     let upgrade = upgrade::requested(&req);
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
-    let up = rewrite(live, conn, req, &entry, source, request_id, normal)?;
-    let (mut parts, body) = up.into_parts();
+    // Rewritten in place and lent to the client: the parts are not moved again.
+    let (mut parts, body) = req.into_parts();
+    rewrite(live, conn, &mut parts, &entry, source, request_id, normal)?;
     if let Some(value) = upgrade {
         upgrade::restore(&mut parts.headers, value);
     }
@@ -290,7 +291,8 @@ async fn admit_and_forward(
     let mut resp = forward(
         shared,
         live,
-        Request::from_parts(parts, body),
+        &parts,
+        body,
         &outcome,
         request_id,
         &mut caller.upstream,
@@ -509,16 +511,15 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
 }
 
 /// Phase 6: the request as the upstream will see it.
-fn rewrite<B>(
+fn rewrite(
     live: &Live,
     conn: &ConnInfo,
-    req: Request<B>,
+    parts: &mut http::request::Parts,
     entry: &KeyEntry,
     source: KeySource,
     request_id: &HeaderValue,
     normal: Option<NormalPath>,
-) -> Result<Request<B>, GatewayError> {
-    let (mut parts, body) = req.into_parts();
+) -> Result<(), GatewayError> {
     if parts.method == Method::CONNECT {
         return Err(GatewayError::BadRequest("CONNECT is not supported."));
     }
@@ -596,7 +597,7 @@ fn rewrite<B>(
             .headers
             .insert(X_KEYGATE_SIGNATURE.clone(), key.header(now, &who));
     }
-    Ok(Request::from_parts(parts, body))
+    Ok(())
 }
 
 /// Phase 6's header part (public for the criterion bench): drops the key (`bearer`: it came
@@ -733,14 +734,15 @@ fn strip_keygate_headers(headers: &mut HeaderMap) {
 async fn forward(
     shared: &Shared,
     live: &Live,
-    req: Request<RequestBody>,
+    parts: &http::request::Parts,
+    body: RequestBody,
     request_body: &BodyOutcome,
     request_id: &HeaderValue,
     waited: &mut Option<Duration>,
 ) -> Result<Response<ResponseBody>, GatewayError> {
     let deadline = live.config.upstream.timeout;
     let sent = Instant::now();
-    let request = std::pin::pin!(shared.client.request(req));
+    let request = std::pin::pin!(shared.client.request(parts, body));
     let answer = shared.timers.timeout(deadline, request).await;
     let elapsed = sent.elapsed();
     *waited = Some(elapsed);

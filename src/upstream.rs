@@ -37,7 +37,7 @@ use std::{
 };
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{uri::Authority, uri::Scheme, Method, Request, Response, StatusCode};
+use http::{uri::Authority, uri::Scheme, Method, Response, StatusCode};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use rustls_pki_types::ServerName;
 use tokio::{
@@ -213,13 +213,13 @@ pub fn client(config: &UpstreamConfig) -> Arc<UpstreamClient> {
 }
 
 impl UpstreamClient {
-    /// Sends `req` (whose URI carries the upstream's scheme and authority) and returns the
+    /// Sends the request `parts` with `body` (the URI carries the upstream's scheme and authority) and returns the
     /// response head; the body streams, and gives the connection back to the pool at its end.
     pub async fn request(
         self: &Arc<Self>,
-        req: Request<RequestBody>,
+        parts: &http::request::Parts,
+        body: RequestBody,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        let (parts, body) = req.into_parts();
         let (Some(scheme), Some(authority)) = (parts.uri.scheme(), parts.uri.authority()) else {
             return Err(UpstreamError::NoAuthority);
         };
@@ -279,7 +279,8 @@ impl UpstreamClient {
     ) -> Response<UpstreamBody> {
         let ResponseHead {
             status,
-            version,
+            // The version stays on this hop: the partner is answered in its own (as nginx does).
+            version: _,
             headers,
             body,
             keep_alive,
@@ -297,7 +298,6 @@ impl UpstreamClient {
         }
         let mut resp = Response::new(body);
         *resp.status_mut() = status;
-        *resp.version_mut() = version;
         *resp.headers_mut() = headers;
         resp
     }

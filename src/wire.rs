@@ -21,7 +21,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 
 /// Largest response head accepted, in bytes.
-pub const MAX_HEAD: usize = 64 * 1024;
+pub const MAX_HEAD: usize = 64 * 1024 - 1;
 /// Most response header fields accepted.
 pub const MAX_HEADERS: usize = 128;
 /// Largest chunk-size line or trailer section accepted, in bytes.
@@ -174,22 +174,27 @@ pub fn parse_response(
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    // Field offsets into the head, so the values can be slices of one shared buffer.
+    // Field offsets into the head (below 64 KiB), so the values can be slices of one shared
+    // buffer once the head is taken out of `buf`.
     let base = buf.as_ptr() as usize;
-    let spans: Vec<(usize, usize, usize, usize)> = response
-        .headers
-        .iter()
-        .map(|field| {
-            let name = field.name.as_ptr() as usize - base;
-            let value = field.value.as_ptr() as usize - base;
-            (name, field.name.len(), value, field.value.len())
-        })
-        .collect();
+    let mut spans = [[0u16; 4]; MAX_HEADERS];
+    let count = response.headers.len();
+    for (span, field) in spans.iter_mut().zip(response.headers.iter()) {
+        let at = |s: &[u8]| (s.as_ptr() as usize - base) as u16;
+        *span = [
+            at(field.name.as_bytes()),
+            field.name.len() as u16,
+            at(field.value),
+            field.value.len() as u16,
+        ];
+    }
     let head = buf.split_to(len).freeze();
     // Room for the fields the gateway adds to every response (rate limit, request id).
-    let mut headers = HeaderMap::with_capacity(spans.len() + 4);
+    let mut headers = HeaderMap::with_capacity(count + 4);
     let mut framing = Framing::default();
-    for &(name_at, name_len, value_at, value_len) in &spans {
+    for &[name_at, name_len, value_at, value_len] in &spans[..count] {
+        let (name_at, name_len) = (usize::from(name_at), usize::from(name_len));
+        let (value_at, value_len) = (usize::from(value_at), usize::from(value_len));
         let name = HeaderName::from_bytes(&head[name_at..name_at + name_len])
             .map_err(|_| Malformed("bad header name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))

@@ -61,6 +61,7 @@ use crate::{
     timers::TimerPool,
     upgrade,
     upstream::{RequestBody, UpstreamBody, UpstreamClient},
+    wire,
 };
 
 /// The body of every response keygate sends: the upstream's, streamed, or its own.
@@ -79,8 +80,6 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Everything the request path reads from configuration, swapped as one on reload.
 #[derive(Debug)]
@@ -661,22 +660,6 @@ fn forwarded_for(headers: &HeaderMap) -> Option<String> {
     joined
 }
 
-/// The hop-by-hop header fields of RFC 9110 §7.6.1 (and the legacy `Keep-Alive` and
-/// `Proxy-Connection`), at most 16 (a bit each in [`strip_hop_by_hop`]'s mask).
-fn hop_by_hop_names() -> [&'static HeaderName; 9] {
-    [
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-        &header::PROXY_AUTHENTICATE,
-        &header::PROXY_AUTHORIZATION,
-    ]
-}
-
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those `Connection` names.
 ///
 /// Both messages of every request pass through here (most responses carry
@@ -685,7 +668,7 @@ fn hop_by_hop_names() -> [&'static HeaderName; 9] {
 /// and a name listed in `Connection` is only turned into a `HeaderName` (an allocation for a
 /// non-standard name) when it is not one of the fixed ones and the message has such a field.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let fixed = hop_by_hop_names();
+    let fixed = wire::hop_by_hop_names();
     let mut present = 0u16;
     for name in headers.keys() {
         if let Some(i) = fixed.iter().position(|f| *f == name) {
@@ -750,10 +733,14 @@ async fn forward(
         Ok(Ok(resp)) => {
             shared.metrics.upstream_head(elapsed);
             let (mut parts, body) = resp.into_parts();
-            let switched = parts.headers.get(header::UPGRADE).cloned();
-            strip_hop_by_hop(&mut parts.headers);
-            if let (http::StatusCode::SWITCHING_PROTOCOLS, Some(value)) = (parts.status, switched) {
-                upgrade::restore(&mut parts.headers, value);
+            // The client left out the hop-by-hop fields of every answer but a `101`, whose
+            // `Upgrade` goes on to the partner.
+            if parts.status == http::StatusCode::SWITCHING_PROTOCOLS {
+                let switched = parts.headers.get(header::UPGRADE).cloned();
+                strip_hop_by_hop(&mut parts.headers);
+                if let Some(value) = switched {
+                    upgrade::restore(&mut parts.headers, value);
+                }
             }
             let body = GuardedBody::new(body, None, live.config.upstream.body_timeout);
             return Ok(Response::from_parts(parts, Either::Left(body)));

@@ -192,6 +192,10 @@ pub fn parse_response(
     // Room for the fields the gateway adds to every response (rate limit, request id).
     let mut headers = HeaderMap::with_capacity(count + 4);
     let mut framing = Framing::default();
+    // Hop-by-hop fields stay on this hop (but a `101`'s, which the upgrade needs); so do the
+    // fields a `Connection` names, whose values are kept aside in the rare case there are any.
+    let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+    let mut named = Vec::new();
     for &[name_at, name_len, value_at, value_len] in &spans[..count] {
         let (name_at, name_len) = (usize::from(name_at), usize::from(name_len));
         let (value_at, value_len) = (usize::from(value_at), usize::from(value_len));
@@ -200,7 +204,18 @@ pub fn parse_response(
         let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
             .map_err(|_| Malformed("bad header value"))?;
         framing.note(&name, &value)?;
-        headers.append(name, value);
+        if switching || !hop_by_hop_names().iter().any(|f| **f == name) {
+            headers.append(name, value);
+        } else if name == header::CONNECTION && names_fields(&value) {
+            named.push(value);
+        }
+    }
+    for value in &named {
+        for token in value.as_bytes().split(|&b| b == b',') {
+            if let Ok(name) = HeaderName::from_bytes(token.trim_ascii()) {
+                headers.remove(name);
+            }
+        }
     }
     let body = if *method == Method::HEAD
         || status.is_informational()
@@ -232,6 +247,33 @@ pub fn parse_response(
         body,
         keep_alive,
     }))
+}
+
+/// The hop-by-hop header fields of RFC 9110 §7.6.1 (and the legacy `Keep-Alive` and
+/// `Proxy-Connection`), at most 16 (a bit each in [`crate::proxy::strip_hop_by_hop`]'s mask).
+pub fn hop_by_hop_names() -> [&'static HeaderName; 9] {
+    [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+        &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
+    ]
+}
+
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Whether a `Connection` value names fields (anything but `close` and `keep-alive`).
+fn names_fields(value: &HeaderValue) -> bool {
+    value.as_bytes().split(|&b| b == b',').any(|t| {
+        let t = t.trim_ascii();
+        !(t.is_empty() || t.eq_ignore_ascii_case(b"close") || t.eq_ignore_ascii_case(b"keep-alive"))
+    })
 }
 
 /// What a response's fields say about its framing and its connection.
@@ -604,6 +646,21 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(h.body, BodyKind::Length(3));
+    }
+
+    #[test]
+    fn hop_by_hop_fields_stay_on_this_hop_but_a_101_keeps_them() {
+        let text = "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nKeep-Alive: timeout=5\r\n\
+                    X-Hop: 1\r\nTransfer-Encoding: chunked\r\nTrailer: x-sum\r\nX-End: 2\r\n\r\n";
+        let h = head(text, &Method::GET).unwrap().unwrap();
+        let names: Vec<&str> = h.headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-end"]);
+        assert_eq!((h.body, h.keep_alive), (BodyKind::Chunked, true));
+        let text =
+            "HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n";
+        let h = head(text, &Method::GET).unwrap().unwrap();
+        assert_eq!(h.headers["upgrade"], "websocket");
+        assert_eq!(h.headers["connection"], "upgrade");
     }
 
     #[test]

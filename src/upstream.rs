@@ -61,8 +61,9 @@ pub type RequestBody = GuardedBody<Incoming>;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle connections kept at most.
 const MAX_IDLE: usize = 1024;
-/// Room made in a connection's read buffer before each read.
+/// Room made in a connection's read buffer before a read: at first, and most.
 const READ_CHUNK: usize = 8 * 1024;
+const MAX_READ_CHUNK: usize = 256 * 1024;
 
 /// Why a request could not be sent or answered.
 #[derive(Debug, thiserror::Error)]
@@ -156,6 +157,8 @@ struct Conn {
     buf: BytesMut,
     /// The request head being written (kept to reuse its allocation).
     head: Vec<u8>,
+    /// Room to offer the next read (see [`Conn::poll_fill`]).
+    read_chunk: usize,
     scheme: Scheme,
     authority: Authority,
     since: Instant,
@@ -175,9 +178,18 @@ impl Conn {
         }
     }
 
+    /// Reads what is there into `buf`; the room offered doubles while reads fill it (a large
+    /// body streams in large reads) and falls back when they do not.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        self.buf.reserve(READ_CHUNK);
-        poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+        self.buf.reserve(self.read_chunk);
+        let room = self.buf.capacity() - self.buf.len();
+        let n = ready!(poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf))?;
+        if n == room {
+            self.read_chunk = (self.read_chunk * 2).min(MAX_READ_CHUNK);
+        } else if n < room / 4 {
+            self.read_chunk = READ_CHUNK;
+        }
+        Poll::Ready(Ok(n))
     }
 }
 
@@ -378,6 +390,7 @@ impl UpstreamClient {
             io,
             buf: BytesMut::with_capacity(READ_CHUNK),
             head: Vec::with_capacity(1024),
+            read_chunk: READ_CHUNK,
             scheme: scheme.clone(),
             authority: authority.clone(),
             since: Instant::now(),

@@ -17,13 +17,14 @@ use std::{
 };
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, SamplingMode};
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderValue, Method};
 use keygate::{
     config::Config,
     keys::{KeyHash, KeyTable},
     limit::{KeyLimiter, RateLimit},
     proxy::{self, ConnInfo, Live},
     quota::{self, QuotaLimit, QuotaLimiter},
+    wire,
 };
 
 const HOT_SET: usize = 1024;
@@ -155,10 +156,31 @@ fn headers(c: &mut Criterion) {
     }
     let host = request.get("host").cloned();
     let request_id = proxy::new_request_id();
+    // The fields set, and the head written as it goes upstream.
+    let mut head = Vec::with_capacity(1024);
     group.bench_function("headers", |b| {
         b.iter_batched_ref(
             || request.clone(),
-            |h| proxy::rewrite_headers(&f.live, &conn, h, entry, false, host.clone(), &request_id),
+            |h| {
+                let fields = proxy::Forwarding::new(
+                    &f.live,
+                    &conn,
+                    h,
+                    entry,
+                    false,
+                    host.clone(),
+                    &request_id,
+                );
+                head.clear();
+                wire::encode_request(
+                    &Method::GET,
+                    "/v1/guests",
+                    h,
+                    &fields,
+                    wire::RequestFraming::Empty,
+                    &mut head,
+                );
+            },
             BatchSize::SmallInput,
         )
     });

@@ -276,7 +276,7 @@ async fn admit_and_forward(
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     // Rewritten in place and lent to the client: the parts are not moved again.
     let (mut parts, body) = req.into_parts();
-    rewrite(live, conn, &mut parts, &entry, source, request_id, normal)?;
+    let forwarding = rewrite(live, conn, &mut parts, &entry, source, request_id, normal)?;
     if let Some(value) = upgrade {
         upgrade::restore(&mut parts.headers, value);
     }
@@ -291,9 +291,9 @@ async fn admit_and_forward(
         shared,
         live,
         &parts,
+        &forwarding,
         body,
         &outcome,
-        request_id,
         &mut caller.upstream,
     )
     .await?;
@@ -509,16 +509,17 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     }
 }
 
-/// Phase 6: the request as the upstream will see it.
-fn rewrite(
-    live: &Live,
+/// Phase 6: the request as the upstream will see it: its target rewritten in place, and the
+/// fields keygate sets.
+fn rewrite<'a>(
+    live: &'a Live,
     conn: &ConnInfo,
     parts: &mut http::request::Parts,
     entry: &KeyEntry,
     source: KeySource,
     request_id: &HeaderValue,
     normal: Option<NormalPath>,
-) -> Result<(), GatewayError> {
+) -> Result<Forwarding<'a>, GatewayError> {
     if parts.method == Method::CONNECT {
         return Err(GatewayError::BadRequest("CONNECT is not supported."));
     }
@@ -573,7 +574,7 @@ fn rewrite(
     .map_err(|_| GatewayError::BadRequest("The request target is malformed."))?;
     parts.version = Version::HTTP_11;
 
-    rewrite_headers(
+    let mut forwarding = Forwarding::new(
         live,
         conn,
         &mut parts.headers,
@@ -592,52 +593,100 @@ fn rewrite(
             method: parts.method.as_str(),
             path: parts.uri.path(),
         };
-        parts
-            .headers
-            .insert(X_KEYGATE_SIGNATURE.clone(), key.header(now, &who));
+        forwarding.signature = Some(key.header(now, &who));
     }
-    Ok(())
+    Ok(forwarding)
 }
 
-/// Phase 6's header part (public for the criterion bench): drops the key (`bearer`: it came
-/// in `Authorization`), hop-by-hop and client-sent `X-Keygate-*` headers, and sets the
-/// forwarding, request id and identity headers.
-pub fn rewrite_headers(
-    live: &Live,
-    conn: &ConnInfo,
-    headers: &mut HeaderMap,
-    entry: &KeyEntry,
+/// Phase 6's header part: the fields keygate sets on a forwarded request (public for the
+/// criterion bench).
+///
+/// The client's own copies of them (`Host`, `X-Forwarded-For`/`-Proto`/`-Host`,
+/// `X-Request-Id`), its key (and `Authorization` when the key came as a bearer token) and any
+/// `X-Keygate-*` field it sent stay behind: [`Forwarding::passes`] leaves them out as the head is
+/// written ([`crate::wire::encode_request`]) and [`Forwarding::added`] writes keygate's after the
+/// client's fields. Removing them from the map and inserting keygate's, hashing each name, was a
+/// sixth of the request path's work. Hop-by-hop fields are removed from the map here (rarely
+/// present, and a `Connection` may name more).
+pub struct Forwarding<'a> {
+    key_header: &'a HeaderName,
     bearer: bool,
-    original_host: Option<HeaderValue>,
-    request_id: &HeaderValue,
-) {
-    let upstream = &live.config.upstream;
-    strip_hop_by_hop(headers);
-    headers.remove(&live.config.auth.header);
-    if bearer {
-        headers.remove(header::AUTHORIZATION);
-    }
-    strip_keygate_headers(headers);
+    host: HeaderValue,
+    forwarded_for: HeaderValue,
+    forwarded_proto: HeaderValue,
+    forwarded_host: Option<HeaderValue>,
+    request_id: HeaderValue,
+    key_id: HeaderValue,
+    tenant: Option<HeaderValue>,
+    /// `X-Keygate-Signature`, when an identity secret is configured.
+    pub signature: Option<HeaderValue>,
+}
 
-    let xff = match forwarded_for(headers) {
-        Some(prior) => HeaderValue::try_from(format!("{prior}, {}", conn.peer.ip()))
-            .expect("joined X-Forwarded-For values are visible ASCII"),
-        None => conn.peer_ip.clone(),
-    };
-    headers.insert(X_FORWARDED_FOR.clone(), xff);
-    headers.insert(
-        X_FORWARDED_PROTO.clone(),
-        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
-    );
-    match original_host {
-        Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host),
-        None => headers.remove(&X_FORWARDED_HOST),
-    };
-    headers.insert(header::HOST, upstream.host_header.clone());
-    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
-    headers.insert(X_KEYGATE_KEY_ID.clone(), entry.id_header.clone());
-    if let Some(tenant) = &entry.tenant_header {
-        headers.insert(X_KEYGATE_TENANT.clone(), tenant.clone());
+impl<'a> Forwarding<'a> {
+    /// The fields for the request whose `headers` came from `conn`, admitted with `entry`
+    /// (`bearer`: the key came in `Authorization`); `original_host` is the client's `Host`.
+    pub fn new(
+        live: &'a Live,
+        conn: &ConnInfo,
+        headers: &mut HeaderMap,
+        entry: &KeyEntry,
+        bearer: bool,
+        original_host: Option<HeaderValue>,
+        request_id: &HeaderValue,
+    ) -> Forwarding<'a> {
+        strip_hop_by_hop(headers);
+        let forwarded_for = match forwarded_for(headers) {
+            Some(prior) => HeaderValue::try_from(format!("{prior}, {}", conn.peer.ip()))
+                .expect("joined X-Forwarded-For values are visible ASCII"),
+            None => conn.peer_ip.clone(),
+        };
+        Forwarding {
+            key_header: &live.config.auth.header,
+            bearer,
+            host: live.config.upstream.host_header.clone(),
+            forwarded_for,
+            forwarded_proto: HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+            forwarded_host: original_host,
+            request_id: request_id.clone(),
+            key_id: entry.id_header.clone(),
+            tenant: entry.tenant_header.clone(),
+            signature: None,
+        }
+    }
+}
+
+impl wire::Fields for Forwarding<'_> {
+    fn passes(&self, name: &HeaderName) -> bool {
+        if name == header::HOST || name == self.key_header {
+            return false;
+        }
+        if self.bearer && name == header::AUTHORIZATION {
+            return false;
+        }
+        let name = name.as_str();
+        !(name.starts_with("x-")
+            && (name.starts_with("x-keygate-")
+                || name == X_FORWARDED_FOR.as_str()
+                || name == X_FORWARDED_PROTO.as_str()
+                || name == X_FORWARDED_HOST.as_str()
+                || name == X_REQUEST_ID.as_str()))
+    }
+
+    fn added(&self, field: &mut dyn FnMut(&HeaderName, &HeaderValue)) {
+        field(&header::HOST, &self.host);
+        field(&X_FORWARDED_FOR, &self.forwarded_for);
+        field(&X_FORWARDED_PROTO, &self.forwarded_proto);
+        if let Some(host) = &self.forwarded_host {
+            field(&X_FORWARDED_HOST, host);
+        }
+        field(&X_REQUEST_ID, &self.request_id);
+        field(&X_KEYGATE_KEY_ID, &self.key_id);
+        if let Some(tenant) = &self.tenant {
+            field(&X_KEYGATE_TENANT, tenant);
+        }
+        if let Some(signature) = &self.signature {
+            field(&X_KEYGATE_SIGNATURE, signature);
+        }
     }
 }
 
@@ -700,32 +749,21 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Removes every client-sent `X-Keygate-*` header, so an identity cannot be spoofed.
-fn strip_keygate_headers(headers: &mut HeaderMap) {
-    let spoofed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| k.as_str().starts_with("x-keygate-"))
-        .cloned()
-        .collect();
-    for name in spoofed {
-        headers.remove(name);
-    }
-}
-
 /// Phase 7: sends the request upstream and waits for the head within `upstream.timeout`;
 /// `waited` gets the time spent waiting (the access log's `upstream_ms`).
 async fn forward(
     shared: &Shared,
     live: &Live,
     parts: &http::request::Parts,
+    forwarding: &Forwarding<'_>,
     body: RequestBody,
     request_body: &BodyOutcome,
-    request_id: &HeaderValue,
     waited: &mut Option<Duration>,
 ) -> Result<Response<ResponseBody>, GatewayError> {
+    let request_id = &forwarding.request_id;
     let deadline = live.config.upstream.timeout;
     let sent = Instant::now();
-    let request = std::pin::pin!(shared.client.request(parts, body));
+    let request = std::pin::pin!(shared.client.request(parts, forwarding, body));
     let answer = shared.timers.timeout(deadline, request).await;
     let elapsed = sent.elapsed();
     *waited = Some(elapsed);

@@ -50,7 +50,7 @@ use tokio_util::io::poll_read_buf;
 use crate::{
     body::{BodyError, GuardedBody},
     config::UpstreamConfig,
-    wire::{self, BodyKind, BodyReader, Malformed, RequestFraming, ResponseHead, Step},
+    wire::{self, BodyKind, BodyReader, Fields, Malformed, RequestFraming, ResponseHead, Step},
 };
 
 /// The body type sent upstream: the client's own body, streamed through the `max_body` and
@@ -225,11 +225,13 @@ pub fn client(config: &UpstreamConfig) -> Arc<UpstreamClient> {
 }
 
 impl UpstreamClient {
-    /// Sends the request `parts` with `body` (the URI carries the upstream's scheme and authority) and returns the
+    /// Sends the request `parts` (its own fields as `fields` lets them through, then the ones
+    /// `fields` adds) with `body` (the URI carries the upstream's scheme and authority) and returns the
     /// response head; the body streams, and gives the connection back to the pool at its end.
     pub async fn request(
         self: &Arc<Self>,
         parts: &http::request::Parts,
+        fields: &(dyn Fields + Sync),
         body: RequestBody,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let (Some(scheme), Some(authority)) = (parts.uri.scheme(), parts.uri.authority()) else {
@@ -256,7 +258,14 @@ impl UpstreamClient {
         // The connection is already to the authority: origin-form.
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         conn.head.clear();
-        wire::encode_request(&parts.method, path, &parts.headers, framing, &mut conn.head);
+        wire::encode_request(
+            &parts.method,
+            path,
+            &parts.headers,
+            fields,
+            framing,
+            &mut conn.head,
+        );
         loop {
             let mut exchange = Exchange {
                 conn,

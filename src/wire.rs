@@ -61,24 +61,41 @@ impl RequestFraming {
     }
 }
 
-/// Appends the request head to `out`: `path` is the origin-form target.
+/// The fields of a request head besides the request's own: which of those go on, and what is
+/// added after them (the gateway's forwarding and identity fields, [`crate::proxy::Forwarding`]).
+pub trait Fields {
+    /// Whether the request's own field `name` goes upstream.
+    fn passes(&self, name: &HeaderName) -> bool;
+    /// Calls `field` with each field written after the request's own.
+    fn added(&self, field: &mut dyn FnMut(&HeaderName, &HeaderValue));
+}
+
+/// Appends the request head to `out`: `path` is the origin-form target; the fields are the
+/// `headers` that `fields` passes, then those it adds.
 pub fn encode_request(
     method: &Method,
     path: &str,
     headers: &HeaderMap,
+    fields: &dyn Fields,
     framing: RequestFraming,
     out: &mut Vec<u8>,
 ) {
-    out.extend_from_slice(method.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(path.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
+    fn field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        if fields.passes(name) {
+            field(out, name, value);
+        }
+    }
+    fields.added(&mut |name, value| field(out, name, value));
     match framing {
         RequestFraming::ZeroLength => out.extend_from_slice(b"content-length: 0\r\n"),
         RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
@@ -568,18 +585,37 @@ mod tests {
         Ok((body, trailers))
     }
 
+    /// Passes all but `x-drop`, adds `x-added: 1`.
+    struct Test;
+
+    impl Fields for Test {
+        fn passes(&self, name: &HeaderName) -> bool {
+            name != "x-drop"
+        }
+        fn added(&self, field: &mut dyn FnMut(&HeaderName, &HeaderValue)) {
+            field(
+                &HeaderName::from_static("x-added"),
+                &HeaderValue::from_static("1"),
+            );
+        }
+    }
+
     #[test]
     fn request_heads_carry_the_fields_and_the_framing_the_body_needs() {
         let mut headers = HeaderMap::new();
         headers.insert(header::HOST, HeaderValue::from_static("api"));
+        headers.insert("x-drop", HeaderValue::from_static("gone"));
         let mut out = Vec::new();
         let framing = RequestFraming::of(&Method::GET, &headers, true);
-        encode_request(&Method::GET, "/v1?a=1", &headers, framing, &mut out);
-        assert_eq!(out, b"GET /v1?a=1 HTTP/1.1\r\nhost: api\r\n\r\n");
+        encode_request(&Method::GET, "/v1?a=1", &headers, &Test, framing, &mut out);
+        assert_eq!(
+            out,
+            b"GET /v1?a=1 HTTP/1.1\r\nhost: api\r\nx-added: 1\r\n\r\n"
+        );
         out.clear();
         let framing = RequestFraming::of(&Method::POST, &headers, false);
-        encode_request(&Method::POST, "/", &headers, framing, &mut out);
-        assert!(out.ends_with(b"host: api\r\ntransfer-encoding: chunked\r\n\r\n"));
+        encode_request(&Method::POST, "/", &headers, &Test, framing, &mut out);
+        assert!(out.ends_with(b"x-added: 1\r\ntransfer-encoding: chunked\r\n\r\n"));
         assert_eq!(
             RequestFraming::of(&Method::POST, &headers, true),
             RequestFraming::ZeroLength

@@ -213,6 +213,8 @@ async fn forwarding_rewrites_exactly_the_documented_headers() {
             ("x-keygate-tenant", "hotel-1"),
             ("x-keygate-anything", "spoof"),
             ("x-forwarded-for", "203.0.113.9"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "spoofed.example"),
             ("x-request-id", "partner-req-42"),
             ("x-custom", "kept"),
             ("content-type", "application/json"),
@@ -243,6 +245,17 @@ async fn forwarding_rewrites_exactly_the_documented_headers() {
     assert_eq!(h["x-custom"], "kept");
     assert_eq!(h["content-type"], "application/json");
     assert_eq!(h["host"], up.addr.to_string());
+    // Each field keygate sets goes once, whatever the client sent.
+    for name in [
+        "host",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-request-id",
+        "x-keygate-tenant",
+    ] {
+        assert_eq!(h.get_all(name).iter().count(), 1, "{name}");
+    }
 
     // A request id that is not sane is replaced, and the new one is returned and forwarded.
     let got = get(

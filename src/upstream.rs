@@ -10,7 +10,8 @@
 //! request.
 //!
 //! - `http://` upstreams: TCP with `TCP_NODELAY`, `SO_KEEPALIVE` 60 s, `connect_timeout`.
-//! - `https://` upstreams: rustls, verified against the webpki roots, ALPN `http/1.1`.
+//! - `https://` upstreams: rustls, verified against `[upstream] ca_file` when set, else the
+//!   webpki roots; ALPN `http/1.1`.
 //! - Connections idle for more than 90 s are closed rather than reused; at most 1,024 idle
 //!   connections are kept. A connection is reused only after a complete exchange: the request
 //!   body all written, the response read to its end with nothing after it, no `Connection:
@@ -196,14 +197,28 @@ impl std::fmt::Debug for UpstreamClient {
     }
 }
 
-/// Builds the pooled upstream client.
-pub fn client(config: &UpstreamConfig) -> Arc<UpstreamClient> {
+/// The TLS client config for an `https://` upstream, without ALPN: its certificate is verified
+/// against `[upstream] ca_file` when set, else against the webpki roots. Shared by the request
+/// path and the readiness probe ([`crate::health`]), so both trust the same certificates.
+pub fn tls_config(config: &UpstreamConfig) -> rustls::ClientConfig {
     crate::tls::install_crypto_provider();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    let mut tls = rustls::ClientConfig::builder()
+    let roots = match &config.ca {
+        Some(ca) => Arc::clone(&ca.roots),
+        None => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+            Arc::new(roots)
+        }
+    };
+    rustls::ClientConfig::builder()
         .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_no_client_auth()
+}
+
+/// Builds the pooled upstream client. Its TLS roots are fixed here: a reload that changes
+/// `[upstream] ca_file` takes effect after a restart.
+pub fn client(config: &UpstreamConfig) -> Arc<UpstreamClient> {
+    let mut tls = tls_config(config);
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     Arc::new(UpstreamClient {
         idle: Mutex::new(Vec::new()),

@@ -17,10 +17,11 @@
 //!   body all written, the response read to its end with nothing after it, no `Connection:
 //!   close`, HTTP/1.1, a length-delimited body.
 //! - An idle connection the upstream has closed is noticed when it is taken (its socket is
-//!   readable) and passed over. A request whose reused connection fails before any byte of a
-//!   response arrives is sent once more on a fresh connection when that is safe: an idempotent
-//!   method (RFC 9110 §9.2.2) and no body byte taken yet, as nginx and Envoy do. So a keep-alive
-//!   race never reaches a partner.
+//!   readable; over TLS, the records that came are read: a `close_notify` or unasked data
+//!   retires it, a session ticket does not) and passed over. A request whose reused connection
+//!   fails before any byte of a response arrives is sent once more on a fresh connection when
+//!   that is safe: an idempotent method (RFC 9110 §9.2.2) and no body byte taken yet, as nginx
+//!   and Envoy do. So a keep-alive race never reaches a partner.
 //! - The request body streams while the response is read: an upstream may answer early, or
 //!   echo the body as it arrives. A response that ends before the request body was all sent
 //!   closes the connection.
@@ -165,14 +166,30 @@ struct Conn {
 impl Conn {
     /// Whether the upstream has closed this idle connection (or sent it something unasked).
     /// Costs no system call unless the socket became readable while idle.
-    fn is_stale(&self, cx: &mut Context<'_>) -> bool {
+    fn is_stale(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Stream::Tls(tls) = &mut self.io {
+            // Records rustls already took in: a close_notify, or data nobody asked for.
+            let mut byte = [0u8; 1];
+            match io::Read::read(&mut tls.get_mut().1.reader(), &mut byte) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                _ => return true,
+            }
+        }
         let mut probe = [0u8; 1];
         let mut probe = ReadBuf::new(&mut probe);
         match self.io.tcp().poll_peek(cx, &mut probe) {
             Poll::Pending => false,
-            // A TLS upstream may send a record on its own (a session ticket): not a close.
-            Poll::Ready(Ok(n)) => n == 0 || matches!(self.io, Stream::Tcp(_)),
-            Poll::Ready(Err(_)) => true,
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => true,
+            Poll::Ready(Ok(_)) => match self.io {
+                Stream::Tcp(_) => true,
+                // A TLS upstream sends records on its own: a session ticket (harmless), or a
+                // close_notify before it closes, which a TCP peek cannot tell apart. Read them
+                // through TLS: only a read that finds nothing to hand over (tickets taken in,
+                // no data, no close) leaves the connection usable. Without this a close_notify
+                // was noticed only when the next request read its answer, too late to resend
+                // a request with a body.
+                Stream::Tls(_) => self.poll_fill(cx).is_ready(),
+            },
         }
     }
 
@@ -324,7 +341,7 @@ impl UpstreamClient {
         cx: &mut Context<'_>,
     ) -> Option<Box<Conn>> {
         let mut idle = self.idle.lock().expect("upstream pool lock");
-        while let Some(conn) = idle.pop() {
+        while let Some(mut conn) = idle.pop() {
             // Authorities compared byte for byte (`==` on `Authority` folds case, byte by
             // byte): both come from the config, so a connection is only ever passed over after
             // a reload that changed the upstream's spelling.

@@ -26,6 +26,8 @@
 //! - `[limits] on_store_error` without `store` is refused (it would do nothing).
 //! - sizes (`max_body`, `max_header_bytes`) are whole bytes or a string like `"16MiB"`;
 //! - a key's `max_body` falls back to `[server] max_body`.
+//! - `[upstream] ca_file` (relative to the config file, https:// only) replaces the webpki roots
+//!   for the upstream's certificate; it is read and checked here, at load.
 
 use std::{
     hash::BuildHasher,
@@ -33,10 +35,12 @@ use std::{
     num::NonZeroU32,
     ops::Range,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
 use http::{uri::Authority, uri::PathAndQuery, uri::Scheme, HeaderName, Uri};
+use rustls_pki_types::{pem::PemObject, CertificateDer};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -189,7 +193,30 @@ pub struct UpstreamConfig {
     pub health_interval: Duration,
     /// Longest pause allowed inside a request or response body while it streams.
     pub body_timeout: Duration,
+    /// `ca_file`: what an `https://` upstream's certificate is verified against instead of the
+    /// webpki roots; `None` uses the webpki roots.
+    pub ca: Option<UpstreamCa>,
 }
+
+/// `[upstream] ca_file`, read and checked: the certificates trusted for the upstream.
+#[derive(Debug, Clone)]
+pub struct UpstreamCa {
+    /// The file, resolved against the config file's directory.
+    pub file: PathBuf,
+    /// Its certificates (DER), in file order.
+    pub certs: Vec<CertificateDer<'static>>,
+    /// The same certificates as trust anchors, shared by every upstream connection.
+    pub roots: Arc<rustls::RootCertStore>,
+}
+
+impl PartialEq for UpstreamCa {
+    /// The same file with the same certificates (the root store is made from them).
+    fn eq(&self, other: &Self) -> bool {
+        self.file == other.file && self.certs == other.certs
+    }
+}
+
+impl Eq for UpstreamCa {}
 
 /// `[auth]`: where keys are read from.
 #[derive(Debug, Clone)]
@@ -315,6 +342,7 @@ struct RawUpstream {
     health_path: Option<Spanned<String>>,
     health_interval: Option<Spanned<String>>,
     body_timeout: Option<Spanned<String>>,
+    ca_file: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1173,6 +1201,19 @@ fn parse_upstream(src: &Source<'_>, raw: &RawUpstream) -> Result<UpstreamConfig,
     };
     let host_header = http::HeaderValue::try_from(authority.as_str())
         .map_err(|_| src.at(&raw.url, "url's host is not a valid Host header"))?;
+    let ca = match &raw.ca_file {
+        Some(f) if scheme != Scheme::HTTPS => {
+            return Err(src.at(
+                f,
+                "ca_file is only used with an https:// url (this upstream is plain http://)",
+            ))
+        }
+        Some(f) => {
+            let base = src.file.parent().unwrap_or(Path::new("."));
+            Some(load_upstream_ca(&base.join(f.get_ref())).map_err(|m| src.at(f, m))?)
+        }
+        None => None,
+    };
     Ok(UpstreamConfig {
         identity,
         url: url.clone(),
@@ -1185,6 +1226,42 @@ fn parse_upstream(src: &Source<'_>, raw: &RawUpstream) -> Result<UpstreamConfig,
         health_path,
         health_interval: duration(&raw.health_interval, Duration::from_secs(5))?,
         body_timeout: duration(&raw.body_timeout, Duration::from_secs(30))?,
+        ca,
+    })
+}
+
+/// Reads `[upstream] ca_file`: at least one PEM certificate, each usable as a trust anchor.
+/// The message names the file.
+fn load_upstream_ca(file: &Path) -> Result<UpstreamCa, String> {
+    let name = file.display();
+    let pem = std::fs::read(file).map_err(|e| format!("cannot read ca_file {name}: {e}"))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("ca_file {name} is not valid PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "ca_file {name} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+        ));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for (i, cert) in certs.iter().enumerate() {
+        roots.add(cert.clone()).map_err(|e| {
+            // Without rustls's "invalid peer certificate" in front: this is no peer's.
+            let why = match e {
+                rustls::Error::InvalidCertificate(why) => why.to_string(),
+                other => other.to_string(),
+            };
+            format!(
+                "ca_file {name}: certificate {} of {} cannot be used as a trust anchor: {why}",
+                i + 1,
+                certs.len()
+            )
+        })?;
+    }
+    Ok(UpstreamCa {
+        file: file.to_path_buf(),
+        certs,
+        roots: Arc::new(roots),
     })
 }
 
@@ -1578,6 +1655,99 @@ mod tests {
         assert_eq!(parse_size("100"), Ok(100));
         assert!(parse_size("-1").is_err());
         assert!(parse_size("99999999999GiB").is_err());
+    }
+
+    #[test]
+    fn an_upstream_ca_file_is_read_at_load_relative_to_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("certs")).unwrap();
+        let main = dir.path().join("gw.toml");
+        let ca = rcgen::generate_simple_self_signed(vec!["ca.test".into()]).unwrap();
+        let other = rcgen::generate_simple_self_signed(vec!["other.test".into()]).unwrap();
+        let bundle = format!("# upstream CAs\n{}{}", ca.cert.pem(), other.cert.pem());
+        std::fs::write(dir.path().join("certs/ca.pem"), bundle).unwrap();
+        let text =
+            "[server]\nlisten = \"127.0.0.1:0\"\n[upstream]\nurl = \"https://10.0.0.1:8443\"\n\
+                    ca_file = \"certs/ca.pem\"\n";
+        let c = Config::parse(&main, text).unwrap();
+        let loaded = c.upstream.ca.expect("ca_file loaded");
+        assert_eq!(loaded.file, dir.path().join("certs/ca.pem"));
+        assert_eq!(loaded.certs.len(), 2);
+        assert_eq!(loaded.certs[0].as_ref(), ca.cert.der().as_ref());
+        assert_eq!(loaded.roots.len(), 2);
+        assert!(parse(&minimal("")).unwrap().upstream.ca.is_none());
+    }
+
+    #[test]
+    fn a_bad_upstream_ca_file_refuses_the_config_and_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("gw.toml");
+        let cert = rcgen::generate_simple_self_signed(vec!["ca.test".into()]).unwrap();
+        let config = |url: &str, file: &str| {
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\n[upstream]\nurl = \"{url}\"\nca_file = \"{file}\"\n"
+            )
+        };
+        let path = |name: &str| dir.path().join(name).display().to_string();
+        std::fs::write(
+            dir.path().join("key-only.pem"),
+            cert.signing_key.serialize_pem(),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("text.pem"), "not a certificate\n").unwrap();
+        // A CERTIFICATE block whose base64 is broken, and one that is base64 but not DER.
+        std::fs::write(
+            dir.path().join("broken.pem"),
+            "-----BEGIN CERTIFICATE-----\n%%%%\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("not-der.pem"),
+            format!(
+                "{}-----BEGIN CERTIFICATE-----\naGVsbG8gd29ybGQ=\n-----END CERTIFICATE-----\n",
+                cert.cert.pem()
+            ),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("good.pem"), cert.cert.pem()).unwrap();
+        let cases = [
+            (
+                config("https://up:443", "missing.pem"),
+                format!("cannot read ca_file {}", path("missing.pem")),
+            ),
+            (
+                config("https://up:443", "key-only.pem"),
+                format!("ca_file {} holds no PEM certificate", path("key-only.pem")),
+            ),
+            (
+                config("https://up:443", "text.pem"),
+                format!("ca_file {} holds no PEM certificate", path("text.pem")),
+            ),
+            (
+                config("https://up:443", "broken.pem"),
+                format!("ca_file {} is not valid PEM", path("broken.pem")),
+            ),
+            (
+                config("https://up:443", "not-der.pem"),
+                format!(
+                    "ca_file {}: certificate 2 of 2 cannot be used as a trust anchor",
+                    path("not-der.pem")
+                ),
+            ),
+            (
+                config("http://up:80", "good.pem"),
+                "ca_file is only used with an https:// url".to_string(),
+            ),
+        ];
+        for (text, want) in cases {
+            let err = Config::parse(&main, &text).expect_err(&text);
+            // Located at the ca_file value.
+            assert_eq!((err.line, err.col), (5, 11), "{err}");
+            assert!(
+                err.message.starts_with(&want),
+                "{err}\n  should start with\n{want}"
+            );
+        }
     }
 
     #[test]

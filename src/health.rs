@@ -4,7 +4,8 @@
 //! the upstream's host and port, or, when `health_path` is set, sends `GET health_path` to the
 //! upstream's scheme and authority (the url's path prefix is not added) and wants a 2xx or 3xx
 //! answer. The probe reads the live config each round, so a reload that changes the upstream is
-//! probed from the next round on. The probe runs only when `[admin]` is configured, since
+//! probed from the next round on (its TLS roots, `[upstream] ca_file`, are those of the start-up
+//! config, as on the request path). The probe runs only when `[admin]` is configured, since
 //! `/readyz` and `keygate_upstream_up` are where its result is seen. keygate is ready when the last probe succeeded and it is not
 //! shutting down; a valid config is always loaded (start-up refuses an invalid one and a broken
 //! reload keeps the running one).
@@ -77,7 +78,9 @@ pub fn spawn(
     readiness: Arc<Readiness>,
     mut stop: watch::Receiver<Option<Duration>>,
 ) {
-    let client = probe_client();
+    // The TLS roots of the start-up config, as the request path's client uses
+    // (`[upstream] ca_file` changes take effect after a restart for both).
+    let client = probe_client(&shared.live.load().config.upstream);
     tokio::spawn(async move {
         loop {
             let live = shared.live.load_full();
@@ -93,12 +96,13 @@ pub fn spawn(
     });
 }
 
-fn probe_client() -> ProbeClient {
-    crate::tls::install_crypto_provider();
+/// The probe's client: `https://` upstreams are verified as the request path verifies them
+/// ([`crate::upstream::tls_config`]: `[upstream] ca_file`, else the webpki roots).
+fn probe_client(upstream: &UpstreamConfig) -> ProbeClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
+        .with_tls_config(crate::upstream::tls_config(upstream))
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);

@@ -46,6 +46,10 @@ pub fn reload_now(shared: &Shared, path: &Path) -> Result<usize, ConfigError> {
     if config.limit_store != old.config.limit_store {
         tracing::warn!("[limits] store/on_store_error changes take effect after a restart");
     }
+    if config.upstream.ca != old.config.upstream.ca {
+        // The upstream client (and its pool of verified connections) is built once, at start.
+        tracing::warn!("[upstream] ca_file changes take effect after a restart");
+    }
     let live = Live::with_table(config, table, Some(&old));
     drop(old);
     let keys = live.table.len();

@@ -10,16 +10,18 @@
 //! request.
 //!
 //! - `http://` upstreams: TCP with `TCP_NODELAY`, `SO_KEEPALIVE` 60 s, `connect_timeout`.
-//! - `https://` upstreams: rustls, verified against the webpki roots, ALPN `http/1.1`.
+//! - `https://` upstreams: rustls, verified against `[upstream] ca_file` when set, else the
+//!   webpki roots; ALPN `http/1.1`.
 //! - Connections idle for more than 90 s are closed rather than reused; at most 1,024 idle
 //!   connections are kept. A connection is reused only after a complete exchange: the request
 //!   body all written, the response read to its end with nothing after it, no `Connection:
 //!   close`, HTTP/1.1, a length-delimited body.
 //! - An idle connection the upstream has closed is noticed when it is taken (its socket is
-//!   readable) and passed over. A request whose reused connection fails before any byte of a
-//!   response arrives is sent once more on a fresh connection when that is safe: an idempotent
-//!   method (RFC 9110 §9.2.2) and no body byte taken yet, as nginx and Envoy do. So a keep-alive
-//!   race never reaches a partner.
+//!   readable; over TLS, the records that came are read: a `close_notify` or unasked data
+//!   retires it, a session ticket does not) and passed over. A request whose reused connection
+//!   fails before any byte of a response arrives is sent once more on a fresh connection when
+//!   that is safe: an idempotent method (RFC 9110 §9.2.2) and no body byte taken yet, as nginx
+//!   and Envoy do. So a keep-alive race never reaches a partner.
 //! - The request body streams while the response is read: an upstream may answer early, or
 //!   echo the body as it arrives. A response that ends before the request body was all sent
 //!   closes the connection.
@@ -167,14 +169,30 @@ struct Conn {
 impl Conn {
     /// Whether the upstream has closed this idle connection (or sent it something unasked).
     /// Costs no system call unless the socket became readable while idle.
-    fn is_stale(&self, cx: &mut Context<'_>) -> bool {
+    fn is_stale(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Stream::Tls(tls) = &mut self.io {
+            // Records rustls already took in: a close_notify, or data nobody asked for.
+            let mut byte = [0u8; 1];
+            match io::Read::read(&mut tls.get_mut().1.reader(), &mut byte) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                _ => return true,
+            }
+        }
         let mut probe = [0u8; 1];
         let mut probe = ReadBuf::new(&mut probe);
         match self.io.tcp().poll_peek(cx, &mut probe) {
             Poll::Pending => false,
-            // A TLS upstream may send a record on its own (a session ticket): not a close.
-            Poll::Ready(Ok(n)) => n == 0 || matches!(self.io, Stream::Tcp(_)),
-            Poll::Ready(Err(_)) => true,
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => true,
+            Poll::Ready(Ok(_)) => match self.io {
+                Stream::Tcp(_) => true,
+                // A TLS upstream sends records on its own: a session ticket (harmless), or a
+                // close_notify before it closes, which a TCP peek cannot tell apart. Read them
+                // through TLS: only a read that finds nothing to hand over (tickets taken in,
+                // no data, no close) leaves the connection usable. Without this a close_notify
+                // was noticed only when the next request read its answer, too late to resend
+                // a request with a body.
+                Stream::Tls(_) => self.poll_fill(cx).is_ready(),
+            },
         }
     }
 
@@ -208,14 +226,28 @@ impl std::fmt::Debug for UpstreamClient {
     }
 }
 
-/// Builds the pooled upstream client.
-pub fn client(config: &UpstreamConfig) -> Arc<UpstreamClient> {
+/// The TLS client config for an `https://` upstream, without ALPN: its certificate is verified
+/// against `[upstream] ca_file` when set, else against the webpki roots. Shared by the request
+/// path and the readiness probe ([`crate::health`]), so both trust the same certificates.
+pub fn tls_config(config: &UpstreamConfig) -> rustls::ClientConfig {
     crate::tls::install_crypto_provider();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    let mut tls = rustls::ClientConfig::builder()
+    let roots = match &config.ca {
+        Some(ca) => Arc::clone(&ca.roots),
+        None => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+            Arc::new(roots)
+        }
+    };
+    rustls::ClientConfig::builder()
         .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_no_client_auth()
+}
+
+/// Builds the pooled upstream client. Its TLS roots are fixed here: a reload that changes
+/// `[upstream] ca_file` takes effect after a restart.
+pub fn client(config: &UpstreamConfig) -> Arc<UpstreamClient> {
+    let mut tls = tls_config(config);
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     Arc::new(UpstreamClient {
         idle: Mutex::new(Vec::new()),
@@ -330,7 +362,7 @@ impl UpstreamClient {
         cx: &mut Context<'_>,
     ) -> Option<Box<Conn>> {
         let mut idle = self.idle.lock().expect("upstream pool lock");
-        while let Some(conn) = idle.pop() {
+        while let Some(mut conn) = idle.pop() {
             // Authorities compared byte for byte (`==` on `Authority` folds case, byte by
             // byte): both come from the config, so a connection is only ever passed over after
             // a reload that changed the upstream's spelling.

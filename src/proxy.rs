@@ -763,7 +763,12 @@ async fn forward(
     let request_id = &forwarding.request_id;
     let deadline = live.config.upstream.timeout;
     let sent = Instant::now();
-    let request = std::pin::pin!(shared.client.request(parts, forwarding, body));
+    let request = std::pin::pin!(shared.client.request(
+        parts,
+        forwarding,
+        body,
+        live.config.upstream.connect_timeout
+    ));
     let answer = shared.timers.timeout(deadline, request).await;
     let elapsed = sent.elapsed();
     *waited = Some(elapsed);

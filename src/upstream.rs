@@ -9,7 +9,8 @@
 //! callgrind (`benches/load/instructions.sh`) that was about a third of the gateway's work per
 //! request.
 //!
-//! - `http://` upstreams: TCP with `TCP_NODELAY`, `SO_KEEPALIVE` 60 s, `connect_timeout`.
+//! - `http://` upstreams: TCP with `TCP_NODELAY`, `SO_KEEPALIVE` 60 s, `connect_timeout` (read
+//!   from the live config for each connection, so a reload changes it).
 //! - `https://` upstreams: rustls, verified against `[upstream] ca_file` when set, else the
 //!   webpki roots; ALPN `http/1.1`.
 //! - Connections idle for more than 90 s are closed rather than reused; at most 1,024 idle
@@ -217,7 +218,6 @@ pub struct UpstreamClient {
     #[allow(clippy::vec_box)]
     idle: Mutex<Vec<Box<Conn>>>,
     tls: TlsConnector,
-    connect_timeout: Duration,
 }
 
 impl std::fmt::Debug for UpstreamClient {
@@ -252,7 +252,6 @@ pub fn client(config: &UpstreamConfig) -> Arc<UpstreamClient> {
     Arc::new(UpstreamClient {
         idle: Mutex::new(Vec::new()),
         tls: TlsConnector::from(Arc::new(tls)),
-        connect_timeout: config.connect_timeout,
     })
 }
 
@@ -265,6 +264,7 @@ impl UpstreamClient {
         parts: &http::request::Parts,
         fields: &(dyn Fields + Sync),
         body: RequestBody,
+        connect_timeout: Duration,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let (Some(scheme), Some(authority)) = (parts.uri.scheme(), parts.uri.authority()) else {
             return Err(UpstreamError::NoAuthority);
@@ -285,7 +285,10 @@ impl UpstreamClient {
             Some(conn) => (conn, true),
             // Boxed where it is awaited: the connect future (TCP and TLS handshakes) is large,
             // and inline it would enlarge every request's future for a step most skip.
-            None => (Box::pin(self.connect(scheme, authority)).await?, false),
+            None => (
+                Box::pin(self.connect(scheme, authority, connect_timeout)).await?,
+                false,
+            ),
         };
         // The connection is already to the authority: origin-form.
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -314,7 +317,7 @@ impl UpstreamClient {
                     tracing::debug!("reused upstream connection failed ({e}); retrying once");
                     let head = std::mem::take(&mut exchange.conn.head);
                     upload = exchange.upload;
-                    conn = Box::pin(self.connect(scheme, authority)).await?;
+                    conn = Box::pin(self.connect(scheme, authority, connect_timeout)).await?;
                     conn.head = head;
                     reused = false;
                 }
@@ -397,6 +400,7 @@ impl UpstreamClient {
         &self,
         scheme: &Scheme,
         authority: &Authority,
+        timeout: Duration,
     ) -> Result<Box<Conn>, UpstreamError> {
         let https = *scheme == Scheme::HTTPS;
         let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
@@ -418,12 +422,12 @@ impl UpstreamClient {
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
             Ok(Stream::Tls(Box::new(self.tls.connect(name, stream).await?)))
         };
-        let io = match tokio::time::timeout(self.connect_timeout, connecting).await {
+        let io = match tokio::time::timeout(timeout, connecting).await {
             Ok(result) => result.map_err(UpstreamError::Connect)?,
             Err(_) => {
                 return Err(UpstreamError::Connect(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    format!("connect timed out after {:?}", self.connect_timeout),
+                    format!("connect timed out after {timeout:?}"),
                 )))
             }
         };

@@ -1196,3 +1196,61 @@ async fn an_answer_with_chunked_and_a_length_is_read_as_chunked() {
         assert_eq!(got.text(), "hello world", "{path} (hyper client)");
     }
 }
+
+/// A connect the upstream never answers (its accept queue is full, so its SYNs are dropped)
+/// ends at `[upstream] connect_timeout` with a 502, and a reload changes that timeout for the
+/// next connection without a restart.
+#[tokio::test]
+async fn connect_timeout_bounds_a_hung_connect_and_a_reload_changes_it() {
+    let listener =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    listener
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    listener.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap().as_socket().unwrap();
+    // Fill the queue with connections nobody accepts, until a connect hangs.
+    let mut fillers = Vec::new();
+    loop {
+        match tokio::time::timeout(
+            Duration::from_millis(300),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(s)) => fillers.push(s),
+            Ok(Err(e)) => panic!("filler connect failed: {e}"),
+            Err(_) => break,
+        }
+        assert!(fillers.len() < 64, "the accept queue never filled");
+    }
+    let config = |timeout: &str| {
+        config_text(&format!("http://{addr}"), &key_entry("a", KEY, "")).replace(
+            "connect_timeout = \"1s\"",
+            &format!("connect_timeout = \"{timeout}\""),
+        )
+    };
+    let gw = start_gateway(&config("300ms")).await;
+    let c = http1_client();
+    let timed = |c: PlainClient| {
+        let url = gw.url("/v1/guests");
+        async move {
+            let start = Instant::now();
+            let got = get(&c, &url, &[("x-api-key", KEY)]).await;
+            (got, start.elapsed())
+        }
+    };
+    let (got, took) = timed(c.clone()).await;
+    assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{}", got.text());
+    assert_eq!(got.code(), "upstream_unavailable");
+    assert!(
+        took >= Duration::from_millis(280) && took < Duration::from_millis(1200),
+        "{took:?}"
+    );
+    gw.rewrite_config(&config("1500ms"));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (got, took) = timed(c).await;
+    assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{}", got.text());
+    assert!(took >= Duration::from_millis(1450), "{took:?}");
+    drop(fillers);
+}

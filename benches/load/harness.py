@@ -323,7 +323,7 @@ def main():
                     print(
                         f"round {rnd + 1} {mode:32} {target:16} {r['rps']:>10.0f} req/s  "
                         f"p50 {r['p50']:.3f} ms  p99 {r['p99']:.3f} ms  cpu {cpu} us/req  "
-                        f"cpu1 {r['cpu1_us']:.1f} us/req  "
+                        f"cpu1 {r['cpu1_us']:.1f} us/req (wrk {r['wrk_cpu_s'] * 1e6 / n:.1f})  "
                         f"non-2xx {r['non2xx']} {r['errors']}",
                         flush=True,
                     )

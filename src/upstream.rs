@@ -382,6 +382,12 @@ impl UpstreamClient {
 
     fn put_back(&self, mut conn: Box<Conn>) {
         conn.since = Instant::now();
+        // A connection that carried a large body gave its buffer room for large reads: an idle
+        // one keeps no more than a first read needs.
+        if conn.buf.capacity() > 2 * READ_CHUNK {
+            conn.buf = BytesMut::new();
+            conn.read_chunk = READ_CHUNK;
+        }
         let mut idle = self.idle.lock().expect("upstream pool lock");
         // The oldest connection is at the bottom: close it once it is past reuse, so a pool
         // that shrank does not keep sockets open for ever.

@@ -421,17 +421,15 @@ impl BodyReader {
             match self.state {
                 Read::Done => return Ok(Step::End),
                 Read::Length(left) => {
-                    if buf.is_empty() {
+                    let Some((data, left)) = take(buf, left) else {
                         return Ok(Step::More);
-                    }
-                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
-                    let left = left - n as u64;
+                    };
                     self.state = if left == 0 {
                         Read::Done
                     } else {
                         Read::Length(left)
                     };
-                    return Ok(Step::Data(buf.split_to(n).freeze()));
+                    return Ok(Step::Data(data));
                 }
                 Read::Close => {
                     if buf.is_empty() {
@@ -451,17 +449,15 @@ impl BodyReader {
                     };
                 }
                 Read::ChunkData(left) => {
-                    if buf.is_empty() {
+                    let Some((data, left)) = take(buf, left) else {
                         return Ok(Step::More);
-                    }
-                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
-                    let left = left - n as u64;
+                    };
                     self.state = if left == 0 {
                         Read::ChunkEnd
                     } else {
                         Read::ChunkData(left)
                     };
-                    return Ok(Step::Data(buf.split_to(n).freeze()));
+                    return Ok(Step::Data(data));
                 }
                 Read::ChunkEnd => {
                     if buf.len() < 2 {
@@ -491,6 +487,16 @@ impl BodyReader {
             }
         }
     }
+}
+
+/// Up to `left` bytes from the front of `buf`, and how many are left after them; `None` when
+/// `buf` is empty.
+fn take(buf: &mut BytesMut, left: u64) -> Option<(Bytes, u64)> {
+    if buf.is_empty() {
+        return None;
+    }
+    let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+    Some((buf.split_to(n).freeze(), left - n as u64))
 }
 
 /// Takes one CRLF-ended line (without the CRLF) from the front of `buf`.

@@ -422,16 +422,7 @@ async fn serve_raw(
                 return;
             }
             Err(_) => {
-                tls.get_mut().1.send_close_notify();
-                let _ = tls.flush().await;
-                closed.fetch_add(1, Ordering::SeqCst);
-                // Kept open, reading (and dropping) whatever comes, until keygate closes it.
-                let mut sink = [0u8; 4096];
-                while let Ok(n) = tls.get_mut().0.read(&mut sink).await {
-                    if n == 0 {
-                        break;
-                    }
-                }
+                close_notify_then_wait(&mut tls, closed).await;
                 return;
             }
         };
@@ -448,21 +439,26 @@ async fn serve_raw(
             return;
         }
         if target.ends_with("/then-close-notify") {
-            // In the same flush as the answer, so keygate reads both records at once; TCP
-            // stays open until keygate closes it.
-            tls.get_mut().1.send_close_notify();
-            let _ = tls.flush().await;
-            closed.fetch_add(1, Ordering::SeqCst);
-            let mut sink = [0u8; 4096];
-            while let Ok(n) = tls.get_mut().0.read(&mut sink).await {
-                if n == 0 {
-                    break;
-                }
-            }
+            // In the same flush as the answer, so keygate reads both records at once.
+            close_notify_then_wait(&mut tls, closed).await;
             return;
         }
         if tls.flush().await.is_err() {
             return;
+        }
+    }
+}
+
+/// Sends `close_notify` (counted in `closed`) and keeps the TCP connection open, reading and
+/// dropping whatever comes, until keygate closes it.
+async fn close_notify_then_wait(tls: &mut TlsStream<tokio::net::TcpStream>, closed: &AtomicUsize) {
+    tls.get_mut().1.send_close_notify();
+    let _ = tls.flush().await;
+    closed.fetch_add(1, Ordering::SeqCst);
+    let mut sink = [0u8; 4096];
+    while let Ok(n) = tls.get_mut().0.read(&mut sink).await {
+        if n == 0 {
+            break;
         }
     }
 }
@@ -511,20 +507,6 @@ async fn read_request<S: AsyncRead + Unpin>(
     }
     buf.drain(..len);
     Some((method, target, headers))
-}
-
-/// Deterministic bytes that are not all alike (xorshift), so a dropped, repeated or reordered
-/// piece shows.
-fn pattern(n: usize, seed: u32) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 /// `data` as a request body of unknown length (so sent chunked), in 64 KiB frames.

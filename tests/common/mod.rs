@@ -579,3 +579,17 @@ pub fn sample(exposition: &str, series: &str) -> Option<f64> {
         value.split(' ').next()?.parse().ok()
     })
 }
+
+/// Deterministic bytes that are not all alike (xorshift), so a dropped, repeated or reordered
+/// piece shows.
+pub fn pattern(n: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x >> 24) as u8
+        })
+        .collect()
+}

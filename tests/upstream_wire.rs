@@ -1240,3 +1240,64 @@ async fn connect_timeout_bounds_a_hung_connect_and_a_reload_changes_it() {
     assert!(took >= Duration::from_millis(1450), "{took:?}");
     drop(fillers);
 }
+
+/// A partner that sends `Expect: 100-continue` (curl does for bodies over 1 KiB) gets the
+/// `100 Continue` from keygate, sends its body, and the upstream gets it whole; the upstream's
+/// own `100 Continue` is not passed on as a second interim answer.
+#[tokio::test]
+async fn a_partner_expecting_100_continue_is_told_to_go_on_and_its_body_arrives() {
+    let up = raw_upstream(|_| {
+        vec![
+            write("HTTP/1.1 100 Continue\r\n\r\n"),
+            Step::ReadBody,
+            write(OK),
+        ]
+    })
+    .await;
+    let gw = gateway(&up).await;
+    let body = pattern(5000, 23);
+    let mut p = Partner::connect(&gw).await;
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nhost: keygate.test\r\nx-api-key: {KEY}\r\n\
+         expect: 100-continue\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    p.w.s.write_all(head.as_bytes()).await.unwrap();
+    // Nothing of the body is sent until keygate says so.
+    let interim = tokio::time::timeout(LIMIT, p.w.head())
+        .await
+        .expect("an interim answer in time")
+        .expect("an interim answer");
+    assert_eq!(interim.status(), 100, "{}", interim.text);
+    p.w.s.write_all(&body).await.unwrap();
+    let a = p.answer(false).await;
+    assert_eq!(a.head.status(), 200, "{}", a.head.text);
+    assert_eq!(a.body(), b"ok");
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].body.as_deref(), Some(&body[..]));
+}
+
+/// Bytes an upstream sends after a complete answer are never read as the answer to the next
+/// request: that connection is not reused.
+#[tokio::test]
+async fn bytes_after_a_complete_answer_are_not_the_next_answer() {
+    let up = raw_upstream(|h| match h.path() {
+        "/junk-after" => vec![
+            Step::ReadBody,
+            write("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nforge"),
+        ],
+        _ => ok(),
+    })
+    .await;
+    let gw = gateway(&up).await;
+    let mut p = Partner::connect(&gw).await;
+    for path in ["/junk-after", "/next", "/next"] {
+        let a = p.call("GET", path, "", b"").await;
+        assert_eq!(a.head.status(), 200, "{path}: {}", a.head.text);
+        assert_eq!(a.body(), b"ok", "{path}");
+    }
+    // The connection that carried the junk was closed; the next ones were fresh or reused clean.
+    let conns = up.conns();
+    assert_ne!(conns[0], conns[1], "{conns:?}");
+}

@@ -470,7 +470,11 @@ impl BodyReader {
                     self.state = Read::ChunkSize;
                 }
                 Read::Trailers => {
-                    let Some(end) = find_section_end(buf) else {
+                    let end = find_section_end(buf);
+                    if end.is_some_and(|end| end > MAX_TRAILERS) {
+                        return Err(Malformed("trailer section too large"));
+                    }
+                    let Some(end) = end else {
                         return if buf.len() > MAX_TRAILERS {
                             Err(Malformed("trailer section too large"))
                         } else {
@@ -502,6 +506,8 @@ fn take(buf: &mut BytesMut, left: u64) -> Option<(Bytes, u64)> {
 /// Takes one CRLF-ended line (without the CRLF) from the front of `buf`.
 fn take_line(buf: &mut BytesMut, max: usize) -> Result<Option<BytesMut>, Malformed> {
     match memchr::memchr(b'\n', buf) {
+        // Too long whether the line end came with it or not: the same verdict in any pieces.
+        Some(i) if i > max => Err(Malformed("chunk-size line too long")),
         Some(i) => {
             if i == 0 || buf[i - 1] != b'\r' {
                 return Err(Malformed("line not ended by CRLF"));
@@ -778,6 +784,16 @@ mod tests {
                 "{:?}",
                 String::from_utf8_lossy(bad)
             );
+        }
+    }
+
+    #[test]
+    fn limits_hold_whether_the_bytes_come_whole_or_in_pieces() {
+        let long_line = format!("5;{}\r\nhello\r\n0\r\n\r\n", "x".repeat(MAX_CHUNK_LINE));
+        let long_trailers = format!("0\r\nx-t: {}\r\n\r\n", "v".repeat(MAX_TRAILERS));
+        for wire in [long_line, long_trailers] {
+            assert!(read_all(BodyKind::Chunked, wire.as_bytes(), &[]).is_err());
+            assert!(read_all(BodyKind::Chunked, wire.as_bytes(), &[7, 3000, 9000]).is_err());
         }
     }
 

@@ -13,6 +13,8 @@
 //! - `fuzz_proxy_v2`: the PROXY v2 reader never panics and reads no byte past its header.
 //! - `fuzz_scope_matching`: path normalisation never panics, leaves no dot segment, is
 //!   idempotent, and a `GET /v1/guests/**` scope admits only paths that really are under it.
+//! - `fuzz_upstream_answers`: upstream answers (heads, interim answers, every body framing)
+//!   never panic the reader, and read the same whether they arrive whole or cut anywhere.
 
 mod common;
 
@@ -22,11 +24,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bytes::BytesMut;
 use common::*;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use keygate::{
     client_ip::{self, Cidr, TrustedProxies},
     config::Config,
+    wire::{self, BodyReader, Step},
 };
 use proptest::{
     prelude::*,
@@ -440,6 +444,72 @@ fn fuzz_scope_matching() {
             );
         }
         prop_assert!(!scope::allowed(&guests, &http::Method::POST, &normal));
+        Ok(())
+    });
+}
+
+/// What the upstream client makes of `wire` arriving in pieces cut at `cuts`: the final
+/// answer's status, its body and whether it had trailers, and how many bytes it left unread; or
+/// why it is malformed.
+fn read_answer(wire: &[u8], cuts: &[usize]) -> Result<(u16, Vec<u8>, bool, usize), String> {
+    let mut points: Vec<usize> = cuts.iter().map(|c| c % (wire.len() + 1)).collect();
+    points.sort_unstable();
+    points.push(wire.len());
+    let mut pieces = points.into_iter();
+    let mut at = 0;
+    let mut buf = BytesMut::new();
+    let mut feed = |buf: &mut BytesMut| match pieces.next() {
+        Some(to) => {
+            buf.extend_from_slice(&wire[at..to]);
+            at = to;
+            true
+        }
+        None => false,
+    };
+    let head = loop {
+        match wire::parse_response(&mut buf, &http::Method::GET) {
+            Err(e) => return Err(e.to_string()),
+            Ok(Some(head)) if head.status.is_informational() && head.status != 101 => continue,
+            Ok(Some(head)) => break head,
+            Ok(None) if feed(&mut buf) => {}
+            Ok(None) => return Err("closed mid-head".into()),
+        }
+    };
+    let mut reader = BodyReader::new(head.body);
+    let (mut body, mut trailers) = (Vec::new(), false);
+    loop {
+        match reader.next(&mut buf).map_err(|e| e.to_string())? {
+            Step::Data(d) => body.extend_from_slice(&d),
+            Step::Trailers(_) => trailers = true,
+            Step::End => break,
+            Step::More if feed(&mut buf) => {}
+            Step::More => {
+                reader.at_eof().map_err(|e| e.to_string())?;
+                break;
+            }
+        }
+    }
+    Ok((
+        head.status.as_u16(),
+        body,
+        trailers,
+        buf.len() + (wire.len() - at),
+    ))
+}
+
+#[test]
+fn fuzz_upstream_answers() {
+    let seeds = seeds("answers");
+    let n = seeds.len();
+    let cuts = prop::collection::vec(any::<usize>(), 0..8);
+    fuzz_for("answers", (0..n, mutations(), cuts), |(i, muts, cuts)| {
+        let bytes = mutate(&seeds[i], &muts);
+        let whole = read_answer(&bytes, &[]);
+        let cut = read_answer(&bytes, &cuts);
+        prop_assert_eq!(&whole, &cut, "{:?}", String::from_utf8_lossy(&bytes));
+        if let Ok((_, body, _, _)) = &whole {
+            prop_assert!(body.len() <= bytes.len());
+        }
         Ok(())
     });
 }

@@ -153,6 +153,36 @@ impl AsyncWrite for Stream {
     }
 }
 
+impl Drop for Stream {
+    /// A TLS connection ends with a `close_notify`, so the upstream sees a clean close rather
+    /// than a truncation (nginx logs the latter); best effort, without waiting: the alert is
+    /// written only if the socket takes it at once, as it does on an idle connection.
+    fn drop(&mut self) {
+        if let Stream::Tls(tls) = self {
+            let (tcp, session) = tls.get_mut();
+            session.send_close_notify();
+            while session.wants_write() {
+                if session.write_tls(&mut TryWrite(tcp)).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// `io::Write` over a tokio socket's non-blocking `try_write`.
+struct TryWrite<'a>(&'a TcpStream);
+
+impl io::Write for TryWrite<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.try_write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A connection to the upstream and what goes with it between requests.
 struct Conn {
     io: Stream,

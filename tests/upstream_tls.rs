@@ -979,3 +979,51 @@ async fn a_reload_that_changes_ca_file_says_it_needs_a_restart() {
     assert_eq!(got.status, StatusCode::OK, "{}", got.text());
     assert_eq!(up.handshakes(), 2);
 }
+
+/// When keygate closes an upstream TLS connection (here after a `Connection: close` answer) it
+/// sends `close_notify` first, so the upstream reads a clean end, not a truncation.
+#[tokio::test]
+async fn keygate_closes_an_upstream_tls_connection_with_close_notify() {
+    let ca = make_ca("close-notify CA");
+    let acceptor = server_tls(ca.leaf("127.0.0.1"));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (ended, mut end) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = listener.accept().await.unwrap();
+            let (acceptor, ended) = (acceptor.clone(), ended.clone());
+            tokio::spawn(async move {
+                let mut tls = acceptor.accept(s).await.unwrap();
+                let mut buf = Vec::new();
+                if read_request(&mut tls, &mut buf).await.is_none() {
+                    return;
+                }
+                tls.write_all(
+                    b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok",
+                )
+                .await
+                .unwrap();
+                tls.flush().await.unwrap();
+                // How the connection ends: Ok(0) only after a close_notify.
+                let mut rest = [0u8; 64];
+                let how = tls.read(&mut rest).await.map_err(|e| e.kind());
+                let _ = ended.send(how);
+            });
+        }
+    });
+    let gw = gateway(&format!("https://{addr}"), &ca, "").await;
+    let got = get(
+        &http1_client(),
+        &gw.url("/v1/guests"),
+        &[("x-api-key", KEY)],
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text());
+    assert_eq!(got.text(), "ok");
+    let how = tokio::time::timeout(Duration::from_secs(5), end.recv())
+        .await
+        .expect("the upstream saw the connection end")
+        .unwrap();
+    assert_eq!(how, Ok(0), "a clean close_notify, not a truncation");
+}

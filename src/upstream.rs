@@ -394,8 +394,10 @@ impl UpstreamClient {
         authority: &Authority,
         cx: &mut Context<'_>,
     ) -> Option<Box<Conn>> {
-        let mut idle = self.idle.lock().expect("upstream pool lock");
-        while let Some(mut conn) = idle.pop() {
+        loop {
+            // One pop under the lock; the checks (a read over TLS) and the closing of a
+            // connection passed over (a close_notify) happen outside it.
+            let mut conn = self.idle.lock().expect("upstream pool lock").pop()?;
             // Authorities compared byte for byte (`==` on `Authority` folds case, byte by
             // byte): both come from the config, so a connection is only ever passed over after
             // a reload that changed the upstream's spelling.
@@ -407,7 +409,6 @@ impl UpstreamClient {
                 return Some(conn);
             }
         }
-        None
     }
 
     fn put_back(&self, mut conn: Box<Conn>) {
@@ -421,15 +422,19 @@ impl UpstreamClient {
         let mut idle = self.idle.lock().expect("upstream pool lock");
         // The oldest connection is at the bottom: close it once it is past reuse, so a pool
         // that shrank does not keep sockets open for ever.
-        if idle
+        let expired = idle
             .first()
             .is_some_and(|c| c.since.elapsed() >= IDLE_TIMEOUT)
-        {
-            idle.remove(0);
-        }
-        if idle.len() < MAX_IDLE {
+            .then(|| idle.remove(0));
+        let over = if idle.len() < MAX_IDLE {
             idle.push(conn);
-        }
+            None
+        } else {
+            Some(conn)
+        };
+        // Closed (a close_notify written) once the lock is released.
+        drop(idle);
+        drop((expired, over));
     }
 
     async fn connect(

@@ -603,11 +603,11 @@ fn rewrite<'a>(
 ///
 /// The client's own copies of them (`Host`, `X-Forwarded-For`/`-Proto`/`-Host`,
 /// `X-Request-Id`), its key (and `Authorization` when the key came as a bearer token) and any
-/// `X-Keygate-*` field it sent stay behind: [`passes`](wire::Fields::passes) leaves them out as the head is
-/// written ([`crate::wire::encode_request`]) and [`added`](wire::Fields::added) writes keygate's after the
-/// client's fields. Removing them from the map and inserting keygate's, hashing each name, was a
-/// sixth of the request path's work. Hop-by-hop fields are removed from the map here (rarely
-/// present, and a `Connection` may name more).
+/// `X-Keygate-*` field it sent stay behind: [`passes`](wire::Fields::passes) leaves them out
+/// as the head is written ([`crate::wire::encode_request`]) and [`added`](wire::Fields::added)
+/// writes keygate's after the client's fields. Removing them from the map and inserting
+/// keygate's, hashing each name, was a sixth of the request path's work. Hop-by-hop fields are
+/// removed from the map here (rarely present, and a `Connection` may name more).
 pub struct Forwarding<'a> {
     key_header: &'a HeaderName,
     bearer: bool,

@@ -76,7 +76,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => serve(cli.config),
         Command::Demo { port } => {
-            telemetry::init();
+            let _log = telemetry::init();
             runtime(None)?.block_on(crate::demo::run(port))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -153,7 +153,7 @@ fn serve(path: PathBuf) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    telemetry::init_with(&config.log);
+    let _log = telemetry::init_with(&config.log);
     let grace = config.server.shutdown_timeout;
     runtime(config.server.workers)?.block_on(async move {
         // Handlers first: a signal that arrives while starting must not kill the process.

@@ -820,6 +820,65 @@ async fn json_log_lines_parse_and_carry_the_access_fields() {
     );
 }
 
+/// Log lines are written by a thread of their own, many to a write: under a burst from 16
+/// clients no access line is lost, and the lines still queued when SIGTERM comes are written
+/// before the process exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_access_line_is_written_even_those_queued_at_exit() {
+    let up = start_upstream().await;
+    let keys = key_entry("alpha", ALPHA, "rate = \"100000/s\"\nburst = 100000");
+    let text = ops_config(
+        &up.url(),
+        "",
+        "",
+        &format!("[log]\nlevel = \"info\"\n\n{keys}"),
+    );
+    let (_dir, path) = write_config(&text);
+    let mut proc = spawn_keygate_plain_env(&path, &[]);
+    let url = format!("http://{}/v1/guests", proc.addr);
+    let (clients, each) = (16, 125);
+    let mut burst = tokio::task::JoinSet::new();
+    for c in 0..clients {
+        let url = url.clone();
+        burst.spawn(async move {
+            let client = http1_client();
+            for i in 0..each {
+                let id = format!("burst-{c}-{i}");
+                let got = get(
+                    &client,
+                    &url,
+                    &[("x-api-key", ALPHA), ("x-request-id", &id)],
+                )
+                .await;
+                assert_eq!(got.status, StatusCode::OK);
+            }
+        });
+    }
+    while let Some(done) = burst.join_next().await {
+        done.unwrap();
+    }
+    proc.signal("TERM");
+    let status = proc
+        .wait_exit(Duration::from_secs(10))
+        .expect("keygate exited");
+    assert!(status.success(), "{status:?}");
+    let access_lines = |logs: &str| {
+        logs.lines()
+            .filter(|l| l.contains("keygate::access") && l.contains("request_id=\"burst-"))
+            .count()
+    };
+    let all = eventually(Duration::from_secs(5), || async {
+        access_lines(&proc.logs()) == clients * each
+    })
+    .await;
+    assert!(
+        all,
+        "{} of {} access lines",
+        access_lines(&proc.logs()),
+        clients * each
+    );
+}
+
 /// `RUST_LOG` overrides `[log] level`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rust_log_overrides_the_configured_level() {

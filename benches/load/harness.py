@@ -150,9 +150,10 @@ def upstream_conf(work, port):
     )
 
 
-def keygate_conf(port, up_port, entries, tls=None):
+def keygate_conf(port, up_port, entries, tls=None, access_log=False):
     """keygate's gateway.toml for the harness: one worker, a limit too high to trigger, no
-    access lines (as nginx's `access_log off`; set in the config, as an operator would)."""
+    access lines (as nginx's `access_log off`; set in the config, as an operator would), or
+    with `access_log` its access lines (level info; the harness sends stderr to a file)."""
     tls_lines = f'tls_cert = "{tls[0]}"\ntls_key = "{tls[1]}"\n' if tls else ""
     return f"""[server]
 listen = "127.0.0.1:{port}"
@@ -166,18 +167,24 @@ rate = "1000000/s"
 burst = 1000000
 
 [log]
-level = "warn"
+level = "{'info' if access_log else 'warn'}"
 
 {entries}"""
 
 
-def nginx_gateway_conf(work, keys, up_port, plain_port, tls=None):
+def nginx_gateway_conf(work, keys, up_port, plain_port, tls=None, access_log=False):
     """nginx as the equivalent gateway: `map` over the keys, `limit_req` per key id, key header
     removed, identity and forwarding headers added, keep-alive upstream; `tls` is
-    (port, cert, key) for a TLS listener beside the plain one."""
+    (port, cert, key) for a TLS listener beside the plain one; with `access_log`, access lines
+    to a file, buffered as an operator would (`buffer=64k flush=1s`)."""
     key_map = "\n".join(f'        "{k}" "partner-{i}";' for i, k in enumerate(keys))
     tenant_map = "\n".join(f'        "{k}" "hotel-{i % 50}";' for i, k in enumerate(keys))
-    location = f"""        default_type application/json;
+    logging = (
+        f"        access_log {work}/gateway-access.log combined buffer=64k flush=1s;\n"
+        if access_log
+        else ""
+    )
+    location = f"""{logging}        default_type application/json;
         if ($key_id = "") {{
             return 401 '{{"error":"invalid_api_key","message":"The API key is not valid."}}';
         }}
@@ -241,6 +248,8 @@ def main():
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--out", default="benches/load/results.md")
     ap.add_argument("--modes", default="plain,tls,new", help="subset of plain,tls,new")
+    ap.add_argument("--access-log", action="store_true",
+                    help="both gateways write access lines to a file (nginx buffered)")
     args = ap.parse_args()
     keygate = os.path.abspath(args.keygate)
     work = tempfile.mkdtemp(prefix="keygate-load-")
@@ -274,14 +283,16 @@ def main():
         for name, tls in [("kg_plain", False), ("kg_tls", True)]:
             path = os.path.join(work, f"{name}.toml")
             with open(path, "w") as f:
-                f.write(keygate_conf(ports[name], up_port, entries, (cert, key) if tls else None))
+                f.write(keygate_conf(ports[name], up_port, entries, (cert, key) if tls else None,
+                                     args.access_log))
             # No access lines, as nginx's access_log off; set in the config as an operator
             # would (RUST_LOG would also replace keygate's default filter).
             env = {k: v for k, v in os.environ.items() if k != "RUST_LOG"}
-            start([keygate, "run", "--config", path], 0, env=env, stderr=subprocess.DEVNULL)
+            log = open(os.path.join(work, f"{name}.log"), "w") if args.access_log else subprocess.DEVNULL
+            start([keygate, "run", "--config", path], 0, env=env, stderr=log)
 
         ng_conf = nginx_gateway_conf(
-            work, keys, up_port, ports["ng_plain"], (ports["ng_tls"], cert, key)
+            work, keys, up_port, ports["ng_plain"], (ports["ng_tls"], cert, key), args.access_log
         )
         ng = start(["nginx", "-c", ng_conf], 0)
         for p in ports.values():
@@ -359,11 +370,14 @@ def report(args, results, modes):
         "",
         f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- machine: {platform.node()}, {os.cpu_count()} cores, {cpu_model}, Linux {platform.release()}",
-        f"- command: `benches/load/run.sh --duration {args.duration} --rounds {args.rounds} --connections {args.connections}`",
+        f"- command: `benches/load/run.sh --duration {args.duration} --rounds {args.rounds} --connections {args.connections}"
+        f"{' --modes ' + args.modes if args.modes != 'plain,tls,new' else ''}{' --access-log' if args.access_log else ''}`",
         f"- load: wrk, 1 thread, {args.connections} connections, {args.duration} s per run, {args.rounds} interleaved rounds (means shown); "
         "proxies pinned to CPU 0 with one worker, wrk and the upstream (nginx returning a small JSON body) on CPU 1",
         f"- both gateways: {KEYS} keys, per-key limit too high to trigger, key header removed, identity (key id, tenant), "
-        "X-Forwarded-* and X-Request-Id headers added, keep-alive upstream; no access logs",
+        "X-Forwarded-* and X-Request-Id headers added, keep-alive upstream; "
+        + ("access lines to a file (keygate: its log thread; nginx: `buffer=64k flush=1s`)"
+           if args.access_log else "no access logs"),
         "",
         "CPU µs/req is the proxy's (CPU 0); CPU 1 µs/req is wrk's and the upstream's together, the side that",
         "limits req/s when the proxy's core has time to spare.",

@@ -424,7 +424,7 @@ impl UpstreamClient {
         // that shrank does not keep sockets open for ever.
         let expired = idle
             .first()
-            .is_some_and(|c| c.since.elapsed() >= IDLE_TIMEOUT)
+            .is_some_and(|c| conn.since.saturating_duration_since(c.since) >= IDLE_TIMEOUT)
             .then(|| idle.remove(0));
         let over = if idle.len() < MAX_IDLE {
             idle.push(conn);
@@ -806,7 +806,9 @@ impl Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.conn.is_none() || (self.reader.is_done() && self.reusable)
+        // A finished body has given its connection back (or closed it) the moment its reader
+        // was done; only a `101`'s keeps it, for `take_upgraded`.
+        self.conn.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -728,33 +728,20 @@ impl Config {
                         ),
                     ));
                 }
-                let owned;
-                let keys_text = match keys_text {
-                    Some(t) => t,
-                    None => {
-                        owned = read(file, "keys")?;
-                        &owned
-                    }
-                };
-                let ksrc = Source {
-                    file,
-                    text: keys_text,
-                };
-                // Scanned and validated key by key (no vector of raw keys); the toml crate
-                // takes over when the scanner is unsure (see `fast`).
-                // Sized up front: growing a vector of 256-byte KeyConfigs by doubling copies
-                // hundreds of MB for a large table.
-                sink.reserve(keys_text.matches("[[keys]]").count());
-                let mut v = KeysValidator::new(&ksrc, &limits, quota, max_body, &mut *sink);
-                match fast::each_key(keys_text, |k| v.push(k)) {
-                    Some(Ok(())) => {}
-                    Some(Err(e)) => return Err(e),
-                    None => {
-                        sink.clear();
-                        let raw = toml::from_str::<RawKeysFile>(keys_text)
-                            .map_err(|e| ksrc.error(e.span(), e.message().to_string()))?;
-                        parse_keys(&ksrc, raw.keys, &limits, quota, max_body, sink)?
-                    }
+                // A keys file on disk is streamed (`fast::KeysFile`); read whole and parsed
+                // again only when that fails, for the error and its line.
+                let streamed =
+                    keys_text.is_none() && stream_keys(file, &limits, quota, max_body, sink);
+                if !streamed {
+                    let owned;
+                    let keys_text = match keys_text {
+                        Some(t) => t,
+                        None => {
+                            owned = read(file, "keys")?;
+                            &owned
+                        }
+                    };
+                    keys_from_text(file, keys_text, &limits, quota, max_body, sink)?;
                 }
             }
         };
@@ -791,6 +778,56 @@ impl Config {
             admin,
             log,
         })
+    }
+}
+
+/// The keys file at `file` streamed into `sink`, validated key by key: `false` (and `sink`
+/// emptied) when it could not be, for whatever reason; the caller then parses the whole text.
+fn stream_keys(
+    file: &Path,
+    limits: &RateLimit,
+    quota: Option<QuotaLimit>,
+    max_body: u64,
+    sink: &mut dyn KeySink,
+) -> bool {
+    let Some(keys) = fast::KeysFile::open(file) else {
+        return false;
+    };
+    sink.reserve(keys.count());
+    // Errors are not reported from here (the whole text is parsed again for them).
+    let quiet = Source { file, text: "" };
+    let mut v = KeysValidator::new(&quiet, limits, quota, max_body, &mut *sink);
+    if keys.each_key(|k| v.push(k).is_ok()).is_some() {
+        return true;
+    }
+    sink.clear();
+    false
+}
+
+/// The `[[keys]]` of a keys file's `text` into `sink`: scanned and validated key by key (no
+/// vector of raw keys); the toml crate takes over when the scanner is unsure (see `fast`).
+fn keys_from_text(
+    file: &Path,
+    text: &str,
+    limits: &RateLimit,
+    quota: Option<QuotaLimit>,
+    max_body: u64,
+    sink: &mut dyn KeySink,
+) -> Result<(), ConfigError> {
+    let ksrc = Source { file, text };
+    // Sized up front: growing a vector of 256-byte KeyConfigs by doubling copies hundreds of
+    // MB for a large table.
+    sink.reserve(fast::count_headers(text));
+    let mut v = KeysValidator::new(&ksrc, limits, quota, max_body, &mut *sink);
+    match fast::each_key(text, |k| v.push(k)) {
+        Some(Ok(())) => Ok(()),
+        Some(Err(e)) => Err(e),
+        None => {
+            sink.clear();
+            let raw = toml::from_str::<RawKeysFile>(text)
+                .map_err(|e| ksrc.error(e.span(), e.message().to_string()))?;
+            parse_keys(&ksrc, raw.keys, limits, quota, max_body, sink)
+        }
     }
 }
 
@@ -1525,6 +1562,57 @@ mod tests {
                 dir.path().join("keys.toml").display()
             )
         );
+    }
+
+    #[test]
+    fn a_streamed_keys_file_loads_as_its_text_and_errors_still_point_into_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("gw.toml");
+        let main_text = minimal("[auth]\nkeys_file = \"keys.toml\"\n");
+        let keys_path = dir.path().join("keys.toml");
+        // ~2.6 MB: streamed in several chunks.
+        let mut text = String::new();
+        for i in 1..=20_000u32 {
+            text += &format!(
+                "[[keys]]\nid = \"partner-{i}\"\nhash = \"blake3:{:032x}{i:032x}\"\n\
+                 tenant = \"hotel-{}\"\nrate = \"{i}/s\"\n\n",
+                // Leading bytes that differ: the tables index by the first eight.
+                u128::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835),
+                i % 9
+            );
+        }
+        std::fs::write(&keys_path, &text).unwrap();
+        let streamed = Config::parse(&main, &main_text).unwrap();
+        let whole = Config::parse_with_keys(&main, &main_text, Some(&text)).unwrap();
+        assert_eq!(streamed.keys.len(), 20_000);
+        for (s, w) in streamed.keys.iter().zip(&whole.keys) {
+            assert_eq!(
+                (&s.id, s.hash, &s.tenant, s.limit),
+                (&w.id, w.hash, &w.tenant, w.limit)
+            );
+        }
+        assert_eq!(streamed.keys[16_999].id, "partner-17000");
+
+        // A bad value far into the file: reported at its line, as from the whole text.
+        let bad = text.replacen("rate = \"17000/s\"", "rate = \"1/fortnight\"", 1);
+        std::fs::write(&keys_path, &bad).unwrap();
+        let err = Config::parse(&main, &main_text).unwrap_err();
+        assert_eq!(err.file, keys_path.display().to_string());
+        assert_eq!((err.line, err.col), (16_999 * 6 + 5, 8), "{err}");
+        // A duplicate id likewise.
+        let dup = text.replacen("id = \"partner-19000\"", "id = \"partner-3\"", 1);
+        std::fs::write(&keys_path, &dup).unwrap();
+        let err = Config::parse(&main, &main_text).unwrap_err();
+        assert_eq!(
+            (err.line, err.col, err.message.as_str()),
+            (18_999 * 6 + 2, 6, "duplicate key id \"partner-3\"")
+        );
+        // What only the toml crate reads (an escape) still loads, through it.
+        let escaped = text.replacen("tenant = \"hotel-1\"", "tenant = \"hotel\\u002D1\"", 1);
+        std::fs::write(&keys_path, &escaped).unwrap();
+        let c = Config::parse(&main, &main_text).unwrap();
+        assert_eq!(c.keys.len(), 20_000);
+        assert_eq!(c.keys[0].tenant.as_deref(), Some("hotel-1"));
     }
 
     #[test]

@@ -290,13 +290,22 @@ pub struct Found<'a> {
     pub previous_until: Option<SystemTime>,
 }
 
-/// What the table keeps for every configured key: about 110 bytes, plus the id's bytes and
-/// the limiter. Values many keys share (tenant, policy, scopes) are indexes into [`Shared`].
+/// What the table keeps for every configured key: about 110 bytes, plus the id's bytes.
+/// Values many keys share (tenant, policy, scopes) are indexes into [`Shared`].
+///
+/// Limiters are made on a key's first request (with its [`KeyEntry`]), as nginx's
+/// `limit_req` keeps state only for keys that called: a million idle keys cost no limiter
+/// (80 bytes each). A rebuild carries over the limiters a key has by then (its entry's, else
+/// the ones it carried itself), so a limiter outlives any number of reloads with or without
+/// requests in between. A key whose very first request comes while a reload is being built
+/// may start the new table with a fresh limiter (that is, its first few requests again).
 struct Compact {
     hash: KeyHash,
     id: Box<str>,
     expires: Option<SystemTime>,
-    limiter: Arc<KeyLimiter>,
+    /// Carried over from the table before; `None`: made on the first request.
+    limiter: Option<Arc<KeyLimiter>>,
+    /// Likewise the quota's (only when the key has a quota).
     quota: Option<Arc<QuotaLimiter>>,
     /// Built on the first lookup; dropped with the table.
     entry: OnceLock<Arc<KeyEntry>>,
@@ -306,6 +315,25 @@ struct Compact {
     policy: u32,
     scopes: u32,
     disabled: bool,
+}
+
+impl Compact {
+    /// The rate limiter this key has now: its entry's once it was requested, else the one it
+    /// carried over.
+    fn current_limiter(&self) -> Option<&Arc<KeyLimiter>> {
+        match self.entry.get() {
+            Some(e) => Some(&e.limiter),
+            None => self.limiter.as_ref(),
+        }
+    }
+
+    /// Likewise its quota.
+    fn current_quota(&self) -> Option<&Arc<QuotaLimiter>> {
+        match self.entry.get() {
+            Some(e) => e.quota.as_ref(),
+            None => self.quota.as_ref(),
+        }
+    }
 }
 
 /// The old hash of a rotating key.
@@ -320,10 +348,17 @@ struct Previous {
 struct Shared {
     /// Tenant name and its `X-Keygate-Tenant` value.
     tenants: Vec<(Arc<str>, HeaderValue)>,
-    /// `RateLimit-Policy` values.
-    policies: Vec<HeaderValue>,
+    /// Rate and quota, with their `RateLimit-Policy` value.
+    policies: Vec<Policy>,
     /// Scope lists; index 0 is the empty list.
     scopes: Vec<Arc<[Scope]>>,
+}
+
+/// The limits some keys share, and the `RateLimit-Policy` value that states them.
+struct Policy {
+    limit: RateLimit,
+    quota: Option<QuotaLimit>,
+    header: HeaderValue,
 }
 
 const NO_TENANT: u32 = u32::MAX;
@@ -415,6 +450,7 @@ impl KeyTable {
 
     fn entry(&self, key: &Compact) -> Arc<KeyEntry> {
         let tenant = self.shared.tenants.get(key.tenant as usize);
+        let policy = &self.shared.policies[key.policy as usize];
         let id: Arc<str> = Arc::from(&*key.id);
         Arc::new(KeyEntry {
             counters: KeyCounters::new(Arc::clone(&id)),
@@ -422,10 +458,16 @@ impl KeyTable {
             tenant: tenant.map(|(t, _)| Arc::clone(t)),
             disabled: key.disabled,
             expires: key.expires,
-            limiter: Arc::clone(&key.limiter),
-            quota: key.quota.clone(),
+            limiter: match &key.limiter {
+                Some(carried) => Arc::clone(carried),
+                None => Arc::new(KeyLimiter::new(policy.limit)),
+            },
+            quota: policy.quota.map(|q| match &key.quota {
+                Some(carried) => Arc::clone(carried),
+                None => Arc::new(QuotaLimiter::new(q)),
+            }),
             scopes: Arc::clone(&self.shared.scopes[key.scopes as usize]),
-            policy_header: self.shared.policies[key.policy as usize].clone(),
+            policy_header: policy.header.clone(),
             id_header: HeaderValue::try_from(&*key.id).expect("validated id"),
             tenant_header: tenant.map(|(_, h)| h.clone()),
             max_body: key.max_body,
@@ -498,13 +540,14 @@ impl<'p> KeyTableBuilder<'p> {
             Some(k) if *k.id == *key.id => Some(k),
             _ => t.find_id(&key.id),
         });
-        let limiter = match old {
-            Some(o) if *o.limiter.limit() == key.limit => Arc::clone(&o.limiter),
-            _ => Arc::new(KeyLimiter::new(key.limit)),
-        };
-        let quota = key.quota.map(|q| match old.and_then(|o| o.quota.as_ref()) {
-            Some(old) if *old.limit() == q => Arc::clone(old),
-            _ => Arc::new(QuotaLimiter::new(q)),
+        let limiter = old
+            .and_then(Compact::current_limiter)
+            .filter(|l| *l.limit() == key.limit)
+            .cloned();
+        let quota = key.quota.and_then(|q| {
+            old.and_then(Compact::current_quota)
+                .filter(|o| *o.limit() == q)
+                .cloned()
         });
         let shared = &mut self.table.shared;
         let tenant = match key.tenant.as_deref() {
@@ -534,7 +577,11 @@ impl<'p> KeyTableBuilder<'p> {
                             header.as_bytes(),
                         ))
                         .expect("policy fields are ASCII");
-                        shared.policies.push(header);
+                        shared.policies.push(Policy {
+                            limit: key.limit,
+                            quota: key.quota,
+                            header,
+                        });
                         (shared.policies.len() - 1) as u32
                     });
                 self.last_policy = Some(((key.limit, key.quota), i));
@@ -790,6 +837,48 @@ mod tests {
     }
 
     #[test]
+    fn limiters_are_made_on_first_request_and_outlive_reloads_without_requests() {
+        let quota = |q: &str| {
+            format!(
+                "{}[[keys]]\nid = \"q\"\nhash = \"{}\"\nquota = \"{q}\"\n",
+                keys("5/s"),
+                KeyHash::of(b"kq").to_config_string()
+            )
+        };
+        let first = KeyTable::build(&config(&quota("100/day")), None);
+        assert!(first
+            .keys
+            .iter()
+            .all(|k| k.limiter.is_none() && k.quota.is_none()));
+        // Nothing requested yet: nothing to carry, and the next table makes its own.
+        let second = KeyTable::build(&config(&quota("100/day")), Some(&first));
+        assert!(second.keys.iter().all(|k| k.current_limiter().is_none()));
+        let a2 = Arc::clone(second.lookup(&KeyHash::of(b"ka")).unwrap().entry);
+        let q2 = Arc::clone(second.lookup(&KeyHash::of(b"kq")).unwrap().entry);
+        assert!(q2.quota.is_some() && a2.quota.is_none());
+        // Requested in the second table, not in the third: the fourth still has them.
+        let third = KeyTable::build(&config(&quota("100/day")), Some(&second));
+        let fourth = KeyTable::build(&config(&quota("100/day")), Some(&third));
+        let a4 = fourth.lookup(&KeyHash::of(b"ka")).unwrap().entry;
+        let q4 = fourth.lookup(&KeyHash::of(b"kq")).unwrap().entry;
+        assert!(Arc::ptr_eq(&a2.limiter, &a4.limiter));
+        assert!(Arc::ptr_eq(&q2.limiter, &q4.limiter));
+        assert!(Arc::ptr_eq(
+            q2.quota.as_ref().unwrap(),
+            q4.quota.as_ref().unwrap()
+        ));
+        // A changed quota starts afresh, the unchanged rate does not.
+        let fifth = KeyTable::build(&config(&quota("50/day")), Some(&third));
+        let q5 = fifth.lookup(&KeyHash::of(b"kq")).unwrap().entry;
+        assert!(Arc::ptr_eq(&q2.limiter, &q5.limiter));
+        assert!(!Arc::ptr_eq(
+            q2.quota.as_ref().unwrap(),
+            q5.quota.as_ref().unwrap()
+        ));
+        assert_eq!(q5.quota.as_ref().unwrap().limit().to_string(), "50/day");
+    }
+
+    #[test]
     fn a_key_file_streams_into_a_table_that_carries_limiters_over() {
         let dir = tempfile::tempdir().unwrap();
         let main = dir.path().join("gw.toml");
@@ -801,12 +890,17 @@ mod tests {
         .unwrap();
         std::fs::write(dir.path().join("keys.toml"), keys("5/s")).unwrap();
         let first = KeyTable::build(&Config::load(&main).unwrap(), None);
+        // Requested before the reload (limiters are made on a key's first request).
+        let keys_seen = [&b"ka"[..], b"kb", b"kb-old", b"kc", b"kd"];
+        for key in keys_seen {
+            first.lookup(&KeyHash::of(key)).unwrap();
+        }
         let mut builder = KeyTableBuilder::new(Some(&first));
         let config = Config::load_into(&main, &mut builder).unwrap();
         assert!(config.keys.is_empty(), "the keys went to the builder");
         let second = builder.finish();
         assert_eq!(second.len(), first.len());
-        for key in [&b"ka"[..], b"kb", b"kb-old", b"kc", b"kd"] {
+        for key in keys_seen {
             let (a, b) = (
                 first.lookup(&KeyHash::of(key)).unwrap(),
                 second.lookup(&KeyHash::of(key)).unwrap(),

@@ -3,13 +3,14 @@
 //!
 //! Exit codes: 0 on success, 1 on a config or start-up error (printed as one line on stderr).
 
-use std::{io::Read, path::PathBuf, process::ExitCode, time::SystemTime};
+use std::{io::Read, path::PathBuf, process::ExitCode, sync::Arc, time::SystemTime};
 
 use clap::{Parser, Subcommand};
 
 use crate::{
     config::Config,
-    keys::{KeyHash, StatusCounts},
+    keys::{KeyHash, KeyTableBuilder, StatusCounts},
+    proxy::Live,
     server::Gateway,
     telemetry,
 };
@@ -146,19 +147,24 @@ fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 fn serve(path: PathBuf) -> anyhow::Result<ExitCode> {
-    let config = match Config::load(&path) {
+    // The keys go straight into the table as they are read, as on a reload: no vector of a
+    // million parsed keys (256 bytes each) beside it while starting.
+    let mut table = KeyTableBuilder::new(None);
+    let config = match Config::load_into(&path, &mut table) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
             return Ok(ExitCode::FAILURE);
         }
     };
+    let live = Live::with_table(config, table.finish(), None);
+    let config = Arc::clone(&live.config);
     let _log = telemetry::init_with(&config.log);
     let grace = config.server.shutdown_timeout;
     runtime(config.server.workers)?.block_on(async move {
         // Handlers first: a signal that arrives while starting must not kill the process.
         let mut signals = Signals::new()?;
-        let gateway = Gateway::start(config).await?;
+        let gateway = Gateway::start_live(live).await?;
         signals.recv().await;
         tracing::info!("shutting down: finishing requests in flight (up to {grace:?})");
         tokio::select! {

@@ -77,13 +77,25 @@ pub struct Gateway {
 impl Gateway {
     /// Binds `server.listen` and starts serving.
     pub async fn start(config: Config) -> anyhow::Result<Gateway> {
-        let listener = bind(config.server.listen)
-            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.server.listen))?;
-        Gateway::start_on(listener, config).await
+        Gateway::start_live(Live::new(config, None)).await
+    }
+
+    /// Binds `server.listen` and starts serving `live`: a config whose keys are already in its
+    /// table (`keygate run` streams the keys file straight into one, as a reload does).
+    pub async fn start_live(live: Live) -> anyhow::Result<Gateway> {
+        let listen = live.config.server.listen;
+        let listener =
+            bind(listen).map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+        Gateway::start_on_live(listener, live).await
     }
 
     /// Starts serving on an already bound listener.
     pub async fn start_on(listener: TcpListener, config: Config) -> anyhow::Result<Gateway> {
+        Gateway::start_on_live(listener, Live::new(config, None)).await
+    }
+
+    async fn start_on_live(listener: TcpListener, live: Live) -> anyhow::Result<Gateway> {
+        let config = Arc::clone(&live.config);
         let certs = match &config.server.tls {
             Some(files) => Some(CertStore::load(files)?),
             None => None,
@@ -97,7 +109,7 @@ impl Gateway {
         let (stop, stop_rx) = watch::channel(None);
         let limits = Limits::start(config.limit_store.as_ref(), stop_rx.clone()).await?;
         let shared = Arc::new(Shared {
-            live: ArcSwap::from_pointee(Live::new(config, None)),
+            live: ArcSwap::from_pointee(live),
             limits,
             client,
             metrics: Arc::new(Metrics::new()),

@@ -105,20 +105,28 @@ fn scan(
 pub(super) struct KeysFile {
     file: std::fs::File,
     count: usize,
+    chunk: usize,
 }
+
+/// How much of a keys file is read at a time (grown for a longer line).
+const CHUNK: usize = 1 << 20;
 
 impl KeysFile {
     /// The file at `path`, its `[[keys]]` headers counted; `None` if it cannot be read or is
     /// not UTF-8.
     pub(super) fn open(path: &std::path::Path) -> Option<KeysFile> {
+        KeysFile::open_with_chunk(path, CHUNK)
+    }
+
+    fn open_with_chunk(path: &std::path::Path, chunk: usize) -> Option<KeysFile> {
         let mut file = std::fs::File::open(path).ok()?;
         let mut count = 0;
-        chunks(&mut file, |text, _| {
+        chunks(&mut file, chunk, |text, _| {
             count += count_headers(text);
             Some(())
         })?;
         std::io::Seek::rewind(&mut file).ok()?;
-        Some(KeysFile { file, count })
+        Some(KeysFile { file, count, chunk })
     }
 
     /// How many `[[keys]]` headers the file holds (a capacity hint).
@@ -132,7 +140,7 @@ impl KeysFile {
     /// file whole and parses it the usual way, which reports the error and its line.
     pub(super) fn each_key(mut self, mut each: impl FnMut(RawKey) -> bool) -> Option<()> {
         let mut scanner = Scanner::default();
-        chunks(&mut self.file, |text, base| {
+        chunks(&mut self.file, self.chunk, |text, base| {
             scanner.lines(text, base, &mut each)
         })?;
         scanner.finish(&mut each)
@@ -140,9 +148,12 @@ impl KeysFile {
 }
 
 /// Hands `f` the file a chunk of whole lines at a time, with each chunk's offset in the file.
-fn chunks(file: &mut std::fs::File, mut f: impl FnMut(&str, usize) -> Option<()>) -> Option<()> {
-    const CHUNK: usize = 1 << 20;
-    let mut buf = vec![0u8; CHUNK];
+fn chunks(
+    file: &mut std::fs::File,
+    chunk: usize,
+    mut f: impl FnMut(&str, usize) -> Option<()>,
+) -> Option<()> {
+    let mut buf = vec![0u8; chunk];
     let (mut filled, mut base) = (0, 0);
     loop {
         if filled == buf.len() {
@@ -561,6 +572,36 @@ mod tests {
         // Nor is a file that is not UTF-8.
         std::fs::write(&path, b"[[keys]]\nid = \"\xff\"\nhash = \"h\"\n").unwrap();
         assert!(KeysFile::open(&path).is_none());
+    }
+
+    #[test]
+    fn every_chunk_boundary_reads_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        let plain =
+            "# k\r\n[[keys]]\r\nid = \"a\"  # x\r\nhash = 'h'\nscopes = [\"GET /\", 'PUT /x']\n\
+                     \n\t[[keys]]\nid = \"é\"\nhash = \"h2\"\nburst = 3";
+        let unusual =
+            "[[keys]]\nid = \"a\"\nhash = \"h\"\n[[keys]]\nid = \"b\\u0041\"\nhash = \"h\"\n";
+        let bare_cr = "[[keys]]\nid = \"a\"\nhash = \"h\"\r";
+        for text in [plain, unusual, bare_cr, ""] {
+            // What the scanner makes of the whole text; it reads `plain` and "" itself.
+            let whole = keys(text, 0).map(|k| k.iter().map(describe).collect::<Vec<_>>());
+            assert_eq!(whole.is_some(), text == plain || text.is_empty());
+            std::fs::write(&path, text).unwrap();
+            for chunk in 1..=48 {
+                let file = KeysFile::open_with_chunk(&path, chunk).unwrap();
+                assert_eq!(file.count(), text.matches("[[keys]]").count());
+                let mut streamed = Vec::new();
+                let done = file.each_key(|k| {
+                    streamed.push(describe(&k));
+                    true
+                });
+                assert_eq!(done.map(|()| streamed), whole, "chunk {chunk}: {text:?}");
+            }
+        }
+        let plain_keys: Vec<String> = keys(plain, 0).unwrap().iter().map(describe).collect();
+        assert_eq!(plain_keys, by_toml(plain));
     }
 
     #[test]

@@ -196,6 +196,21 @@ where
 fn fuzz_config_parsing() {
     let seeds = seeds("config");
     let n = seeds.len();
+    // The keys part of each input also goes to a keys file: streamed from disk (how a keys
+    // file is read) it must give what the same text read whole gives, error for error.
+    let dir = tempfile::tempdir().unwrap();
+    let main = dir.path().join("main.toml");
+    let main_text =
+        "[server]\nlisten = \"127.0.0.1:0\"\n[upstream]\nurl = \"http://127.0.0.1:9\"\n\
+                     [auth]\nkeys_file = \"keys.toml\"\n";
+    std::fs::write(&main, main_text).unwrap();
+    let keys_path = dir.path().join("keys.toml");
+    let keys_of = |c: &Config| -> Vec<String> {
+        c.keys
+            .iter()
+            .map(|k| format!("{k:?} {}", k.hash.to_config_string()))
+            .collect()
+    };
     fuzz_for("config", (0..n, mutations()), |(i, muts)| {
         let bytes = mutate(&seeds[i], &muts);
         let text = String::from_utf8_lossy(&bytes);
@@ -207,6 +222,23 @@ fn fuzz_config_parsing() {
                 prop_assert!(e.line >= 1 && e.line <= text.lines().count() + 1, "{s}");
                 prop_assert!(e.col >= 1, "{s}");
             }
+        }
+        let keys_text = &text[text.find("[[keys]]").unwrap_or(0)..];
+        std::fs::write(&keys_path, keys_text).unwrap();
+        match (
+            Config::parse(&main, main_text),
+            Config::parse_with_keys(&main, main_text, Some(keys_text)),
+        ) {
+            (Ok(streamed), Ok(whole)) => prop_assert_eq!(keys_of(&streamed), keys_of(&whole)),
+            (Err(streamed), Err(whole)) => {
+                prop_assert_eq!(streamed.to_string(), whole.to_string())
+            }
+            (streamed, whole) => prop_assert!(
+                false,
+                "streamed: {:?}, whole: {:?}",
+                streamed.map(|c| keys_of(&c)),
+                whole.map(|c| keys_of(&c))
+            ),
         }
         Ok(())
     });

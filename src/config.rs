@@ -717,7 +717,9 @@ impl Config {
         };
         let keys_file = raw.auth.keys_file.as_ref().map(|f| base.join(f.get_ref()));
         match &keys_file {
-            None => parse_keys(&src, raw.keys, &limits, quota, max_body, sink)?,
+            None => validated_into(sink, |sink| {
+                parse_keys(&src, raw.keys, &limits, quota, max_body, sink)
+            })?,
             Some(file) => {
                 if let Some(k) = raw.keys.first() {
                     return Err(src.at(
@@ -741,7 +743,9 @@ impl Config {
                             &owned
                         }
                     };
-                    keys_from_text(file, keys_text, &limits, quota, max_body, sink)?;
+                    validated_into(sink, |sink| {
+                        keys_from_text(file, keys_text, &limits, quota, max_body, sink)
+                    })?;
                 }
             }
         };
@@ -797,11 +801,32 @@ fn stream_keys(
     // Errors are not reported from here (the whole text is parsed again for them).
     let quiet = Source { file, text: "" };
     let mut v = KeysValidator::new(&quiet, limits, quota, max_body, &mut *sink);
-    if keys.each_key(|k| v.push(k).is_ok()).is_some() {
+    if keys.each_key(|k| v.push(k).is_ok()).is_some() && sink.seal() {
         return true;
     }
     sink.clear();
     false
+}
+
+/// Runs `validate` on `sink`, or, when the sink finds duplicates only when sealed, on a
+/// vector whose keys then go to the sink: keys from text are checked one by one, so that an
+/// error points at its key.
+fn validated_into(
+    sink: &mut dyn KeySink,
+    validate: impl FnOnce(&mut dyn KeySink) -> Result<(), ConfigError>,
+) -> Result<(), ConfigError> {
+    if !sink.checks_when_sealed() {
+        return validate(sink);
+    }
+    let mut exact = KeyVec::default();
+    validate(&mut exact)?;
+    sink.reserve(exact.keys.len());
+    for key in exact.keys {
+        sink.push(key);
+    }
+    let unique = sink.seal();
+    debug_assert!(unique, "validated keys are unique");
+    Ok(())
 }
 
 /// The `[[keys]]` of a keys file's `text` into `sink`: scanned and validated key by key (no
@@ -857,12 +882,24 @@ fn parse_datetime(
 pub trait KeySink {
     /// Room for `additional` more keys.
     fn reserve(&mut self, additional: usize);
+    /// Whether this sink finds duplicate ids and hashes itself, all at once in
+    /// [`KeySink::seal`], rather than being asked about each key as it comes (`has_id`,
+    /// `has_hash`). Such a sink gets only keys streamed from a keys file, whose errors are
+    /// reported by reading the file again; keys from text are validated into a vector first.
+    fn checks_when_sealed(&self) -> bool {
+        false
+    }
     /// Whether a key with this id was pushed.
     fn has_id(&self, id: &str) -> bool;
     /// Whether this is the hash or the previous hash of a pushed key.
     fn has_hash(&self, hash: &KeyHash) -> bool;
     /// Keeps a validated key.
     fn push(&mut self, key: KeyConfig);
+    /// After the last key: `false` when two keys share an id or a hash (only a sink that
+    /// [`checks_when_sealed`](KeySink::checks_when_sealed) finds any here).
+    fn seal(&mut self) -> bool {
+        true
+    }
     /// Forgets every key (a fast scan gave up; the toml crate starts again).
     fn clear(&mut self);
 }
@@ -960,6 +997,8 @@ struct KeysValidator<'a> {
     default_quota: Option<QuotaLimit>,
     default_max_body: u64,
     sink: &'a mut dyn KeySink,
+    /// Ask the sink about duplicates key by key (unless it finds them when sealed).
+    exact: bool,
 }
 
 impl<'a> KeysValidator<'a> {
@@ -975,6 +1014,7 @@ impl<'a> KeysValidator<'a> {
             limits: *limits,
             default_quota,
             default_max_body,
+            exact: !sink.checks_when_sealed(),
             sink,
         }
     }
@@ -989,11 +1029,11 @@ impl<'a> KeysValidator<'a> {
                 "id must be 1 to 64 characters of letters, digits, '.', '_' or '-'",
             ));
         }
-        if self.sink.has_id(id) {
+        if self.exact && self.sink.has_id(id) {
             return Err(src.at(&k.id, format!("duplicate key id {id:?}")));
         }
         let hash = KeyHash::parse(k.hash.get_ref()).map_err(|m| src.at(&k.hash, m))?;
-        if self.sink.has_hash(&hash) {
+        if self.exact && self.sink.has_hash(&hash) {
             return Err(src.at(
                 &k.hash,
                 format!("key {id:?} has the same hash as an earlier key"),
@@ -1039,7 +1079,7 @@ impl<'a> KeysValidator<'a> {
         let previous = match (&k.previous_hash, &k.previous_expires) {
             (Some(h), Some(e)) => {
                 let previous = KeyHash::parse(h.get_ref()).map_err(|m| src.at(h, m))?;
-                if previous == hash || self.sink.has_hash(&previous) {
+                if previous == hash || (self.exact && self.sink.has_hash(&previous)) {
                     return Err(src.at(
                         h,
                         format!("key {id:?}: previous_hash is already the hash of a key"),

@@ -4,7 +4,8 @@
 //! quick; `.ci/run` gives each target 60 s). A failure prints the input that broke a property.
 //!
 //! - `fuzz_config_parsing`: `Config::parse` never panics, and every error is `file:line:col:`
-//!   inside the text.
+//!   inside the text; a keys file streamed from disk reads as its text read whole, and streamed
+//!   into a key table (duplicates found only when it is sealed) too, error for error.
 //! - `fuzz_request_heads`: raw bytes against a live gateway: it never panics or hangs, always
 //!   answers with a well-formed status line (no 5xx: the upstream is up), forwards only what
 //!   was admitted with the key (`X-Keygate-Key-Id` set), never forwards the key, keeps serving.
@@ -30,6 +31,7 @@ use http::{HeaderMap, HeaderValue, StatusCode};
 use keygate::{
     client_ip::{self, Cidr, TrustedProxies},
     config::Config,
+    keys::KeyTableBuilder,
     wire::{self, BodyReader, Step},
 };
 use proptest::{
@@ -225,11 +227,9 @@ fn fuzz_config_parsing() {
         }
         let keys_text = &text[text.find("[[keys]]").unwrap_or(0)..];
         std::fs::write(&keys_path, keys_text).unwrap();
-        match (
-            Config::parse(&main, main_text),
-            Config::parse_with_keys(&main, main_text, Some(keys_text)),
-        ) {
-            (Ok(streamed), Ok(whole)) => prop_assert_eq!(keys_of(&streamed), keys_of(&whole)),
+        let whole = Config::parse_with_keys(&main, main_text, Some(keys_text));
+        match (Config::parse(&main, main_text), &whole) {
+            (Ok(streamed), Ok(whole)) => prop_assert_eq!(keys_of(&streamed), keys_of(whole)),
             (Err(streamed), Err(whole)) => {
                 prop_assert_eq!(streamed.to_string(), whole.to_string())
             }
@@ -237,7 +237,31 @@ fn fuzz_config_parsing() {
                 false,
                 "streamed: {:?}, whole: {:?}",
                 streamed.map(|c| keys_of(&c)),
-                whole.map(|c| keys_of(&c))
+                whole.as_ref().map(keys_of)
+            ),
+        }
+        // Into a key table: every key's hashes find it, and nothing else is in it.
+        let mut builder = KeyTableBuilder::new(None);
+        match (Config::load_into(&main, &mut builder), &whole) {
+            (Ok(_), Ok(whole)) => {
+                let table = builder.finish();
+                let previous = whole.keys.iter().filter(|k| k.previous.is_some()).count();
+                prop_assert_eq!(table.len(), whole.keys.len() + previous);
+                for k in &whole.keys {
+                    let found = table.lookup(&k.hash).map(|f| f.entry.id.to_string());
+                    prop_assert_eq!(found.as_deref(), Some(k.id.as_str()));
+                    if let Some(p) = &k.previous {
+                        let found = table.lookup(&p.hash).map(|f| f.entry.id.to_string());
+                        prop_assert_eq!(found.as_deref(), Some(k.id.as_str()));
+                    }
+                }
+            }
+            (Err(table), Err(whole)) => prop_assert_eq!(table.to_string(), whole.to_string()),
+            (table, whole) => prop_assert!(
+                false,
+                "into a table: {:?}, whole: {:?}",
+                table.map(|_| "ok"),
+                whole.as_ref().map(keys_of)
             ),
         }
         Ok(())

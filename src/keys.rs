@@ -18,7 +18,7 @@ use std::{
     fmt,
     hash::{BuildHasher, Hash, Hasher},
     sync::{Arc, OnceLock},
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use hashbrown::{DefaultHashBuilder, HashMap as FastMap, HashTable};
@@ -290,50 +290,67 @@ pub struct Found<'a> {
     pub previous_until: Option<SystemTime>,
 }
 
-/// What the table keeps for every configured key: about 110 bytes, plus the id's bytes.
-/// Values many keys share (tenant, policy, scopes) are indexes into [`Shared`].
+/// What the table keeps for every configured key: 80 bytes, plus the id's bytes in the
+/// table's one string of ids. Values many keys share (tenant, policy, scopes) are indexes into
+/// [`Shared`].
 ///
 /// Limiters are made on a key's first request (with its [`KeyEntry`]), as nginx's
 /// `limit_req` keeps state only for keys that called: a million idle keys cost no limiter
 /// (80 bytes each). A rebuild carries over the limiters a key has by then (its entry's, else
-/// the ones it carried itself), so a limiter outlives any number of reloads with or without
-/// requests in between. A key whose very first request comes while a reload is being built
-/// may start the new table with a fresh limiter (that is, its first few requests again).
+/// the ones it carried itself, kept beside the table in [`KeyTable::carried`]), so a limiter
+/// outlives any number of reloads with or without requests in between. A key whose very first
+/// request comes while a reload is being built may start the new table with a fresh limiter
+/// (that is, its first few requests again).
 struct Compact {
     hash: KeyHash,
-    id: Box<str>,
-    expires: Option<SystemTime>,
-    /// Carried over from the table before; `None`: made on the first request.
-    limiter: Option<Arc<KeyLimiter>>,
-    /// Likewise the quota's (only when the key has a quota).
-    quota: Option<Arc<QuotaLimiter>>,
     /// Built on the first lookup; dropped with the table.
     entry: OnceLock<Arc<KeyEntry>>,
-    /// Largest request body the key may send.
-    max_body: u64,
+    expires: Expiry,
+    /// Where the id is in [`KeyTable::ids`].
+    id_at: u32,
     tenant: u32,
+    /// Rate, quota and largest body: an index into [`Shared::policies`].
     policy: u32,
     scopes: u32,
+    id_len: u8,
     disabled: bool,
 }
 
-impl Compact {
-    /// The rate limiter this key has now: its entry's once it was requested, else the one it
-    /// carried over.
-    fn current_limiter(&self) -> Option<&Arc<KeyLimiter>> {
-        match self.entry.get() {
-            Some(e) => Some(&e.limiter),
-            None => self.limiter.as_ref(),
-        }
+/// A key's expiry in 8 bytes rather than an `Option<SystemTime>`'s 16: nanoseconds from the
+/// Unix epoch, `i64::MAX` for none. Times outside 1678–2262 are clamped to that range (a key
+/// expiring in 2300 is refused from 2262 on; one that expired in 1500 is expired either way).
+#[derive(Clone, Copy)]
+struct Expiry(i64);
+
+impl Expiry {
+    const NEVER: Expiry = Expiry(i64::MAX);
+
+    fn of(t: Option<SystemTime>) -> Expiry {
+        let Some(t) = t else {
+            return Expiry::NEVER;
+        };
+        let nanos = match t.duration_since(SystemTime::UNIX_EPOCH) {
+            Ok(after) => i64::try_from(after.as_nanos()).unwrap_or(i64::MAX - 1),
+            Err(before) => i64::try_from(before.duration().as_nanos()).map_or(i64::MIN, |n| -n),
+        };
+        Expiry(nanos.min(i64::MAX - 1))
     }
 
-    /// Likewise its quota.
-    fn current_quota(&self) -> Option<&Arc<QuotaLimiter>> {
-        match self.entry.get() {
-            Some(e) => e.quota.as_ref(),
-            None => self.quota.as_ref(),
+    fn get(self) -> Option<SystemTime> {
+        let nanos = self.0;
+        match nanos {
+            i64::MAX => None,
+            0.. => Some(SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos as u64)),
+            _ => Some(SystemTime::UNIX_EPOCH - Duration::from_nanos(nanos.unsigned_abs())),
         }
     }
+}
+
+/// The limiters a key had in the table before, for its first request in this one.
+#[derive(Default)]
+struct Carried {
+    limiter: Option<Arc<KeyLimiter>>,
+    quota: Option<Arc<QuotaLimiter>>,
 }
 
 /// The old hash of a rotating key.
@@ -358,6 +375,7 @@ struct Shared {
 struct Policy {
     limit: RateLimit,
     quota: Option<QuotaLimit>,
+    max_body: u64,
     header: HeaderValue,
 }
 
@@ -377,6 +395,11 @@ pub struct KeyTable {
     keys: Vec<Compact>,
     previous: Vec<Previous>,
     by_hash: HashTable<u32>,
+    /// Every key's id, one after the other (one allocation rather than one per key).
+    ids: String,
+    /// The limiters carried over from the table before for keys not yet requested in this
+    /// one, by position in `keys` (only keys that were requested at some point have any).
+    carried: FastMap<u32, Carried>,
     shared: Shared,
 }
 
@@ -427,8 +450,12 @@ impl KeyTable {
             let p = &self.previous[(v & !PREVIOUS_BIT) as usize];
             (&self.keys[p.key as usize], Some(p.until))
         };
+        let pos = match v & PREVIOUS_BIT {
+            0 => v,
+            _ => self.previous[(v & !PREVIOUS_BIT) as usize].key,
+        };
         Some(Found {
-            entry: key.entry.get_or_init(|| self.entry(key)),
+            entry: key.entry.get_or_init(|| self.entry(pos)),
             previous_until,
         })
     }
@@ -441,29 +468,48 @@ impl KeyTable {
             .copied()
     }
 
-    fn entry(&self, key: &Compact) -> Arc<KeyEntry> {
+    /// The id of a key of this table.
+    fn id(&self, key: &Compact) -> &str {
+        id_in(&self.ids, key)
+    }
+
+    /// The rate limiter and quota the key at `pos` has now: its entry's once it was
+    /// requested, else the ones it carried over.
+    fn current(&self, pos: u32) -> (Option<&Arc<KeyLimiter>>, Option<&Arc<QuotaLimiter>>) {
+        match self.keys[pos as usize].entry.get() {
+            Some(e) => (Some(&e.limiter), e.quota.as_ref()),
+            None => self
+                .carried
+                .get(&pos)
+                .map_or((None, None), |c| (c.limiter.as_ref(), c.quota.as_ref())),
+        }
+    }
+
+    fn entry(&self, pos: u32) -> Arc<KeyEntry> {
+        let key = &self.keys[pos as usize];
         let tenant = self.shared.tenants.get(key.tenant as usize);
         let policy = &self.shared.policies[key.policy as usize];
-        let id: Arc<str> = Arc::from(&*key.id);
+        let (carried_limiter, carried_quota) = self.current(pos);
+        let id: Arc<str> = Arc::from(self.id(key));
         Arc::new(KeyEntry {
             counters: KeyCounters::new(Arc::clone(&id)),
+            id_header: HeaderValue::try_from(&*id).expect("validated id"),
             id,
             tenant: tenant.map(|(t, _)| Arc::clone(t)),
             disabled: key.disabled,
-            expires: key.expires,
-            limiter: match &key.limiter {
+            expires: key.expires.get(),
+            limiter: match carried_limiter {
                 Some(carried) => Arc::clone(carried),
                 None => Arc::new(KeyLimiter::new(policy.limit)),
             },
-            quota: policy.quota.map(|q| match &key.quota {
+            quota: policy.quota.map(|q| match carried_quota {
                 Some(carried) => Arc::clone(carried),
                 None => Arc::new(QuotaLimiter::new(q)),
             }),
             scopes: Arc::clone(&self.shared.scopes[key.scopes as usize]),
             policy_header: policy.header.clone(),
-            id_header: HeaderValue::try_from(&*key.id).expect("validated id"),
             tenant_header: tenant.map(|(_, h)| h.clone()),
-            max_body: key.max_body,
+            max_body: policy.max_body,
         })
     }
 
@@ -483,7 +529,7 @@ impl KeyTable {
         for k in &self.keys {
             if k.disabled {
                 counts.disabled += 1;
-            } else if k.expires.is_some_and(|e| e <= now) {
+            } else if k.expires.get().is_some_and(|e| e <= now) {
                 counts.expired += 1;
             } else {
                 counts.active += 1;
@@ -507,14 +553,20 @@ pub struct KeyTableBuilder<'p> {
     /// The keys of `previous` that have a limiter or a quota to carry over, by id: only the
     /// keys that were requested, so usually a small map, where an index of every id would
     /// cost a miss per key to probe.
-    carried: FastMap<&'p str, &'p Compact>,
+    carried: FastMap<&'p str, OldLimiters<'p>>,
     tenants: FastMap<Arc<str>, u32>,
-    policies: HashMap<(RateLimit, Option<QuotaLimit>), u32>,
+    policies: HashMap<PolicyKey, u32>,
     // Most keys have the policy of the key before them: skip hashing it then.
-    last_policy: Option<((RateLimit, Option<QuotaLimit>), u32)>,
+    last_policy: Option<(PolicyKey, u32)>,
     scope_sets: HashMap<String, u32>,
     sealed: bool,
 }
+
+/// Rate, quota and largest body: what makes a [`Policy`].
+type PolicyKey = (RateLimit, Option<QuotaLimit>, u64);
+
+/// A key's limiters in the table before.
+type OldLimiters<'p> = (Option<&'p Arc<KeyLimiter>>, Option<&'p Arc<QuotaLimiter>>);
 
 impl<'p> KeyTableBuilder<'p> {
     /// An empty builder carrying limiters over from `previous`.
@@ -524,10 +576,10 @@ impl<'p> KeyTableBuilder<'p> {
     pub fn new(previous: Option<&'p KeyTable>) -> Self {
         let carried = previous
             .map(|t| {
-                t.keys
-                    .iter()
-                    .filter(|k| k.current_limiter().is_some() || k.current_quota().is_some())
-                    .map(|k| (&*k.id, k))
+                (0u32..)
+                    .zip(&t.keys)
+                    .filter(|(pos, k)| k.entry.get().is_some() || t.carried.contains_key(pos))
+                    .map(|(pos, k)| (t.id(k), t.current(pos)))
                     .collect()
             })
             .unwrap_or_default();
@@ -555,19 +607,20 @@ impl<'p> KeyTableBuilder<'p> {
         let pos = self.table.keys.len();
         assert!(pos < PREVIOUS_BIT as usize, "more than 2^31 keys");
         self.sealed = false;
-        let old = match self.carried.is_empty() {
-            true => None,
-            false => self.carried.get(key.id.as_str()).copied(),
+        let (old_limiter, old_quota) = match self.carried.is_empty() {
+            true => (None, None),
+            false => self
+                .carried
+                .get(key.id.as_str())
+                .copied()
+                .unwrap_or_default(),
         };
-        let limiter = old
-            .and_then(Compact::current_limiter)
-            .filter(|l| *l.limit() == key.limit)
-            .cloned();
-        let quota = key.quota.and_then(|q| {
-            old.and_then(Compact::current_quota)
-                .filter(|o| *o.limit() == q)
-                .cloned()
-        });
+        let carried = Carried {
+            limiter: old_limiter.filter(|l| *l.limit() == key.limit).cloned(),
+            quota: key
+                .quota
+                .and_then(|q| old_quota.filter(|o| *o.limit() == q).cloned()),
+        };
         let shared = &mut self.table.shared;
         let tenant = match key.tenant.as_deref() {
             None => NO_TENANT,
@@ -583,27 +636,26 @@ impl<'p> KeyTableBuilder<'p> {
                 }
             },
         };
+        let policy_key = (key.limit, key.quota, key.max_body);
         let policy = match self.last_policy {
-            Some((p, i)) if p == (key.limit, key.quota) => i,
+            Some((p, i)) if p == policy_key => i,
             _ => {
-                let i = *self
-                    .policies
-                    .entry((key.limit, key.quota))
-                    .or_insert_with(|| {
-                        let header = quota::policy_header(&key.limit, key.quota.as_ref());
-                        // One buffer for every key with this policy: clones share it.
-                        let header = HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(
-                            header.as_bytes(),
-                        ))
-                        .expect("policy fields are ASCII");
-                        shared.policies.push(Policy {
-                            limit: key.limit,
-                            quota: key.quota,
-                            header,
-                        });
-                        (shared.policies.len() - 1) as u32
+                let i = *self.policies.entry(policy_key).or_insert_with(|| {
+                    let header = quota::policy_header(&key.limit, key.quota.as_ref());
+                    // One buffer for every key with this policy: clones share it.
+                    let header = HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(
+                        header.as_bytes(),
+                    ))
+                    .expect("policy fields are ASCII");
+                    shared.policies.push(Policy {
+                        limit: key.limit,
+                        quota: key.quota,
+                        max_body: key.max_body,
+                        header,
                     });
-                self.last_policy = Some(((key.limit, key.quota), i));
+                    (shared.policies.len() - 1) as u32
+                });
+                self.last_policy = Some((policy_key, i));
                 i
             }
         };
@@ -621,20 +673,29 @@ impl<'p> KeyTableBuilder<'p> {
                 (shared.scopes.len() - 1) as u32
             })
         };
-        let KeyTable { keys, previous, .. } = &mut self.table;
+        let KeyTable {
+            keys,
+            previous,
+            ids,
+            carried: carried_by_pos,
+            ..
+        } = &mut self.table;
+        let id_at = u32::try_from(ids.len()).expect("less than 4 GiB of key ids");
+        ids.push_str(&key.id);
         keys.push(Compact {
             hash: key.hash,
-            id: Box::from(key.id.as_str()),
-            expires: key.expires,
-            limiter,
-            quota,
             entry: OnceLock::new(),
-            max_body: key.max_body,
+            expires: Expiry::of(key.expires),
+            id_at,
             tenant,
             policy,
             scopes,
+            id_len: u8::try_from(key.id.len()).expect("ids are at most 64 bytes"),
             disabled: key.disabled,
         });
+        if carried.limiter.is_some() || carried.quota.is_some() {
+            carried_by_pos.insert(pos as u32, carried);
+        }
         if let Some(prev) = key.previous {
             previous.push(Previous {
                 hash: prev.hash,
@@ -656,6 +717,7 @@ impl<'p> KeyTableBuilder<'p> {
             keys,
             previous,
             by_hash,
+            ids: id_text,
             ..
         } = &mut self.table;
         // One scratch vector of (hash, position) pairs, for the ids and then for the hashes.
@@ -664,10 +726,11 @@ impl<'p> KeyTableBuilder<'p> {
         order.extend(
             (0u32..)
                 .zip(keys.iter())
-                .map(|(i, k)| (ids.hash_one(&*k.id), i)),
+                .map(|(i, k)| (ids.hash_one(id_in(id_text, k)), i)),
         );
         order.sort_unstable_by_key(|&(h, _)| h);
-        if any_same(&order, |a, b| keys[a as usize].id == keys[b as usize].id) {
+        let id_at = |i: u32| id_in(id_text, &keys[i as usize]);
+        if any_same(&order, |a, b| id_at(a) == id_at(b)) {
             return false;
         }
         order.clear();
@@ -699,6 +762,11 @@ impl<'p> KeyTableBuilder<'p> {
     }
 }
 
+/// The id of `key` in a table's string of ids.
+fn id_in<'a>(ids: &'a str, key: &Compact) -> &'a str {
+    &ids[key.id_at as usize..][..key.id_len as usize]
+}
+
 /// Whether two of `sorted` (pairs of a hash and what it is the hash of, equal hashes next to
 /// each other) stand for the `same` thing: only pairs with equal hashes are compared.
 fn any_same(sorted: &[(u64, u32)], same: impl Fn(u32, u32) -> bool) -> bool {
@@ -712,6 +780,8 @@ fn any_same(sorted: &[(u64, u32)], same: impl Fn(u32, u32) -> bool) -> bool {
 impl KeySink for KeyTableBuilder<'_> {
     fn reserve(&mut self, additional: usize) {
         self.table.keys.reserve(additional);
+        // Ids are mostly short: room for 16 bytes each, grown if need be.
+        self.table.ids.reserve(additional * 16);
     }
 
     fn checks_when_sealed(&self) -> bool {
@@ -914,13 +984,13 @@ mod tests {
             )
         };
         let first = KeyTable::build(&config(&quota("100/day")), None);
-        assert!(first
-            .keys
-            .iter()
-            .all(|k| k.limiter.is_none() && k.quota.is_none()));
+        let no_limiters = |t: &KeyTable| {
+            (0..t.keys.len() as u32).all(|pos| matches!(t.current(pos), (None, None)))
+        };
+        assert!(no_limiters(&first) && first.carried.is_empty());
         // Nothing requested yet: nothing to carry, and the next table makes its own.
         let second = KeyTable::build(&config(&quota("100/day")), Some(&first));
-        assert!(second.keys.iter().all(|k| k.current_limiter().is_none()));
+        assert!(no_limiters(&second) && second.carried.is_empty());
         let a2 = Arc::clone(second.lookup(&KeyHash::of(b"ka")).unwrap().entry);
         let q2 = Arc::clone(second.lookup(&KeyHash::of(b"kq")).unwrap().entry);
         assert!(q2.quota.is_some() && a2.quota.is_none());
@@ -944,6 +1014,44 @@ mod tests {
             q5.quota.as_ref().unwrap()
         ));
         assert_eq!(q5.quota.as_ref().unwrap().limit().to_string(), "50/day");
+    }
+
+    #[test]
+    fn expiries_keep_their_time_in_eight_bytes() {
+        use std::time::UNIX_EPOCH;
+        assert_eq!(std::mem::size_of::<Compact>(), 80);
+        assert_eq!(Expiry::of(None).get(), None);
+        for t in [
+            UNIX_EPOCH,
+            UNIX_EPOCH + Duration::new(1_900_000_000, 123_456_789),
+            UNIX_EPOCH - Duration::new(315_532_800, 1), // 1960
+        ] {
+            assert_eq!(Expiry::of(Some(t)).get(), Some(t));
+        }
+        // Beyond 2262: clamped, still an expiry, still after anything before it.
+        let far = UNIX_EPOCH + Duration::from_secs(10_500_000_000); // 2302
+        let clamped = Expiry::of(Some(far)).get().unwrap();
+        assert!(clamped < far && clamped > UNIX_EPOCH + Duration::from_secs(9_000_000_000));
+        let long_ago = UNIX_EPOCH - Duration::from_secs(15_000_000_000);
+        assert!(Expiry::of(Some(long_ago)).get().unwrap() < UNIX_EPOCH);
+    }
+
+    #[test]
+    fn keys_that_differ_only_in_body_limit_keep_their_own() {
+        let table = KeyTable::build(
+            &config(&format!(
+                "[[keys]]\nid = \"small\"\nhash = \"{}\"\nmax_body = \"1KiB\"\n\
+                 [[keys]]\nid = \"default\"\nhash = \"{}\"\n",
+                KeyHash::of(b"ks").to_config_string(),
+                KeyHash::of(b"kd").to_config_string()
+            )),
+            None,
+        );
+        let small = table.lookup(&KeyHash::of(b"ks")).unwrap().entry;
+        let default = table.lookup(&KeyHash::of(b"kd")).unwrap().entry;
+        assert_eq!(small.max_body, 1024);
+        assert_eq!(default.max_body, 16 << 20, "[server] max_body's default");
+        assert_eq!(small.policy_header, default.policy_header);
     }
 
     #[test]

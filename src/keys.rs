@@ -444,18 +444,16 @@ impl KeyTable {
     /// The entry for a presented key's hash, saying whether it was a rotating key's old hash.
     pub fn lookup(&self, hash: &KeyHash) -> Option<Found<'_>> {
         let v = self.lookup_index(hash)?;
-        let (key, previous_until) = if v & PREVIOUS_BIT == 0 {
-            (&self.keys[v as usize], None)
+        let (pos, previous_until) = if v & PREVIOUS_BIT == 0 {
+            (v, None)
         } else {
             let p = &self.previous[(v & !PREVIOUS_BIT) as usize];
-            (&self.keys[p.key as usize], Some(p.until))
-        };
-        let pos = match v & PREVIOUS_BIT {
-            0 => v,
-            _ => self.previous[(v & !PREVIOUS_BIT) as usize].key,
+            (p.key, Some(p.until))
         };
         Some(Found {
-            entry: key.entry.get_or_init(|| self.entry(pos)),
+            entry: self.keys[pos as usize]
+                .entry
+                .get_or_init(|| self.entry(pos)),
             previous_until,
         })
     }

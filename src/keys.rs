@@ -710,7 +710,6 @@ impl<'p> KeyTableBuilder<'p> {
         if self.sealed {
             return true;
         }
-        self.sealed = true;
         let KeyTable {
             keys,
             previous,
@@ -756,6 +755,8 @@ impl<'p> KeyTableBuilder<'p> {
         for &(h, v) in &order {
             by_hash.insert_unique(h, v, |&v| hash_of(index_hash(keys, previous, v)));
         }
+        // Only a table that passed: sealing one with duplicates again says so again.
+        self.sealed = true;
         true
     }
 }
@@ -1066,6 +1067,12 @@ mod tests {
         let mut same_id = valid.clone();
         same_id[3].id = "b".into();
         assert!(!sealed(&same_id), "two keys with id b");
+        // Asked again, it still refuses (not "already sealed").
+        let mut builder = KeyTableBuilder::new(None);
+        for k in &same_id {
+            builder.push(k);
+        }
+        assert!(!builder.seal() && !builder.seal());
         let mut same_hash = valid.clone();
         same_hash[3].hash = same_hash[0].hash;
         assert!(!sealed(&same_hash), "d has a's hash");

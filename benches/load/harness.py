@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""keygate vs nginx as the same API-key gateway, measured side by side (see run.sh).
+"""keygate vs nginx (and HAProxy, when installed) as the same API-key gateway, measured side by
+side (see run.sh).
 
 Every contender proxies to one upstream (an nginx instance answering a small JSON body) over
 keep-alive connections, checks the x-api-key header against the same 1,000 keys, applies a
@@ -14,6 +15,7 @@ import os
 import platform
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -240,6 +242,71 @@ def nginx_gateway_conf(work, keys, up_port, plain_port, tls=None, access_log=Fal
     )
 
 
+def haproxy_conf(work, keys, up_port, plain_port, tls=None, access_log=False):
+    """HAProxy as the equivalent gateway: `map` files over the keys, a stick table tracking
+    each key id's request rate with a limit too high to trigger, key header removed, identity
+    and forwarding headers added, a request id (a UUID) both ways, idle upstream connections
+    reused (`http-reuse always`); one thread. `tls` is (port, cert, key) for a TLS listener
+    beside the plain one (HAProxy takes the certificate and key in one PEM); with `access_log`,
+    HTTP log lines to stdout, which the harness sends to a file."""
+    with open(os.path.join(work, "keys.map"), "w") as f:
+        f.writelines(f"{k} partner-{i}\n" for i, k in enumerate(keys))
+    with open(os.path.join(work, "tenants.map"), "w") as f:
+        f.writelines(f"{k} hotel-{i % 50}\n" for i, k in enumerate(keys))
+    tls_bind = ""
+    if tls:
+        pem = os.path.join(work, "haproxy.pem")
+        with open(pem, "w") as out:
+            for part in tls[1:]:
+                with open(part) as f:
+                    out.write(f.read())
+        tls_bind = f"\n    bind 127.0.0.1:{tls[0]} ssl crt {pem} ssl-min-ver TLSv1.2"
+    logging = "    log stdout format raw local0\n    option httplog\n" if access_log else ""
+    path = os.path.join(work, "haproxy.cfg")
+    with open(path, "w") as f:
+        f.write(
+            f"""global
+    nbthread 1
+    maxconn 8000
+
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout http-keep-alive 60s
+    option http-keep-alive
+{logging}
+backend per_key
+    stick-table type string len 64 size 10k expire 60s store http_req_rate(1s)
+
+backend upstream
+    http-reuse always
+    server upstream 127.0.0.1:{up_port}
+
+frontend gateway
+    bind 127.0.0.1:{plain_port}{tls_bind}
+    unique-id-format %[uuid()]
+    unique-id-header X-Request-Id
+    http-request set-var(txn.key_id) req.hdr(x-api-key),map({work}/keys.map)
+    http-request set-var(txn.tenant) req.hdr(x-api-key),map({work}/tenants.map)
+    http-request return status 401 content-type application/json string '{{"error":"invalid_api_key","message":"The API key is not valid."}}' if !{{ var(txn.key_id) -m found }}
+    http-request track-sc0 var(txn.key_id) table per_key
+    http-request deny deny_status 429 if {{ sc_http_req_rate(0) gt 1000000 }}
+    http-request del-header x-api-key
+    http-request set-header X-Keygate-Key-Id %[var(txn.key_id)]
+    http-request set-header X-Keygate-Tenant %[var(txn.tenant)]
+    option forwardfor
+    http-request set-header X-Forwarded-Proto https if {{ ssl_fc }}
+    http-request set-header X-Forwarded-Proto http if !{{ ssl_fc }}
+    http-request set-header X-Forwarded-Host %[req.hdr(host)]
+    http-response set-header X-Request-Id %[unique-id]
+    default_backend upstream
+"""
+        )
+    return path
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--keygate", required=True)
@@ -249,7 +316,9 @@ def main():
     ap.add_argument("--out", default="benches/load/results.md")
     ap.add_argument("--modes", default="plain,tls,new", help="subset of plain,tls,new")
     ap.add_argument("--access-log", action="store_true",
-                    help="both gateways write access lines to a file (nginx buffered)")
+                    help="the gateways write access lines to a file (nginx buffered)")
+    ap.add_argument("--no-haproxy", action="store_true",
+                    help="leave HAProxy out even when it is installed")
     args = ap.parse_args()
     keygate = os.path.abspath(args.keygate)
     work = tempfile.mkdtemp(prefix="keygate-load-")
@@ -275,7 +344,9 @@ def main():
         up = start(["nginx", "-c", up_conf], 1)
         wait_port(up_port)
 
-        ports = {name: free_port() for name in ["kg_plain", "kg_tls", "ng_plain", "ng_tls"]}
+        haproxy = None if args.no_haproxy else shutil.which("haproxy")
+        names = ["kg_plain", "kg_tls", "ng_plain", "ng_tls"] + (["hp_plain", "hp_tls"] if haproxy else [])
+        ports = {name: free_port() for name in names}
         entries = "".join(
             f'[[keys]]\nid = "partner-{i}"\nhash = "{h}"\ntenant = "hotel-{i % 50}"\n'
             for i, h in enumerate(hashes)
@@ -295,6 +366,14 @@ def main():
             work, keys, up_port, ports["ng_plain"], (ports["ng_tls"], cert, key), args.access_log
         )
         ng = start(["nginx", "-c", ng_conf], 0)
+        hp = None
+        if haproxy:
+            hp_conf = haproxy_conf(
+                work, keys, up_port, ports["hp_plain"], (ports["hp_tls"], cert, key), args.access_log
+            )
+            subprocess.run([haproxy, "-c", "-q", "-f", hp_conf], check=True)
+            hp_log = open(os.path.join(work, "haproxy.log"), "w") if args.access_log else subprocess.DEVNULL
+            hp = start([haproxy, "-db", "-f", hp_conf], 0, stdout=hp_log)
         for p in ports.values():
             wait_port(p)
         time.sleep(0.5)
@@ -311,6 +390,8 @@ def main():
         for rnd in range(args.rounds):
             for mode, scheme, kind, extra in modes:
                 targets = [("keygate", f"kg_{kind}"), ("nginx", f"ng_{kind}")]
+                if hp:
+                    targets.append(("haproxy", f"hp_{kind}"))
                 if rnd % 2:
                     targets.reverse()
                 if kind == "plain":
@@ -320,7 +401,11 @@ def main():
                         url, pids = f"http://127.0.0.1:{up_port}/v1/guests", []
                     else:
                         url = f"{scheme}://127.0.0.1:{ports[port_name]}/v1/guests"
-                        pids = process_tree(ng.pid) if target == "nginx" else [kg_pids[port_name]]
+                        pids = (
+                            process_tree(ng.pid) if target == "nginx"
+                            else process_tree(hp.pid) if target == "haproxy"
+                            else [kg_pids[port_name]]
+                        )
                     up_pids = process_tree(up.pid)
                     before, up_before = cpu_ticks(pids), cpu_ticks(up_pids)
                     r = run_wrk(url, args, [key_header] + extra)
@@ -342,7 +427,7 @@ def main():
     finally:
         for p in reversed(procs):
             try:
-                p.send_signal(signal.SIGTERM if p.args[2] != "nginx" else signal.SIGQUIT)
+                p.send_signal(signal.SIGQUIT if p.args[2] == "nginx" else signal.SIGTERM)
             except ProcessLookupError:
                 pass
         for p in procs:
@@ -350,6 +435,12 @@ def main():
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def haproxy_version():
+    out = subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout
+    m = re.search(r"version (\S+)", out)
+    return m.group(1) if m else "unknown"
 
 
 def mean(rs, field):
@@ -374,10 +465,12 @@ def report(args, results, modes):
         f"{' --modes ' + args.modes if args.modes != 'plain,tls,new' else ''}{' --access-log' if args.access_log else ''}`",
         f"- load: wrk, 1 thread, {args.connections} connections, {args.duration} s per run, {args.rounds} interleaved rounds (means shown); "
         "proxies pinned to CPU 0 with one worker, wrk and the upstream (nginx returning a small JSON body) on CPU 1",
-        f"- both gateways: {KEYS} keys, per-key limit too high to trigger, key header removed, identity (key id, tenant), "
+        f"- every gateway: {KEYS} keys, per-key limit too high to trigger, key header removed, identity (key id, tenant), "
         "X-Forwarded-* and X-Request-Id headers added, keep-alive upstream; "
         + ("access lines to a file (keygate: its log thread; nginx: `buffer=64k flush=1s`)"
-           if args.access_log else "no access logs"),
+           if args.access_log else "no access logs")
+        + ("; HAProxy " + haproxy_version() + ", one thread, `map` files and a stick table per key id"
+           if any(t == "haproxy" for _, t in results) else ""),
         "",
         "CPU µs/req is the proxy's (CPU 0); CPU 1 µs/req is wrk's and the upstream's together, the side that",
         "limits req/s when the proxy's core has time to spare.",
@@ -386,7 +479,7 @@ def report(args, results, modes):
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for mode, *_ in modes:
-        for target in ["direct upstream", "keygate", "nginx"]:
+        for target in ["direct upstream", "keygate", "nginx", "haproxy"]:
             rs = results.get((mode, target))
             if not rs:
                 continue
@@ -395,16 +488,19 @@ def report(args, results, modes):
                 f"| {mode} | {target} | {mean(rs, 'rps'):.0f} | {mean(rs, 'p50'):.3f} | {mean(rs, 'p99'):.3f} | "
                 f"{'-' if cpu is None else f'{cpu:.1f}'} | {mean(rs, 'cpu1_us'):.1f} | {sum(r['non2xx'] for r in rs)} |"
             )
-    lines += ["", "Ratios keygate / nginx (CPU: lower is better; req/s: higher is better; p99: lower is better):", "",
-              "| mode | CPU per request | req/s | p99 |", "|---|---:|---:|---:|"]
-    for mode, *_ in modes:
-        k, n = results.get((mode, "keygate")), results.get((mode, "nginx"))
-        if not k or not n:
-            continue
-        lines.append(
-            f"| {mode} | {mean(k, 'cpu_us') / mean(n, 'cpu_us'):.2f}x | {mean(k, 'rps') / mean(n, 'rps'):.2f}x | "
-            f"{mean(k, 'p99') / mean(n, 'p99'):.2f}x |"
-        )
+    for peer in ["nginx", "haproxy"]:
+        rows = []
+        for mode, *_ in modes:
+            k, n = results.get((mode, "keygate")), results.get((mode, peer))
+            if not k or not n:
+                continue
+            rows.append(
+                f"| {mode} | {mean(k, 'cpu_us') / mean(n, 'cpu_us'):.2f}x | {mean(k, 'rps') / mean(n, 'rps'):.2f}x | "
+                f"{mean(k, 'p99') / mean(n, 'p99'):.2f}x |"
+            )
+        if rows:
+            lines += ["", f"Ratios keygate / {peer} (CPU: lower is better; req/s: higher is better; p99: lower is better):",
+                      "", "| mode | CPU per request | req/s | p99 |", "|---|---:|---:|---:|"] + rows
     text = "\n".join(lines) + "\n"
     with open(args.out, "w") as f:
         f.write(text)

@@ -3,11 +3,13 @@
 #
 #   benches/load/run.sh [--duration 10] [--rounds 2] [--connections 64]
 #
-# Installs what it needs when missing (nginx-light, wrk from Debian), builds keygate in release
-# mode, then runs harness.py, which starts the upstream, keygate and nginx, pins the proxies to
-# CPU 0 and the load generator and upstream to CPU 1, and writes benches/load/results.md.
+# Installs what it needs when missing (nginx-light, wrk and haproxy from Debian), builds keygate
+# in release mode, then runs harness.py, which starts the upstream, keygate, nginx and HAProxy,
+# pins the proxies to CPU 0 and the load generator and upstream to CPU 1, and writes
+# benches/load/results.md (`--no-haproxy` leaves HAProxy out).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
+command -v haproxy >/dev/null || { apt-get update && apt-get install -y haproxy; }
 . benches/prepare.sh
 exec python3 benches/load/harness.py --keygate target/release/keygate "$@"

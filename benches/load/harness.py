@@ -443,6 +443,15 @@ def haproxy_version():
     return m.group(1) if m else "unknown"
 
 
+def ratio(k, n, field):
+    """keygate's mean over the peer's, and the range of the per-round ratios."""
+    text = f"{mean(k, field) / mean(n, field):.2f}x"
+    rounds = [a[field] / b[field] for a, b in zip(k, n)]
+    if len(rounds) > 1:
+        text += f" ({min(rounds):.2f}–{max(rounds):.2f})"
+    return text
+
+
 def mean(rs, field):
     vals = [r[field] for r in rs if r[field] is not None]
     return sum(vals) / len(vals) if vals else None
@@ -494,12 +503,10 @@ def report(args, results, modes):
             k, n = results.get((mode, "keygate")), results.get((mode, peer))
             if not k or not n:
                 continue
-            rows.append(
-                f"| {mode} | {mean(k, 'cpu_us') / mean(n, 'cpu_us'):.2f}x | {mean(k, 'rps') / mean(n, 'rps'):.2f}x | "
-                f"{mean(k, 'p99') / mean(n, 'p99'):.2f}x |"
-            )
+            rows.append(f"| {mode} | " + " | ".join(ratio(k, n, field) for field in ["cpu_us", "rps", "p99"]) + " |")
         if rows:
-            lines += ["", f"Ratios keygate / {peer} (CPU: lower is better; req/s: higher is better; p99: lower is better):",
+            lines += ["", f"Ratios keygate / {peer} (CPU: lower is better; req/s: higher is better; p99: lower is better;",
+                      "in brackets the lowest and highest of the rounds, each keygate's run against the peer's in the same round):",
                       "", "| mode | CPU per request | req/s | p99 |", "|---|---:|---:|---:|"] + rows
     text = "\n".join(lines) + "\n"
     with open(args.out, "w") as f:

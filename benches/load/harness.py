@@ -19,7 +19,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import zlib
@@ -82,6 +81,45 @@ def process_tree(pid):
 def blake3_hex(binary, key):
     out = subprocess.run([binary, "hash"], input=key, capture_output=True, text=True, check=True)
     return out.stdout.strip()
+
+
+def keys_and_entries(keygate):
+    """The harness's 1,000 keys and keygate's `[[keys]]` for them (the hash `keygate hash`
+    prints, an id and a tenant each); the other gateways' configs are made from the keys."""
+    keys = [mint_key() for _ in range(KEYS)]
+    entries = "".join(
+        f'[[keys]]\nid = "partner-{i}"\nhash = "{blake3_hex(keygate, k)}"\ntenant = "hotel-{i % 50}"\n'
+        for i, k in enumerate(keys)
+    )
+    return keys, entries
+
+
+class Processes:
+    """The processes a bench starts, each pinned to a CPU; all stopped on leaving the `with`
+    (nginx with SIGQUIT, the others with SIGTERM, killed after 10 s)."""
+
+    def __init__(self):
+        self.procs = []
+
+    def start(self, cmd, cpu, **kw):
+        p = subprocess.Popen(["taskset", "-c", str(cpu)] + cmd, **kw)
+        self.procs.append(p)
+        return p
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for p in reversed(self.procs):
+            try:
+                p.send_signal(signal.SIGQUIT if p.args[2] == "nginx" else signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
 
 
 def parse_latency(s):
@@ -322,20 +360,10 @@ def main():
     args = ap.parse_args()
     keygate = os.path.abspath(args.keygate)
     work = tempfile.mkdtemp(prefix="keygate-load-")
-    procs = []
-
-    def start(cmd, cpu, **kw):
-        p = subprocess.Popen(["taskset", "-c", str(cpu)] + cmd, **kw)
-        procs.append(p)
-        return p
-
-    try:
-        # Keys: the same 1,000 for both gateways.
-        keys = [mint_key() for _ in range(KEYS)]
-        # The config stores what `keygate hash` prints.
-        hashes = []
-        for k in keys:
-            hashes.append(blake3_hex(keygate, k))
+    with Processes() as procs:
+        start = procs.start
+        # Keys: the same 1,000 for every gateway.
+        keys, entries = keys_and_entries(keygate)
         subprocess.run([keygate, "certs", "dev", "--out", work], check=True, capture_output=True)
         cert, key = f"{work}/gateway.crt", f"{work}/gateway.key"
 
@@ -347,10 +375,6 @@ def main():
         haproxy = None if args.no_haproxy else shutil.which("haproxy")
         names = ["kg_plain", "kg_tls", "ng_plain", "ng_tls"] + (["hp_plain", "hp_tls"] if haproxy else [])
         ports = {name: free_port() for name in names}
-        entries = "".join(
-            f'[[keys]]\nid = "partner-{i}"\nhash = "{h}"\ntenant = "hotel-{i % 50}"\n'
-            for i, h in enumerate(hashes)
-        )
         for name, tls in [("kg_plain", False), ("kg_tls", True)]:
             path = os.path.join(work, f"{name}.toml")
             with open(path, "w") as f:
@@ -377,7 +401,7 @@ def main():
         for p in ports.values():
             wait_port(p)
         time.sleep(0.5)
-        kg_pids = {"kg_plain": procs[1].pid, "kg_tls": procs[2].pid}
+        kg_pids = {"kg_plain": procs.procs[1].pid, "kg_tls": procs.procs[2].pid}
 
         key_header = f"x-api-key: {keys[KEYS // 2]}"
         all_modes = {
@@ -424,17 +448,6 @@ def main():
                         flush=True,
                     )
         report(args, results, modes)
-    finally:
-        for p in reversed(procs):
-            try:
-                p.send_signal(signal.SIGQUIT if p.args[2] == "nginx" else signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
 
 
 def haproxy_version():

@@ -21,10 +21,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (  # noqa: E402
-    blake3_hex, free_port, keygate_conf, mint_key, nginx_gateway_conf, upstream_conf, wait_port,
+    KEYS, free_port, keygate_conf, keys_and_entries, nginx_gateway_conf, upstream_conf, wait_port,
 )
-
-KEYS = 1000
 
 
 async def drive(port, key, total, conns):
@@ -87,11 +85,7 @@ def main():
     args = ap.parse_args()
     keygate = os.path.abspath(args.keygate)
     work = tempfile.mkdtemp(prefix="keygate-instr-")
-    keys = [mint_key() for _ in range(KEYS)]
-    entries = "".join(
-        f'[[keys]]\nid = "partner-{i}"\nhash = "{blake3_hex(keygate, k)}"\ntenant = "hotel-{i % 50}"\n'
-        for i, k in enumerate(keys)
-    )
+    keys, entries = keys_and_entries(keygate)
     up_port, kg_port, ng_port = free_port(), free_port(), free_port()
     upstream = subprocess.Popen(["taskset", "-c", "1", "nginx", "-c", upstream_conf(work, up_port)])
     try:

@@ -80,19 +80,9 @@ def main():
     args = ap.parse_args()
     keygate = os.path.abspath(args.keygate)
     work = tempfile.mkdtemp(prefix="keygate-wakeups-")
-    procs = []
-
-    def start(cmd, cpu, **kw):
-        p = subprocess.Popen(["taskset", "-c", str(cpu)] + cmd, **kw)
-        procs.append(p)
-        return p
-
-    try:
-        keys = [harness.mint_key() for _ in range(harness.KEYS)]
-        entries = "".join(
-            f'[[keys]]\nid = "partner-{i}"\nhash = "{harness.blake3_hex(keygate, k)}"\ntenant = "hotel-{i % 50}"\n'
-            for i, k in enumerate(keys)
-        )
+    with harness.Processes() as procs:
+        start = procs.start
+        keys, entries = harness.keys_and_entries(keygate)
         subprocess.run([keygate, "certs", "dev", "--out", work], check=True, capture_output=True)
         cert, key = f"{work}/gateway.crt", f"{work}/gateway.key"
         up_port = harness.free_port()
@@ -125,14 +115,6 @@ def main():
             print(f"{name:10} {row['rps']:>8.0f} {row['wrk']:>8.1f} {row['wrk_wake']:>7.1f} "
                   f"{row['upstream']:>9.1f} {row['upstream_wake']:>7.1f} {row['non2xx']:>8}", flush=True)
         print("\nwake: samples in " + ", ".join(WAKE))
-    finally:
-        for p in reversed(procs):
-            p.send_signal(signal.SIGQUIT if p.args[2] == "nginx" else signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
 
 
 if __name__ == "__main__":

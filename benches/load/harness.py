@@ -96,7 +96,7 @@ def keys_and_entries(keygate):
 
 class Processes:
     """The processes a bench starts, each pinned to a CPU; all stopped on leaving the `with`
-    (nginx with SIGQUIT, the others with SIGTERM, killed after 10 s)."""
+    (SIGTERM, which nginx and HAProxy take as a fast shutdown; killed after 10 s)."""
 
     def __init__(self):
         self.procs = []
@@ -112,7 +112,7 @@ class Processes:
     def __exit__(self, *exc):
         for p in reversed(self.procs):
             try:
-                p.send_signal(signal.SIGQUIT if p.args[2] == "nginx" else signal.SIGTERM)
+                p.send_signal(signal.SIGTERM)
             except ProcessLookupError:
                 pass
         for p in self.procs:

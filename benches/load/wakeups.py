@@ -8,12 +8,14 @@ samples wrk and the upstream, and prints, per 1,000 requests, their samples in a
 kernel's wake-up and interrupt paths (`_raw_spin_unlock_irqrestore`, where a waker pays for
 waking a sleeping task on the other core, `irqentry_exit_to_user_mode`, `finish_task_switch`).
 A gateway whose core is idle part of the time has to be woken for more of its events, and CPU 1
-pays for those wake-ups; a busy one takes events in bursts. Uses the harness's configs and
-helpers (harness.py).
+pays for those wake-ups; a busy one takes events in bursts. The `sleeps` column counts it from
+the gateway's side: how often its threads blocked waiting for events (voluntary context
+switches, /proc), per request. Uses the harness's configs and helpers (harness.py).
 
     benches/load/wakeups.sh [--duration 8] [--connections 64]
 """
 import argparse
+import glob
 import os
 import re
 import shutil
@@ -45,8 +47,20 @@ def samples_by_symbol(data):
     return counts
 
 
-def measure(url, key, args, up_pid, work, name):
-    """One wrk run against `url` with perf on wrk and the upstream worker; per 1,000 requests."""
+def voluntary_switches(pids):
+    """Times the processes' threads blocked (gave up the CPU waiting), from /proc."""
+    total = 0
+    for pid in pids:
+        for task in glob.glob(f"/proc/{pid}/task/*/status"):
+            with open(task) as f:
+                total += sum(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
+    return total
+
+
+def measure(url, key, args, up_pid, gw_pids, work, name):
+    """One wrk run against `url` with perf on wrk and the upstream worker; per 1,000 requests,
+    and the gateway's sleeps per request."""
+    switches = voluntary_switches(gw_pids)
     cmd = ["taskset", "-c", "1", "wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s", "--latency",
            "-H", f"x-api-key: {key}", "-H", "Connection: close", url]
     wrk = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -62,9 +76,10 @@ def measure(url, key, args, up_pid, work, name):
     for p in perfs:
         p.send_signal(signal.SIGINT)
         p.wait()
+    switches = voluntary_switches(gw_pids) - switches
     r = harness.parse_wrk(out)
     per = 1000 / max(r["requests"], 1)
-    row = {"rps": r["rps"], "non2xx": r["non2xx"]}
+    row = {"rps": r["rps"], "non2xx": r["non2xx"], "sleeps": switches * per / 1000}
     for who in ["wrk", "upstream"]:
         counts = samples_by_symbol(data[who])
         row[who] = sum(counts.values()) * per
@@ -93,14 +108,14 @@ def main():
         with open(kg_conf, "w") as f:
             f.write(harness.keygate_conf(ports["kg"], up_port, entries, (cert, key)))
         env = {k: v for k, v in os.environ.items() if k != "RUST_LOG"}
-        start([keygate, "run", "--config", kg_conf], 0, env=env, stderr=subprocess.DEVNULL)
+        gateways = {"keygate": start([keygate, "run", "--config", kg_conf], 0, env=env, stderr=subprocess.DEVNULL)}
         ng_conf = harness.nginx_gateway_conf(work, keys, up_port, ports["ng_plain"], (ports["ng"], cert, key))
-        start(["nginx", "-c", ng_conf], 0)
+        gateways["nginx"] = start(["nginx", "-c", ng_conf], 0)
         targets = [("keygate", "kg"), ("nginx", "ng")]
         haproxy = shutil.which("haproxy")
         if haproxy:
             hp_conf = harness.haproxy_conf(work, keys, up_port, ports["hp_plain"], (ports["hp"], cert, key))
-            start([haproxy, "-db", "-f", hp_conf], 0, stdout=subprocess.DEVNULL)
+            gateways["haproxy"] = start([haproxy, "-db", "-f", hp_conf], 0, stdout=subprocess.DEVNULL)
             targets.append(("haproxy", "hp"))
         for name, port in targets:
             harness.wait_port(ports[port])
@@ -108,13 +123,16 @@ def main():
         up_worker = harness.process_tree(up.pid)[-1]
         print(f"TLS new connection per request, wrk -c{args.connections} -d{args.duration}s; "
               f"perf samples at {FREQ} Hz per 1,000 requests (one sample = {1e6 / FREQ:.0f} µs)")
-        print(f"{'gateway':10} {'req/s':>8} {'wrk':>8} {'wake':>7} {'upstream':>9} {'wake':>7} {'non-2xx':>8}")
+        print(f"{'gateway':10} {'req/s':>8} {'wrk':>8} {'wake':>7} {'upstream':>9} {'wake':>7} "
+              f"{'sleeps':>7} {'non-2xx':>8}")
         for name, port in targets:
             row = measure(f"https://127.0.0.1:{ports[port]}/v1/guests", keys[harness.KEYS // 2], args,
-                          up_worker, work, name)
+                          up_worker, harness.process_tree(gateways[name].pid), work, name)
             print(f"{name:10} {row['rps']:>8.0f} {row['wrk']:>8.1f} {row['wrk_wake']:>7.1f} "
-                  f"{row['upstream']:>9.1f} {row['upstream_wake']:>7.1f} {row['non2xx']:>8}", flush=True)
-        print("\nwake: samples in " + ", ".join(WAKE))
+                  f"{row['upstream']:>9.1f} {row['upstream_wake']:>7.1f} {row['sleeps']:>7.2f} "
+                  f"{row['non2xx']:>8}", flush=True)
+        print("\nwake: samples in " + ", ".join(WAKE) + "; sleeps: the gateway's voluntary context "
+              "switches per request")
 
 
 if __name__ == "__main__":

@@ -159,11 +159,11 @@ def run_wrk(url, args, headers):
     return r
 
 
-def nginx_conf(work, name, body):
+def nginx_conf(work, name, body, workers=1):
     path = os.path.join(work, f"{name}.conf")
     with open(path, "w") as f:
         f.write(
-            f"""worker_processes 1;
+            f"""worker_processes {workers};
 daemon off;
 pid {work}/{name}.pid;
 error_log {work}/{name}-error.log warn;
@@ -190,14 +190,14 @@ def upstream_conf(work, port):
     )
 
 
-def keygate_conf(port, up_port, entries, tls=None, access_log=False):
-    """keygate's gateway.toml for the harness: one worker, a limit too high to trigger, no
+def keygate_conf(port, up_port, entries, tls=None, access_log=False, workers=1):
+    """keygate's gateway.toml for the harness: one worker (or `workers`), a limit too high to trigger, no
     access lines (as nginx's `access_log off`; set in the config, as an operator would), or
     with `access_log` its access lines (level info; the harness sends stderr to a file)."""
     tls_lines = f'tls_cert = "{tls[0]}"\ntls_key = "{tls[1]}"\n' if tls else ""
     return f"""[server]
 listen = "127.0.0.1:{port}"
-{tls_lines}workers = 1
+{tls_lines}workers = {workers}
 
 [upstream]
 url = "http://127.0.0.1:{up_port}"
@@ -212,7 +212,7 @@ level = "{'info' if access_log else 'warn'}"
 {entries}"""
 
 
-def nginx_gateway_conf(work, keys, up_port, plain_port, tls=None, access_log=False):
+def nginx_gateway_conf(work, keys, up_port, plain_port, tls=None, access_log=False, workers=1):
     """nginx as the equivalent gateway: `map` over the keys, `limit_req` per key id, key header
     removed, identity and forwarding headers added, keep-alive upstream; `tls` is
     (port, cert, key) for a TLS listener beside the plain one; with `access_log`, access lines
@@ -280,7 +280,7 @@ def nginx_gateway_conf(work, keys, up_port, plain_port, tls=None, access_log=Fal
     )
 
 
-def haproxy_conf(work, keys, up_port, plain_port, tls=None, access_log=False):
+def haproxy_conf(work, keys, up_port, plain_port, tls=None, access_log=False, workers=1):
     """HAProxy as the equivalent gateway: `map` files over the keys, a stick table tracking
     each key id's request rate with a limit too high to trigger, key header removed, identity
     and forwarding headers added, a request id (a UUID) both ways, idle upstream connections
@@ -304,7 +304,7 @@ def haproxy_conf(work, keys, up_port, plain_port, tls=None, access_log=False):
     with open(path, "w") as f:
         f.write(
             f"""global
-    nbthread 1
+    nbthread {workers}
     maxconn 8000
 
 defaults
@@ -351,13 +351,20 @@ def main():
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--connections", type=int, default=64)
-    ap.add_argument("--out", default="benches/load/results.md")
+    ap.add_argument("--out", help="default benches/load/results.md (results-workers-N.md with --workers N)")
     ap.add_argument("--modes", default="plain,tls,new", help="subset of plain,tls,new")
     ap.add_argument("--access-log", action="store_true",
                     help="the gateways write access lines to a file (nginx buffered)")
     ap.add_argument("--no-haproxy", action="store_true",
                     help="leave HAProxy out even when it is installed")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="each proxy's workers (keygate `workers`, nginx worker_processes, HAProxy "
+                         "nbthread), pinned to CPUs 0..N-1; wrk and the upstream stay on CPU 1")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = ("benches/load/results.md" if args.workers == 1
+                    else f"benches/load/results-workers-{args.workers}.md")
+    proxy_cpus = "0" if args.workers == 1 else f"0-{args.workers - 1}"
     keygate = os.path.abspath(args.keygate)
     work = tempfile.mkdtemp(prefix="keygate-load-")
     with Processes() as procs:
@@ -379,25 +386,27 @@ def main():
             path = os.path.join(work, f"{name}.toml")
             with open(path, "w") as f:
                 f.write(keygate_conf(ports[name], up_port, entries, (cert, key) if tls else None,
-                                     args.access_log))
+                                     args.access_log, args.workers))
             # No access lines, as nginx's access_log off; set in the config as an operator
             # would (RUST_LOG would also replace keygate's default filter).
             env = {k: v for k, v in os.environ.items() if k != "RUST_LOG"}
             log = open(os.path.join(work, f"{name}.log"), "w") if args.access_log else subprocess.DEVNULL
-            start([keygate, "run", "--config", path], 0, env=env, stderr=log)
+            start([keygate, "run", "--config", path], proxy_cpus, env=env, stderr=log)
 
         ng_conf = nginx_gateway_conf(
-            work, keys, up_port, ports["ng_plain"], (ports["ng_tls"], cert, key), args.access_log
+            work, keys, up_port, ports["ng_plain"], (ports["ng_tls"], cert, key), args.access_log,
+            args.workers,
         )
-        ng = start(["nginx", "-c", ng_conf], 0)
+        ng = start(["nginx", "-c", ng_conf], proxy_cpus)
         hp = None
         if haproxy:
             hp_conf = haproxy_conf(
-                work, keys, up_port, ports["hp_plain"], (ports["hp_tls"], cert, key), args.access_log
+                work, keys, up_port, ports["hp_plain"], (ports["hp_tls"], cert, key), args.access_log,
+                args.workers,
             )
             subprocess.run([haproxy, "-c", "-q", "-f", hp_conf], check=True)
             hp_log = open(os.path.join(work, "haproxy.log"), "w") if args.access_log else subprocess.DEVNULL
-            hp = start([haproxy, "-db", "-f", hp_conf], 0, stdout=hp_log)
+            hp = start([haproxy, "-db", "-f", hp_conf], proxy_cpus, stdout=hp_log)
         for p in ports.values():
             wait_port(p)
         time.sleep(0.5)
@@ -484,14 +493,18 @@ def report(args, results, modes):
         f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- machine: {platform.node()}, {os.cpu_count()} cores, {cpu_model}, Linux {platform.release()}",
         f"- command: `benches/load/run.sh --duration {args.duration} --rounds {args.rounds} --connections {args.connections}"
-        f"{' --modes ' + args.modes if args.modes != 'plain,tls,new' else ''}{' --access-log' if args.access_log else ''}`",
+        f"{' --modes ' + args.modes if args.modes != 'plain,tls,new' else ''}{' --access-log' if args.access_log else ''}"
+        f"{f' --workers {args.workers}' if args.workers != 1 else ''}`",
         f"- load: wrk, 1 thread, {args.connections} connections, {args.duration} s per run, {args.rounds} interleaved rounds (means shown); "
-        "proxies pinned to CPU 0 with one worker, wrk and the upstream (nginx returning a small JSON body) on CPU 1",
+        + ("proxies pinned to CPU 0 with one worker" if args.workers == 1
+           else f"proxies pinned to CPUs 0-{args.workers - 1} with {args.workers} workers each (one of them shares CPU 1)")
+        + ", wrk and the upstream (nginx returning a small JSON body) on CPU 1",
         f"- every gateway: {KEYS} keys, per-key limit too high to trigger, key header removed, identity (key id, tenant), "
         "X-Forwarded-* and X-Request-Id headers added, keep-alive upstream; "
         + ("access lines to a file (keygate: its log thread; nginx: `buffer=64k flush=1s`)"
            if args.access_log else "no access logs")
-        + ("; HAProxy " + haproxy_version() + ", one thread, `map` files and a stick table per key id"
+        + ("; HAProxy " + haproxy_version() + (", one thread" if args.workers == 1 else f", {args.workers} threads")
+           + ", `map` files and a stick table per key id"
            if any(t == "haproxy" for _, t in results) else ""),
         "",
         "CPU µs/req is the proxy's (CPU 0); CPU 1 µs/req is wrk's and the upstream's together, the side that",

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Load harness: keygate vs nginx doing the same job, side by side, on this machine.
 #
-#   benches/load/run.sh [--duration 10] [--rounds 2] [--connections 64]
+#   benches/load/run.sh [--duration 10] [--rounds 2] [--connections 64] [--workers 1]
 #
 # Installs what it needs when missing (nginx-light, wrk and haproxy from Debian), builds keygate
 # in release mode, then runs harness.py, which starts the upstream, keygate, nginx and HAProxy,

@@ -507,7 +507,8 @@ def report(args, results, modes):
            + ", `map` files and a stick table per key id"
            if any(t == "haproxy" for _, t in results) else ""),
         "",
-        "CPU µs/req is the proxy's (CPU 0); CPU 1 µs/req is wrk's and the upstream's together, the side that",
+        ("CPU µs/req is the proxy's (CPU 0)" if args.workers == 1 else "CPU µs/req is the proxy's (all its threads)")
+        + "; CPU 1 µs/req is wrk's and the upstream's together, the side that",
         "limits req/s when the proxy's core has time to spare.",
         "",
         "| mode | target | req/s | p50 ms | p99 ms | CPU µs/req | CPU 1 µs/req | non-2xx |",

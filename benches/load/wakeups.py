@@ -79,7 +79,7 @@ def measure(url, key, args, up_pid, gw_pids, work, name):
     switches = voluntary_switches(gw_pids) - switches
     r = harness.parse_wrk(out)
     per = 1000 / max(r["requests"], 1)
-    row = {"rps": r["rps"], "non2xx": r["non2xx"], "sleeps": switches * per / 1000}
+    row = {"rps": r["rps"], "non2xx": r["non2xx"], "sleeps": switches / max(r["requests"], 1)}
     for who in ["wrk", "upstream"]:
         counts = samples_by_symbol(data[who])
         row[who] = sum(counts.values()) * per

@@ -5,9 +5,9 @@ side (see run.sh).
 Every contender proxies to one upstream (an nginx instance answering a small JSON body) over
 keep-alive connections, checks the x-api-key header against the same 1,000 keys, applies a
 per-key limit too high to trigger, removes the key header and adds an identity header.
-Proxies run on CPU 0 with one worker; wrk and the upstream run on CPU 1. For each run the
-proxy's CPU time (utime+stime of all its processes, from /proc) is read before and after and
-divided by the requests completed.
+Proxies run on CPU 0 with one worker (`--workers N`: N each, on CPUs 0..N-1); wrk and the
+upstream run on CPU 1. For each run the proxy's CPU time (utime+stime of all its processes, from
+/proc) is read before and after and divided by the requests completed.
 """
 import argparse
 import datetime
@@ -345,6 +345,47 @@ frontend gateway
     return path
 
 
+def start_gateways(procs, keygate, work, keys, entries, up_port, haproxy=True, access_log=False,
+                   workers=1):
+    """Starts every contender as the same gateway over the upstream on `up_port`: keygate twice
+    (plain and TLS), nginx and, when installed and `haproxy`, HAProxy (each with a plain and a
+    TLS listener), pinned to CPUs 0..workers-1, and waits until all listen. Returns the ports
+    by listener (kg_plain, kg_tls, ng_plain, ng_tls, hp_plain, hp_tls) and the pids by
+    listener for keygate, by name for nginx (its master) and HAProxy."""
+    subprocess.run([keygate, "certs", "dev", "--out", work], check=True, capture_output=True)
+    cert, key = f"{work}/gateway.crt", f"{work}/gateway.key"
+    cpus = "0" if workers == 1 else f"0-{workers - 1}"
+    haproxy = shutil.which("haproxy") if haproxy else None
+    names = ["kg_plain", "kg_tls", "ng_plain", "ng_tls"] + (["hp_plain", "hp_tls"] if haproxy else [])
+    ports = {name: free_port() for name in names}
+    pids = {}
+    for name, tls in [("kg_plain", False), ("kg_tls", True)]:
+        path = os.path.join(work, f"{name}.toml")
+        with open(path, "w") as f:
+            f.write(keygate_conf(ports[name], up_port, entries, (cert, key) if tls else None,
+                                 access_log, workers))
+        # No access lines, as nginx's access_log off; set in the config as an operator
+        # would (RUST_LOG would also replace keygate's default filter).
+        env = {k: v for k, v in os.environ.items() if k != "RUST_LOG"}
+        log = open(os.path.join(work, f"{name}.log"), "w") if access_log else subprocess.DEVNULL
+        pids[name] = procs.start([keygate, "run", "--config", path], cpus, env=env, stderr=log).pid
+    ng_conf = nginx_gateway_conf(
+        work, keys, up_port, ports["ng_plain"], (ports["ng_tls"], cert, key), access_log, workers
+    )
+    pids["nginx"] = procs.start(["nginx", "-c", ng_conf], cpus).pid
+    if haproxy:
+        hp_conf = haproxy_conf(
+            work, keys, up_port, ports["hp_plain"], (ports["hp_tls"], cert, key), access_log, workers
+        )
+        subprocess.run([haproxy, "-c", "-q", "-f", hp_conf], check=True)
+        hp_log = open(os.path.join(work, "haproxy.log"), "w") if access_log else subprocess.DEVNULL
+        pids["haproxy"] = procs.start([haproxy, "-db", "-f", hp_conf], cpus, stdout=hp_log).pid
+    for p in ports.values():
+        wait_port(p)
+    time.sleep(0.5)
+    return ports, pids
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--keygate", required=True)
@@ -364,53 +405,16 @@ def main():
     if args.out is None:
         args.out = ("benches/load/results.md" if args.workers == 1
                     else f"benches/load/results-workers-{args.workers}.md")
-    proxy_cpus = "0" if args.workers == 1 else f"0-{args.workers - 1}"
     keygate = os.path.abspath(args.keygate)
     work = tempfile.mkdtemp(prefix="keygate-load-")
     with Processes() as procs:
-        start = procs.start
         # Keys: the same 1,000 for every gateway.
         keys, entries = keys_and_entries(keygate)
-        subprocess.run([keygate, "certs", "dev", "--out", work], check=True, capture_output=True)
-        cert, key = f"{work}/gateway.crt", f"{work}/gateway.key"
-
         up_port = free_port()
-        up_conf = upstream_conf(work, up_port)
-        up = start(["nginx", "-c", up_conf], 1)
+        up = procs.start(["nginx", "-c", upstream_conf(work, up_port)], 1)
         wait_port(up_port)
-
-        haproxy = None if args.no_haproxy else shutil.which("haproxy")
-        names = ["kg_plain", "kg_tls", "ng_plain", "ng_tls"] + (["hp_plain", "hp_tls"] if haproxy else [])
-        ports = {name: free_port() for name in names}
-        for name, tls in [("kg_plain", False), ("kg_tls", True)]:
-            path = os.path.join(work, f"{name}.toml")
-            with open(path, "w") as f:
-                f.write(keygate_conf(ports[name], up_port, entries, (cert, key) if tls else None,
-                                     args.access_log, args.workers))
-            # No access lines, as nginx's access_log off; set in the config as an operator
-            # would (RUST_LOG would also replace keygate's default filter).
-            env = {k: v for k, v in os.environ.items() if k != "RUST_LOG"}
-            log = open(os.path.join(work, f"{name}.log"), "w") if args.access_log else subprocess.DEVNULL
-            start([keygate, "run", "--config", path], proxy_cpus, env=env, stderr=log)
-
-        ng_conf = nginx_gateway_conf(
-            work, keys, up_port, ports["ng_plain"], (ports["ng_tls"], cert, key), args.access_log,
-            args.workers,
-        )
-        ng = start(["nginx", "-c", ng_conf], proxy_cpus)
-        hp = None
-        if haproxy:
-            hp_conf = haproxy_conf(
-                work, keys, up_port, ports["hp_plain"], (ports["hp_tls"], cert, key), args.access_log,
-                args.workers,
-            )
-            subprocess.run([haproxy, "-c", "-q", "-f", hp_conf], check=True)
-            hp_log = open(os.path.join(work, "haproxy.log"), "w") if args.access_log else subprocess.DEVNULL
-            hp = start([haproxy, "-db", "-f", hp_conf], proxy_cpus, stdout=hp_log)
-        for p in ports.values():
-            wait_port(p)
-        time.sleep(0.5)
-        kg_pids = {"kg_plain": procs.procs[1].pid, "kg_tls": procs.procs[2].pid}
+        ports, pids = start_gateways(procs, keygate, work, keys, entries, up_port,
+                                     not args.no_haproxy, args.access_log, args.workers)
 
         key_header = f"x-api-key: {keys[KEYS // 2]}"
         all_modes = {
@@ -423,7 +427,7 @@ def main():
         for rnd in range(args.rounds):
             for mode, scheme, kind, extra in modes:
                 targets = [("keygate", f"kg_{kind}"), ("nginx", f"ng_{kind}")]
-                if hp:
+                if "haproxy" in pids:
                     targets.append(("haproxy", f"hp_{kind}"))
                 if rnd % 2:
                     targets.reverse()
@@ -431,20 +435,16 @@ def main():
                     targets.insert(0, ("direct upstream", None))
                 for target, port_name in targets:
                     if port_name is None:
-                        url, pids = f"http://127.0.0.1:{up_port}/v1/guests", []
+                        url, measured = f"http://127.0.0.1:{up_port}/v1/guests", []
                     else:
                         url = f"{scheme}://127.0.0.1:{ports[port_name]}/v1/guests"
-                        pids = (
-                            process_tree(ng.pid) if target == "nginx"
-                            else process_tree(hp.pid) if target == "haproxy"
-                            else [kg_pids[port_name]]
-                        )
+                        measured = process_tree(pids.get(target) or pids[port_name])
                     up_pids = process_tree(up.pid)
-                    before, up_before = cpu_ticks(pids), cpu_ticks(up_pids)
+                    before, up_before = cpu_ticks(measured), cpu_ticks(up_pids)
                     r = run_wrk(url, args, [key_header] + extra)
-                    after, up_after = cpu_ticks(pids), cpu_ticks(up_pids)
+                    after, up_after = cpu_ticks(measured), cpu_ticks(up_pids)
                     n = max(r["requests"], 1)
-                    r["cpu_us"] = (after - before) / CLK * 1e6 / n if pids else None
+                    r["cpu_us"] = (after - before) / CLK * 1e6 / n if measured else None
                     # CPU 1's work per request: the load generator's and the upstream's.
                     r["cpu1_us"] = (r["wrk_cpu_s"] + (up_after - up_before) / CLK) * 1e6 / n
                     results.setdefault((mode, target), []).append(r)

@@ -18,7 +18,6 @@ import argparse
 import glob
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -96,30 +95,14 @@ def main():
     keygate = os.path.abspath(args.keygate)
     work = tempfile.mkdtemp(prefix="keygate-wakeups-")
     with harness.Processes() as procs:
-        start = procs.start
         keys, entries = harness.keys_and_entries(keygate)
-        subprocess.run([keygate, "certs", "dev", "--out", work], check=True, capture_output=True)
-        cert, key = f"{work}/gateway.crt", f"{work}/gateway.key"
         up_port = harness.free_port()
-        up = start(["nginx", "-c", harness.upstream_conf(work, up_port)], 1)
+        up = procs.start(["nginx", "-c", harness.upstream_conf(work, up_port)], 1)
         harness.wait_port(up_port)
-        ports = {name: harness.free_port() for name in ["kg", "ng", "ng_plain", "hp", "hp_plain"]}
-        kg_conf = os.path.join(work, "keygate.toml")
-        with open(kg_conf, "w") as f:
-            f.write(harness.keygate_conf(ports["kg"], up_port, entries, (cert, key)))
-        env = {k: v for k, v in os.environ.items() if k != "RUST_LOG"}
-        gateways = {"keygate": start([keygate, "run", "--config", kg_conf], 0, env=env, stderr=subprocess.DEVNULL)}
-        ng_conf = harness.nginx_gateway_conf(work, keys, up_port, ports["ng_plain"], (ports["ng"], cert, key))
-        gateways["nginx"] = start(["nginx", "-c", ng_conf], 0)
-        targets = [("keygate", "kg"), ("nginx", "ng")]
-        haproxy = shutil.which("haproxy")
-        if haproxy:
-            hp_conf = harness.haproxy_conf(work, keys, up_port, ports["hp_plain"], (ports["hp"], cert, key))
-            gateways["haproxy"] = start([haproxy, "-db", "-f", hp_conf], 0, stdout=subprocess.DEVNULL)
-            targets.append(("haproxy", "hp"))
-        for name, port in targets:
-            harness.wait_port(ports[port])
-        time.sleep(0.5)
+        ports, pids = harness.start_gateways(procs, keygate, work, keys, entries, up_port)
+        targets = [("keygate", "kg_tls"), ("nginx", "ng_tls")]
+        if "haproxy" in pids:
+            targets.append(("haproxy", "hp_tls"))
         up_worker = harness.process_tree(up.pid)[-1]
         print(f"TLS new connection per request, wrk -c{args.connections} -d{args.duration}s; "
               f"perf samples at {FREQ} Hz per 1,000 requests (one sample = {1e6 / FREQ:.0f} µs)")
@@ -127,7 +110,7 @@ def main():
               f"{'sleeps':>7} {'non-2xx':>8}")
         for name, port in targets:
             row = measure(f"https://127.0.0.1:{ports[port]}/v1/guests", keys[harness.KEYS // 2], args,
-                          up_worker, harness.process_tree(gateways[name].pid), work, name)
+                          up_worker, harness.process_tree(pids.get(name) or pids[port]), work, name)
             print(f"{name:10} {row['rps']:>8.0f} {row['wrk']:>8.1f} {row['wrk_wake']:>7.1f} "
                   f"{row['upstream']:>9.1f} {row['upstream_wake']:>7.1f} {row['sleeps']:>7.2f} "
                   f"{row['non2xx']:>8}", flush=True)

@@ -1,20 +1,33 @@
-//! Certificate hot reload: the listener's certificate lives behind one `ArcSwap`.
+//! Certificate hot reload: the listener's certificate, and the one keygate shows an upstream
+//! (`[upstream] client_cert`), each live behind one `ArcSwap`.
 //!
-//! [`CertStore`] is the rustls [`ResolvesServerCert`] of the listener: each handshake takes the
-//! current pair with one `load`, so a swap reaches the next handshake while open connections go
-//! on with the certificate they were made with. The watcher observes the directories of the
-//! certificate and key files (renewal tools replace files by rename or by swapping a symlink)
-//! and also acts on SIGHUP; after a short debounce it re-reads both files, and only when their
-//! bytes changed does it build a new pair. A pair that cannot be used (unreadable, not PEM, a key
-//! that does not match the certificate, or a half-written renewal) is logged with the reason
-//! and the previous certificate stays; the next change is tried afresh.
+//! [`CertStore`] is the rustls [`ResolvesServerCert`] of the listener and the
+//! [`ResolvesClientCert`] of the upstream hop: each handshake takes the current pair with one
+//! `load`, so a swap reaches the next handshake while open connections (and pooled upstream
+//! ones) go on with the certificate they were made with. The watcher observes the directories
+//! of the certificate and key files (renewal tools replace files by rename or by swapping a
+//! symlink) and also acts on SIGHUP; after a short debounce it re-reads both files, and only
+//! when their bytes changed does it build a new pair. A pair that cannot be used (unreadable,
+//! not PEM, a key that does not match the certificate, or a half-written renewal) is logged
+//! with the reason and the previous certificate stays; the next change is tried afresh.
+//! [`ClientSessions`] keeps upstream TLS sessions from outliving the certificate they were
+//! made with.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use arc_swap::ArcSwap;
 use rustls::{
+    client::{
+        ClientSessionMemoryCache, ClientSessionStore, ResolvesClientCert, Tls12ClientSessionValue,
+        Tls13ClientSessionValue,
+    },
+    pki_types::ServerName,
     server::{ClientHello, ResolvesServerCert},
     sign::CertifiedKey,
+    NamedGroup, SignatureScheme,
 };
 use tokio::sync::watch;
 
@@ -29,11 +42,32 @@ use crate::{
 /// one after the other.
 const DEBOUNCE: Duration = Duration::from_millis(200);
 
-/// The listener's current certificate and key, swapped whole on reload.
+/// A current certificate and key, swapped whole on reload.
 #[derive(Debug)]
 pub struct CertStore {
     files: TlsFiles,
     current: ArcSwap<CertifiedKey>,
+    /// What the certificate is for, as the log lines name it.
+    role: CertRole,
+}
+
+/// Which side of keygate a [`CertStore`] serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertRole {
+    /// `[server] tls_cert` / `tls_key`: shown to partners.
+    Listener,
+    /// `[upstream] client_cert` / `client_key`: shown to an upstream that asks for one.
+    UpstreamClient,
+}
+
+impl CertRole {
+    /// The certificate's name in log lines and start-up errors.
+    pub fn name(self) -> &'static str {
+        match self {
+            CertRole::Listener => "TLS certificate",
+            CertRole::UpstreamClient => "upstream client certificate",
+        }
+    }
 }
 
 impl ResolvesServerCert for CertStore {
@@ -42,13 +76,29 @@ impl ResolvesServerCert for CertStore {
     }
 }
 
+impl ResolvesClientCert for CertStore {
+    /// The current pair whatever the upstream hints: it has one certificate to show.
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
 impl CertStore {
     /// Loads the configured pair; fails when it cannot be used.
-    pub fn load(files: &TlsFiles) -> Result<Arc<CertStore>, TlsError> {
+    pub fn load(files: &TlsFiles, role: CertRole) -> Result<Arc<CertStore>, TlsError> {
         let pair = load_pair(files)?;
         Ok(Arc::new(CertStore {
             files: files.clone(),
             current: ArcSwap::from_pointee(pair),
+            role,
         }))
     }
 
@@ -77,6 +127,7 @@ impl CertStore {
         let files = [cert.clone(), key.clone()];
         let mut feed = ChangeFeed::start(&files, |_| true, None, DEBOUNCE, stop.clone())?;
         let store = Arc::clone(self);
+        let what = self.role.name();
         let mut stop = stop;
         tokio::spawn(async move {
             let mut last_seen = read_both(&store.files);
@@ -93,25 +144,104 @@ impl CertStore {
                         metrics.certificate_reload(true);
                         tracing::info!(
                             cert = %cert.display(),
-                            "TLS certificate reloaded: new handshakes use it"
+                            "{what} reloaded: new handshakes use it"
                         );
                     }
                     Ok(Err(err)) => {
                         metrics.certificate_reload(false);
                         tracing::error!(
-                            "TLS certificate reload failed, keeping the current certificate: {err}"
+                            "{what} reload failed, keeping the current certificate: {err}"
                         );
                     }
                     Err(e) => {
                         metrics.certificate_reload(false);
                         tracing::error!(
-                            "TLS certificate reload panicked, keeping the current certificate: {e}"
+                            "{what} reload panicked, keeping the current certificate: {e}"
                         );
                     }
                 }
             }
         });
         Ok(())
+    }
+}
+
+/// Upstream TLS sessions kept at once (rustls's default for its in-memory cache).
+const UPSTREAM_SESSIONS: usize = 256;
+
+/// The upstream hop's TLS session cache when keygate shows a client certificate: sessions
+/// (TLS 1.3 tickets, TLS 1.2 ids) are resumed only while the certificate they were made with is
+/// the current one. A resumed session carries the client identity of its first handshake, so
+/// without this a renewed certificate would reach the upstream only as old tickets ran out.
+/// (A handshake that straddles a renewal may still file its ticket under the new certificate.)
+#[derive(Debug)]
+pub struct ClientSessions {
+    certs: Arc<CertStore>,
+    /// The certificate the cached sessions were made with, and the cache.
+    cache: Mutex<(Arc<CertifiedKey>, Arc<ClientSessionMemoryCache>)>,
+}
+
+impl ClientSessions {
+    /// An empty cache for sessions made with `certs`' current certificate.
+    pub fn new(certs: Arc<CertStore>) -> ClientSessions {
+        let current = certs.current();
+        ClientSessions {
+            certs,
+            cache: Mutex::new((
+                current,
+                Arc::new(ClientSessionMemoryCache::new(UPSTREAM_SESSIONS)),
+            )),
+        }
+    }
+
+    /// The current certificate's sessions: a fresh cache once the certificate was renewed.
+    fn sessions(&self) -> Arc<ClientSessionMemoryCache> {
+        let current = self.certs.current.load();
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if !Arc::ptr_eq(&cache.0, &current) {
+            *cache = (
+                Arc::clone(&current),
+                Arc::new(ClientSessionMemoryCache::new(UPSTREAM_SESSIONS)),
+            );
+        }
+        Arc::clone(&cache.1)
+    }
+}
+
+impl ClientSessionStore for ClientSessions {
+    fn set_kx_hint(&self, server_name: ServerName<'static>, group: NamedGroup) {
+        self.sessions().set_kx_hint(server_name, group);
+    }
+
+    fn kx_hint(&self, server_name: &ServerName<'_>) -> Option<NamedGroup> {
+        self.sessions().kx_hint(server_name)
+    }
+
+    fn set_tls12_session(&self, server_name: ServerName<'static>, value: Tls12ClientSessionValue) {
+        self.sessions().set_tls12_session(server_name, value);
+    }
+
+    fn tls12_session(&self, server_name: &ServerName<'_>) -> Option<Tls12ClientSessionValue> {
+        self.sessions().tls12_session(server_name)
+    }
+
+    fn remove_tls12_session(&self, server_name: &ServerName<'static>) {
+        self.sessions().remove_tls12_session(server_name);
+    }
+
+    fn insert_tls13_ticket(
+        &self,
+        server_name: ServerName<'static>,
+        value: Tls13ClientSessionValue,
+    ) {
+        self.sessions().insert_tls13_ticket(server_name, value);
+    }
+
+    fn take_tls13_ticket(
+        &self,
+        server_name: &ServerName<'static>,
+    ) -> Option<Tls13ClientSessionValue> {
+        self.sessions().take_tls13_ticket(server_name)
     }
 }
 
@@ -161,7 +291,7 @@ mod tests {
         let a = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
         let b = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
         let files = write_pair(dir.path(), &a.cert.pem(), &a.signing_key.serialize_pem());
-        let store = CertStore::load(&files).unwrap();
+        let store = CertStore::load(&files, CertRole::Listener).unwrap();
         let served = |s: &CertStore| s.current().cert[0].to_vec();
         assert_eq!(served(&store), a.cert.der().to_vec());
 

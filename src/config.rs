@@ -28,6 +28,9 @@
 //! - a key's `max_body` falls back to `[server] max_body`.
 //! - `[upstream] ca_file` (relative to the config file, https:// only) replaces the webpki roots
 //!   for the upstream's certificate; it is read and checked here, at load.
+//! - `[upstream] client_cert` and `client_key` (https:// only, both or neither, relative to the
+//!   config file) are the certificate keygate shows an upstream that asks for one; like the
+//!   listener's pair they are read at start-up ([`crate::certs`]) and then watched.
 
 use std::{
     hash::BuildHasher,
@@ -196,6 +199,9 @@ pub struct UpstreamConfig {
     /// `ca_file`: what an `https://` upstream's certificate is verified against instead of the
     /// webpki roots; `None` uses the webpki roots.
     pub ca: Option<UpstreamCa>,
+    /// `client_cert` and `client_key`: the certificate shown to an `https://` upstream that
+    /// asks for one (mutual TLS); `None` shows none.
+    pub client_cert: Option<TlsFiles>,
 }
 
 /// `[upstream] ca_file`, read and checked: the certificates trusted for the upstream.
@@ -343,6 +349,8 @@ struct RawUpstream {
     health_interval: Option<Spanned<String>>,
     body_timeout: Option<Spanned<String>>,
     ca_file: Option<Spanned<String>>,
+    client_cert: Option<Spanned<String>>,
+    client_key: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1291,6 +1299,27 @@ fn parse_upstream(src: &Source<'_>, raw: &RawUpstream) -> Result<UpstreamConfig,
         }
         None => None,
     };
+    let client_cert =
+        match (&raw.client_cert, &raw.client_key) {
+            (Some(cert), Some(key)) if scheme == Scheme::HTTPS => {
+                let base = src.file.parent().unwrap_or(Path::new("."));
+                Some(TlsFiles {
+                    cert: base.join(cert.get_ref()),
+                    key: base.join(key.get_ref()),
+                })
+            }
+            (Some(v), Some(_)) => return Err(src.at(
+                v,
+                "client_cert is only used with an https:// url (this upstream is plain http://)",
+            )),
+            (Some(v), None) | (None, Some(v)) => {
+                return Err(src.at(
+                    v,
+                    "client_cert and client_key go together: set both or neither",
+                ))
+            }
+            (None, None) => None,
+        };
     Ok(UpstreamConfig {
         identity,
         url: url.clone(),
@@ -1304,6 +1333,7 @@ fn parse_upstream(src: &Source<'_>, raw: &RawUpstream) -> Result<UpstreamConfig,
         health_interval: duration(&raw.health_interval, Duration::from_secs(5))?,
         body_timeout: duration(&raw.body_timeout, Duration::from_secs(30))?,
         ca,
+        client_cert,
     })
 }
 
@@ -1875,6 +1905,47 @@ mod tests {
                 err.message.starts_with(&want),
                 "{err}\n  should start with\n{want}"
             );
+        }
+    }
+
+    #[test]
+    fn an_upstream_client_certificate_is_a_pair_for_https_relative_to_the_config() {
+        let main = Path::new("/etc/keygate/gw.toml");
+        let config = |url: &str, lines: &str| {
+            format!("[server]\nlisten = \"127.0.0.1:0\"\n[upstream]\nurl = \"{url}\"\n{lines}")
+        };
+        let both = "client_cert = \"certs/gw.crt\"\nclient_key = \"/secret/gw.key\"\n";
+        let c = Config::parse(main, &config("https://up:443", both)).unwrap();
+        assert_eq!(
+            c.upstream.client_cert,
+            Some(TlsFiles {
+                cert: PathBuf::from("/etc/keygate/certs/gw.crt"),
+                key: PathBuf::from("/secret/gw.key"),
+            })
+        );
+        assert!(parse(&minimal("")).unwrap().upstream.client_cert.is_none());
+        // The files themselves are read at start-up (`certs::CertStore`), not here.
+        let cases = [
+            (
+                config("https://up:443", "client_cert = \"gw.crt\"\n"),
+                "client_cert and client_key go together: set both or neither",
+                (5, 15),
+            ),
+            (
+                config("https://up:443", "client_key = \"gw.key\"\n"),
+                "client_cert and client_key go together: set both or neither",
+                (5, 14),
+            ),
+            (
+                config("http://up:80", both),
+                "client_cert is only used with an https:// url (this upstream is plain http://)",
+                (5, 15),
+            ),
+        ];
+        for (text, want, at) in cases {
+            let err = Config::parse(main, &text).expect_err(&text);
+            assert_eq!(err.message, want, "{text}");
+            assert_eq!((err.line, err.col), at, "{err}");
         }
     }
 

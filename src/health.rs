@@ -23,7 +23,7 @@ use hyper_util::{
 };
 use tokio::sync::watch;
 
-use crate::{config::UpstreamConfig, proxy::Shared};
+use crate::{config::UpstreamConfig, proxy::Shared, upstream::UpstreamClient};
 
 /// Whether keygate should receive traffic, and if not, why.
 #[derive(Debug)]
@@ -80,7 +80,7 @@ pub fn spawn(
 ) {
     // The TLS roots of the start-up config, as the request path's client uses
     // (`[upstream] ca_file` changes take effect after a restart for both).
-    let client = probe_client(&shared.live.load().config.upstream);
+    let client = probe_client(&shared.live.load().config.upstream, &shared.client);
     tokio::spawn(async move {
         loop {
             let live = shared.live.load_full();
@@ -97,12 +97,16 @@ pub fn spawn(
 }
 
 /// The probe's client: `https://` upstreams are verified as the request path verifies them
-/// ([`crate::upstream::tls_config`]: `[upstream] ca_file`, else the webpki roots).
-fn probe_client(upstream: &UpstreamConfig) -> ProbeClient {
+/// ([`crate::upstream::tls_config`]: `[upstream] ca_file`, else the webpki roots) and shown
+/// the request path's `client_cert`.
+fn probe_client(upstream: &UpstreamConfig, requests: &UpstreamClient) -> ProbeClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(crate::upstream::tls_config(upstream))
+        .with_tls_config(crate::upstream::tls_config(
+            upstream,
+            requests.client_cert(),
+        ))
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);

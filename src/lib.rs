@@ -20,10 +20,12 @@
 //! - [`bruteforce`]: failed key attempts per client IP, and the 429 past the budget.
 //! - [`body`]: body guards: the `max_body` size limit and the body idle timeout.
 //! - [`upgrade`]: WebSocket / `Upgrade` pass-through after the key check.
-//! - [`upstream`]: the pooled upstream client (HTTP and verified HTTPS).
+//! - [`upstream`]: the pooled upstream client (HTTP and verified HTTPS, with an optional client
+//!   certificate).
 //! - [`wire`]: HTTP/1.1 on the upstream hop as bytes: request heads, response heads, framing.
 //! - [`tls`]: the listener's rustls config and certificate loading.
-//! - [`certs`]: certificate hot reload behind one `ArcSwap`, keeping the last good pair.
+//! - [`certs`]: certificate hot reload behind one `ArcSwap`, keeping the last good pair (the
+//!   listener's, and the one shown to the upstream).
 //! - [`server`]: accept loop, HTTP/1.1 + HTTP/2 serving, graceful shutdown.
 //! - [`conn`]: the client byte stream's guards (keep-alive idle timeout, framing screen).
 //! - [`framing`]: HTTP/1 request framing screened on the wire (repeated lengths, CL + TE).

@@ -14,7 +14,7 @@
 //! | `keygate_rejections_total` | counter | `reason` ([`GatewayError::reason`]) |
 //! | `keygate_upstream_errors_total` | counter | `kind` (`connect`, `timeout`, `reset`) |
 //! | `keygate_config_reloads_total` | counter | `result` (`success`, `failure`) |
-//! | `keygate_certificate_reloads_total` | counter | `result` (`success`, `failure`) |
+//! | `keygate_certificate_reloads_total` | counter | `result` (`success`, `failure`); the listener's and the upstream client certificate |
 //! | `keygate_keys` | gauge | `status` (`active`, `disabled`, `expired`), computed at scrape |
 //! | `keygate_open_connections` | gauge | partner-facing client connections |
 //! | `keygate_tls_handshake_failures_total` | counter | |
@@ -202,7 +202,8 @@ impl Metrics {
         );
         registry.register(
             "certificate_reloads",
-            "TLS certificate reloads, by result (a failure keeps the previous certificate)",
+            "TLS certificate reloads (the listener's and the upstream client certificate), by \
+             result (a failure keeps the previous certificate)",
             m.certificate_reloads.clone(),
         );
         registry.register("keys", "Keys loaded, by status", m.keys.clone());

@@ -50,6 +50,14 @@ pub fn reload_now(shared: &Shared, path: &Path) -> Result<usize, ConfigError> {
         // The upstream client (and its pool of verified connections) is built once, at start.
         tracing::warn!("[upstream] ca_file changes take effect after a restart");
     }
+    if config.upstream.client_cert != old.config.upstream.client_cert {
+        // The files named at start are watched (renewals apply on their own); other files, or
+        // none, need the client built anew.
+        tracing::warn!(
+            "[upstream] client_cert/client_key changes take effect after a restart \
+             (the files named at start are watched: renew those in place)"
+        );
+    }
     let live = Live::with_table(config, table, Some(&old));
     drop(old);
     let keys = live.table.len();

@@ -37,7 +37,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::{
     admin::Admin,
-    certs::CertStore,
+    certs::{CertRole, CertStore},
     client_ip,
     config::{Config, ServerConfig},
     conn::{ClientIo, InFlight},
@@ -97,14 +97,21 @@ impl Gateway {
     async fn start_on_live(listener: TcpListener, live: Live) -> anyhow::Result<Gateway> {
         let config = Arc::clone(&live.config);
         let certs = match &config.server.tls {
-            Some(files) => Some(CertStore::load(files)?),
+            Some(files) => Some(CertStore::load(files, CertRole::Listener)?),
+            None => None,
+        };
+        let client_cert = match &config.upstream.client_cert {
+            Some(files) => Some(
+                CertStore::load(files, CertRole::UpstreamClient)
+                    .map_err(|e| anyhow::anyhow!("[upstream] client_cert: {e}"))?,
+            ),
             None => None,
         };
         let acceptor = certs
             .as_ref()
             .map(|c| TlsAcceptor::from(tls::server_config_with_resolver(c.clone())));
         let local_addr = listener.local_addr()?;
-        let client = upstream::client(&config.upstream);
+        let client = upstream::client(&config.upstream, client_cert.clone());
         let admin_listen = config.admin.as_ref().map(|a| a.listen);
         let (stop, stop_rx) = watch::channel(None);
         let limits = Limits::start(config.limit_store.as_ref(), stop_rx.clone()).await?;
@@ -117,8 +124,8 @@ impl Gateway {
         });
         let readiness = Arc::new(Readiness::default());
         reload::spawn(Arc::clone(&shared), stop_rx.clone())?;
-        if let Some(certs) = &certs {
-            certs.spawn_watcher(Arc::clone(&shared.metrics), stop_rx.clone())?;
+        for store in certs.iter().chain(&client_cert) {
+            store.spawn_watcher(Arc::clone(&shared.metrics), stop_rx.clone())?;
         }
         // Readiness is only reported by the admin listener: no probes unless one is asked for.
         if admin_listen.is_some() {

@@ -52,6 +52,7 @@ use tokio_util::io::poll_read_buf;
 
 use crate::{
     body::{BodyError, GuardedBody},
+    certs::{CertStore, ClientSessions},
     config::UpstreamConfig,
     wire::{self, BodyKind, BodyReader, Fields, Malformed, RequestFraming, ResponseHead, Step},
 };
@@ -248,6 +249,8 @@ pub struct UpstreamClient {
     #[allow(clippy::vec_box)]
     idle: Mutex<Vec<Box<Conn>>>,
     tls: TlsConnector,
+    /// The certificate shown to an upstream that asks for one (`[upstream] client_cert`).
+    client_cert: Option<Arc<CertStore>>,
 }
 
 impl std::fmt::Debug for UpstreamClient {
@@ -257,9 +260,13 @@ impl std::fmt::Debug for UpstreamClient {
 }
 
 /// The TLS client config for an `https://` upstream, without ALPN: its certificate is verified
-/// against `[upstream] ca_file` when set, else against the webpki roots. Shared by the request
-/// path and the readiness probe ([`crate::health`]), so both trust the same certificates.
-pub fn tls_config(config: &UpstreamConfig) -> rustls::ClientConfig {
+/// against `[upstream] ca_file` when set, else against the webpki roots, and `client_cert` is
+/// shown when the upstream asks for a certificate (none otherwise). Shared by the request path
+/// and the readiness probe ([`crate::health`]), so both trust and show the same certificates.
+pub fn tls_config(
+    config: &UpstreamConfig,
+    client_cert: Option<&Arc<CertStore>>,
+) -> rustls::ClientConfig {
     crate::tls::install_crypto_provider();
     let roots = match &config.ca {
         Some(ca) => Arc::clone(&ca.roots),
@@ -269,23 +276,37 @@ pub fn tls_config(config: &UpstreamConfig) -> rustls::ClientConfig {
             Arc::new(roots)
         }
     };
-    rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth()
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    match client_cert {
+        Some(store) => {
+            let mut config = builder.with_client_cert_resolver(Arc::clone(store) as _);
+            let sessions = ClientSessions::new(Arc::clone(store));
+            config.resumption = rustls::client::Resumption::store(Arc::new(sessions));
+            config
+        }
+        None => builder.with_no_client_auth(),
+    }
 }
 
 /// Builds the pooled upstream client. Its TLS roots are fixed here: a reload that changes
-/// `[upstream] ca_file` takes effect after a restart.
-pub fn client(config: &UpstreamConfig) -> Arc<UpstreamClient> {
-    let mut tls = tls_config(config);
+/// `[upstream] ca_file` takes effect after a restart. `client_cert` is read on each handshake,
+/// so its renewals ([`CertStore::spawn_watcher`]) reach the next new connection.
+pub fn client(config: &UpstreamConfig, client_cert: Option<Arc<CertStore>>) -> Arc<UpstreamClient> {
+    let mut tls = tls_config(config, client_cert.as_ref());
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     Arc::new(UpstreamClient {
         idle: Mutex::new(Vec::new()),
         tls: TlsConnector::from(Arc::new(tls)),
+        client_cert,
     })
 }
 
 impl UpstreamClient {
+    /// The certificate shown to an upstream that asks for one, when configured.
+    pub fn client_cert(&self) -> Option<&Arc<CertStore>> {
+        self.client_cert.as_ref()
+    }
+
     /// Sends the request `parts` (its own fields as `fields` lets them through, then the ones
     /// `fields` adds) with `body` (the URI carries the upstream's scheme and authority) and returns the
     /// response head; the body streams, and gives the connection back to the pool at its end.

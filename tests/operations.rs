@@ -935,7 +935,8 @@ fn certs_dev_writes_a_servable_pair_with_a_private_key() {
         let mode = std::fs::metadata(&files.key).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
     }
-    keygate::certs::CertStore::load(&files).expect("a usable pair");
+    keygate::certs::CertStore::load(&files, keygate::certs::CertRole::Listener)
+        .expect("a usable pair");
 }
 
 /// The shipped deploy files: the example config passes `keygate check`, the unit runs as a

@@ -96,13 +96,53 @@ impl Ca {
     }
 }
 
-/// The upstream's rustls config: `leaf`, ALPN `http/1.1` only.
+/// A client certificate (for TLS client authentication) and its key, as PEM text.
+struct ClientLeaf {
+    cert_pem: String,
+    key_pem: String,
+    der: Vec<u8>,
+}
+
+impl Ca {
+    /// A client certificate for the subject `cn`, signed by this CA.
+    fn client_leaf(&self, cn: &str) -> ClientLeaf {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        ClientLeaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().to_vec(),
+        }
+    }
+}
+
+/// The upstream's rustls config: `leaf`, ALPN `http/1.1` only, no client certificate asked.
 fn server_tls(leaf: Leaf) -> TlsAcceptor {
+    server_tls_for(leaf, None)
+}
+
+/// The upstream's rustls config: `leaf`, ALPN `http/1.1` only; with `clients`, every client
+/// must show a certificate that CA signed (mutual TLS).
+fn server_tls_for(leaf: Leaf, clients: Option<&Ca>) -> TlsAcceptor {
     keygate::tls::install_crypto_provider();
-    let mut config = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(leaf.chain, leaf.key)
-        .unwrap();
+    let builder = rustls::ServerConfig::builder();
+    let builder = match clients {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(ca.der.clone()).unwrap();
+            let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+                .build()
+                .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(leaf.chain, leaf.key).unwrap();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     TlsAcceptor::from(Arc::new(config))
 }
@@ -199,6 +239,8 @@ struct TlsUpstream {
     handshakes: Arc<AtomicUsize>,
     /// The ALPN protocol of each completed handshake.
     alpn: Arc<Mutex<Vec<Option<Vec<u8>>>>>,
+    /// The certificate (DER) the client showed in each completed handshake, if any.
+    client_certs: Arc<Mutex<Vec<Option<Vec<u8>>>>>,
     seen: Arc<Mutex<Vec<Seen>>>,
     /// Connections the raw upstream closed on [`close_idle`](Self::close_idle).
     closed: Arc<AtomicUsize>,
@@ -218,6 +260,9 @@ impl TlsUpstream {
     }
     fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
+    }
+    fn client_certs(&self) -> Vec<Option<Vec<u8>>> {
+        self.client_certs.lock().unwrap().clone()
     }
     fn last(&self) -> Seen {
         self.seen().pop().expect("the upstream saw a request")
@@ -253,13 +298,15 @@ async fn tls_upstream(acceptor: TlsAcceptor, serve: Serve) -> TlsUpstream {
     let accepts = Arc::new(AtomicUsize::new(0));
     let handshakes = Arc::new(AtomicUsize::new(0));
     let alpn = Arc::new(Mutex::new(Vec::new()));
+    let client_certs = Arc::new(Mutex::new(Vec::new()));
     let seen = Arc::new(Mutex::new(Vec::new()));
     let closed = Arc::new(AtomicUsize::new(0));
     let (close, _) = watch::channel(Close::No);
-    let (a, h, al, s, c, cl) = (
+    let (a, h, al, cc, s, c, cl) = (
         accepts.clone(),
         handshakes.clone(),
         alpn.clone(),
+        client_certs.clone(),
         seen.clone(),
         closed.clone(),
         close.clone(),
@@ -274,10 +321,11 @@ async fn tls_upstream(acceptor: TlsAcceptor, serve: Serve) -> TlsUpstream {
             // As servers do: without it, a small record written right behind another waits for
             // the first one's ACK (Nagle).
             tcp.set_nodelay(true).unwrap();
-            let (acceptor, h, al, s, c, serve) = (
+            let (acceptor, h, al, cc, s, c, serve) = (
                 acceptor.clone(),
                 h.clone(),
                 al.clone(),
+                cc.clone(),
                 s.clone(),
                 c.clone(),
                 serve.clone(),
@@ -289,9 +337,12 @@ async fn tls_upstream(acceptor: TlsAcceptor, serve: Serve) -> TlsUpstream {
                     return;
                 };
                 let conn = h.fetch_add(1, Ordering::SeqCst) + 1;
+                let session = tls.get_ref().1;
                 al.lock()
                     .unwrap()
-                    .push(tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec));
+                    .push(session.alpn_protocol().map(<[u8]>::to_vec));
+                let shown = session.peer_certificates().and_then(|c| c.first());
+                cc.lock().unwrap().push(shown.map(|c| c.to_vec()));
                 match serve {
                     Serve::Hyper => {
                         let svc = service_fn(move |req| hyper_service(req, conn, s.clone()));
@@ -309,6 +360,7 @@ async fn tls_upstream(acceptor: TlsAcceptor, serve: Serve) -> TlsUpstream {
         accepts,
         handshakes,
         alpn,
+        client_certs,
         seen,
         closed,
         close,
@@ -531,9 +583,17 @@ async fn gateway(url: &str, ca: &Ca, extra: &str) -> TestGateway {
 
 /// A gateway on the config `text`, with `ca` written to `upstream-ca.pem` beside it.
 async fn gateway_on(ca: &Ca, text: &str) -> TestGateway {
+    gateway_with_files(ca, text, &[]).await
+}
+
+/// [`gateway_on`], with `files` (name, text) written beside the config too.
+async fn gateway_with_files(ca: &Ca, text: &str, files: &[(&str, &str)]) -> TestGateway {
     capture_logs();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("upstream-ca.pem"), &ca.pem).unwrap();
+    for (name, text) in files {
+        write_file(dir.path(), name, text);
+    }
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, text).unwrap();
     start_gateway_in(dir, path).await
@@ -1026,4 +1086,235 @@ async fn keygate_closes_an_upstream_tls_connection_with_close_notify() {
         .expect("the upstream saw the connection end")
         .unwrap();
     assert_eq!(how, Ok(0), "a clean close_notify, not a truncation");
+}
+
+/// The config lines naming the client certificate files [`gateway_with_client_cert`] writes.
+const CLIENT_CERT_LINES: &str = "client_cert = \"gw-client.crt\"\nclient_key = \"gw-client.key\"\n";
+
+/// The config of [`config`] with `client_cert`/`client_key` naming `gw-client.crt` and
+/// `gw-client.key` and `extra` lines in `[upstream]`, `tail` after the key.
+fn client_cert_config(url: &str, extra: &str, tail: &str) -> String {
+    config(url, "upstream-ca.pem", tail).replace(
+        "ca_file = ",
+        &format!("{CLIENT_CERT_LINES}{extra}ca_file = "),
+    )
+}
+
+/// A gateway on [`client_cert_config`] that shows `shown` to the upstream.
+async fn gateway_with_client_cert(
+    url: &str,
+    ca: &Ca,
+    shown: &ClientLeaf,
+    extra: &str,
+    tail: &str,
+) -> TestGateway {
+    gateway_with_files(
+        ca,
+        &client_cert_config(url, extra, tail),
+        &[
+            ("gw-client.crt", &shown.cert_pem),
+            ("gw-client.key", &shown.key_pem),
+        ],
+    )
+    .await
+}
+
+/// (f) `[upstream] client_cert`/`client_key` (mutual TLS): an upstream that requires a client
+/// certificate refuses a gateway without one (the partner gets 502 `upstream_unavailable`, the
+/// log names the upstream's alert, nothing reaches the upstream) and serves one that shows the
+/// configured certificate, on requests and on readiness probes alike.
+#[tokio::test]
+async fn an_upstream_that_requires_a_client_certificate_gets_the_configured_one() {
+    let ca = make_ca("keygate test CA");
+    let clients = make_ca("gateway clients CA");
+    let shown = clients.client_leaf("keygate-gateway");
+    let up = tls_upstream(
+        server_tls_for(ca.leaf("127.0.0.1"), Some(&clients)),
+        Serve::Hyper,
+    )
+    .await;
+    let c = http1_client();
+
+    let bare = gateway(&up.url(), &ca, "").await;
+    let id = "mtls-without-cert";
+    let got = get(
+        &c,
+        &bare.url("/v1/x"),
+        &[("x-api-key", KEY), ("x-request-id", id)],
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{}", got.text());
+    assert_eq!(got.code(), "upstream_unavailable");
+    let lines = log_lines(id);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("upstream request failed") && l.contains("CertificateRequired")),
+        "no log line naming the upstream's alert:\n{}",
+        lines.join("\n")
+    );
+    assert!(up.seen().is_empty(), "a request reached the upstream");
+    assert_eq!(up.handshakes(), 0, "the upstream accepted a handshake");
+
+    let gw = gateway_with_client_cert(
+        &up.url(),
+        &ca,
+        &shown,
+        "health_path = \"/health\"\nhealth_interval = \"100ms\"\n",
+        "\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .await;
+    for i in 0..3 {
+        let got = get(
+            &c,
+            &gw.url(&format!("/v1/rooms?floor={i}")),
+            &[("x-api-key", KEY)],
+        )
+        .await;
+        assert_eq!(got.status, StatusCode::OK, "{}", got.text());
+        assert_eq!(up.last().target, format!("/v1/rooms?floor={i}"));
+        assert_eq!(up.last().headers["x-keygate-key-id"], "partner");
+    }
+    let readyz = format!("http://{}/readyz", gw.gateway.admin_addr().unwrap());
+    let ready = eventually(Duration::from_secs(5), || async {
+        get(&c, &readyz, &[]).await.status == StatusCode::OK
+    })
+    .await;
+    assert!(ready, "not ready: {}", get(&c, &readyz, &[]).await.text());
+    assert!(up.seen().iter().any(|s| s.target == "/health"));
+    let certs = up.client_certs();
+    assert!(
+        certs.len() >= 2,
+        "requests and probes: {} handshakes",
+        certs.len()
+    );
+    assert!(
+        certs.iter().all(|c| c.as_deref() == Some(&shown.der[..])),
+        "a handshake without the configured certificate"
+    );
+}
+
+/// The client certificate files are watched like the listener's: a renewal written over them
+/// reaches the next new upstream connection (a pooled one keeps the certificate it was made
+/// with), and a renewal whose key does not match its certificate is logged and the current
+/// pair stays in use.
+#[tokio::test]
+async fn a_renewed_client_certificate_reaches_the_next_upstream_connection() {
+    let ca = make_ca("keygate test CA");
+    let clients = make_ca("gateway clients CA");
+    let first = clients.client_leaf("keygate-gateway");
+    let second = clients.client_leaf("keygate-gateway-renewed");
+    let answer = |_: &str| b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec();
+    let up = tls_upstream(
+        server_tls_for(ca.leaf("127.0.0.1"), Some(&clients)),
+        Serve::Raw(Arc::new(answer)),
+    )
+    .await;
+    let gw = gateway_with_client_cert(&up.url(), &ca, &first, "", "").await;
+    let c = http1_client();
+    let ok = || async {
+        get(&c, &gw.url("/v1/x"), &[("x-api-key", KEY)])
+            .await
+            .text()
+    };
+    assert_eq!(ok().await, "ok");
+    assert_eq!(up.client_certs(), vec![Some(first.der.clone())]);
+
+    let cert_file = gw.dir.path().join("gw-client.crt");
+    let key_file = gw.dir.path().join("gw-client.key");
+    let logged = |needle: String| async move {
+        eventually(Duration::from_secs(5), || async {
+            logs().lines().any(|l| l.contains(&needle))
+        })
+        .await
+    };
+    write_atomically(&key_file, &second.key_pem);
+    write_atomically(&cert_file, &second.cert_pem);
+    let reloaded = logged(format!(
+        "upstream client certificate reloaded: new handshakes use it cert={}",
+        cert_file.display()
+    ))
+    .await;
+    assert!(reloaded, "no reload logged:\n{}", logs());
+    assert_eq!(ok().await, "ok");
+    assert_eq!(up.handshakes(), 1, "the pooled connection was not reused");
+    up.close_idle(Close::NotifyAndFin).await;
+    assert_eq!(ok().await, "ok");
+    assert_eq!(
+        up.client_certs(),
+        vec![Some(first.der.clone()), Some(second.der.clone())]
+    );
+
+    // A certificate written without its key yet: refused, the renewed pair stays.
+    let third = clients.client_leaf("keygate-gateway-third");
+    write_atomically(&cert_file, &third.cert_pem);
+    let refused = logged(format!(
+        "upstream client certificate reload failed, keeping the current certificate: the \
+         private key {} does not match the certificate {}",
+        key_file.display(),
+        cert_file.display()
+    ))
+    .await;
+    assert!(refused, "no refusal logged:\n{}", logs());
+    up.close_idle(Close::NotifyAndFin).await;
+    assert_eq!(ok().await, "ok");
+    assert_eq!(up.client_certs().last(), Some(&Some(second.der.clone())));
+
+    // Other files named by a reload: a restart is needed, and the watched pair stays in use.
+    let warning = "[upstream] client_cert/client_key changes take effect after a restart";
+    let warnings = || logs().matches(warning).count();
+    let before = warnings();
+    write_file(gw.dir.path(), "other-client.crt", &first.cert_pem);
+    write_file(gw.dir.path(), "other-client.key", &first.key_pem);
+    gw.rewrite_config(
+        &client_cert_config(&up.url(), "", "").replace("gw-client.", "other-client."),
+    );
+    let warned = eventually(Duration::from_secs(5), || async { warnings() > before }).await;
+    assert!(warned, "no restart warning:\n{}", logs());
+    up.close_idle(Close::NotifyAndFin).await;
+    assert_eq!(ok().await, "ok");
+    assert_eq!(up.client_certs().last(), Some(&Some(second.der.clone())));
+}
+
+/// A client certificate that cannot be used stops the start with the reason: a key that does
+/// not match, a file that is not there.
+#[tokio::test]
+async fn a_client_certificate_that_cannot_be_used_stops_the_start() {
+    let ca = make_ca("keygate test CA");
+    let clients = make_ca("gateway clients CA");
+    let (a, b) = (clients.client_leaf("a"), clients.client_leaf("b"));
+    let dir = tempfile::tempdir().unwrap();
+    write_file(dir.path(), "upstream-ca.pem", &ca.pem);
+    write_file(dir.path(), "gw-client.crt", &a.cert_pem);
+    write_file(dir.path(), "gw-client.key", &b.key_pem);
+    let path = dir.path().join("gateway.toml");
+    let text = client_cert_config("https://127.0.0.1:9", "", "");
+    let start = |text: String| {
+        let path = path.clone();
+        async move {
+            std::fs::write(&path, text).unwrap();
+            let config = keygate::config::Config::load(&path).unwrap();
+            match keygate::server::Gateway::start(config).await {
+                Ok(_) => panic!("the gateway started"),
+                Err(e) => format!("{e:#}"),
+            }
+        }
+    };
+    let err = start(text.clone()).await;
+    assert_eq!(
+        err,
+        format!(
+            "[upstream] client_cert: the private key {} does not match the certificate {}",
+            dir.path().join("gw-client.key").display(),
+            dir.path().join("gw-client.crt").display()
+        )
+    );
+    let err = start(text.replace("gw-client.crt", "missing.crt")).await;
+    assert!(
+        err.starts_with(&format!(
+            "[upstream] client_cert: {}: no usable PEM certificate",
+            dir.path().join("missing.crt").display()
+        )),
+        "{err}"
+    );
 }

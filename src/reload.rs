@@ -112,7 +112,7 @@ pub fn spawn(shared: Arc<Shared>, stop: watch::Receiver<Option<Duration>>) -> an
     let watched = targets.clone();
     let mut feed = ChangeFeed::start(
         &watched,
-        move |event| event.paths.iter().any(|p| targets.contains(p)),
+        move |changed| targets.iter().any(|t| t == changed),
         Some("SIGHUP: reloading the config"),
         DEBOUNCE,
         stop.clone(),

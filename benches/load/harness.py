@@ -159,6 +159,42 @@ def run_wrk(url, args, headers):
     return r
 
 
+def run_h2load(url, args, headers, streams, log):
+    """One h2load run (HTTP/2 over TLS, `streams` requests in flight on each of the connections),
+    in run_wrk's shape: p50 and p99 from h2load's per-request log (`log`; h2load appends, so it
+    is removed first), non-2xx from its status counts, its CPU time (seconds) from its rusage."""
+    if os.path.exists(log):
+        os.remove(log)
+    cmd = ["taskset", "-c", "1", "h2load", "-t1", f"-c{args.connections}", f"-m{streams}",
+           f"-D{args.duration}", "--log-file", log]
+    for h in headers:
+        cmd += ["-H", h]
+    p = subprocess.Popen(cmd + [url], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    out = p.stdout.read()
+    _, _, usage = os.wait4(p.pid, 0)  # taskset execs h2load: same process
+    m = re.search(r"requests: \d+ total, \d+ started, (\d+) done, \d+ succeeded, (\d+) failed, "
+                  r"(\d+) errored, (\d+) timeout", out)
+    if not m or "Application protocol: h2" not in out:
+        raise SystemExit(f"h2load against {url} did not run over h2:\n{out}")
+    done = int(m.group(1))
+    ok = int(re.search(r"status codes: (\d+) 2xx", out).group(1))
+    with open(log) as f:
+        # start time (µs since the epoch), status, duration (µs), one request a line
+        durations = sorted(int(line.split()[2]) for line in f if line.strip())
+    pct = lambda q: durations[min(len(durations) - 1, int(q * len(durations)))] / 1000
+    errors = ", ".join(f"{what} {n}" for what, n in zip(["failed", "errored", "timeout"], m.groups()[1:])
+                       if n != "0")
+    return {
+        "requests": done,
+        "rps": float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1)),
+        "p50": pct(0.50),
+        "p99": pct(0.99),
+        "non2xx": done - ok,
+        "errors": errors,
+        "wrk_cpu_s": usage.ru_utime + usage.ru_stime,
+    }
+
+
 def nginx_conf(work, name, body, workers=1):
     path = os.path.join(work, f"{name}.conf")
     with open(path, "w") as f:
@@ -244,7 +280,7 @@ def nginx_gateway_conf(work, keys, up_port, plain_port, tls=None, access_log=Fal
     if tls:
         tls_server = f"""
     server {{
-        listen 127.0.0.1:{tls[0]} ssl backlog=4096;
+        listen 127.0.0.1:{tls[0]} ssl http2 backlog=4096;
         ssl_certificate {tls[1]};
         ssl_certificate_key {tls[2]};
         ssl_protocols TLSv1.2 TLSv1.3;
@@ -298,7 +334,7 @@ def haproxy_conf(work, keys, up_port, plain_port, tls=None, access_log=False, wo
             for part in tls[1:]:
                 with open(part) as f:
                     out.write(f.read())
-        tls_bind = f"\n    bind 127.0.0.1:{tls[0]} ssl crt {pem} ssl-min-ver TLSv1.2"
+        tls_bind = f"\n    bind 127.0.0.1:{tls[0]} ssl crt {pem} ssl-min-ver TLSv1.2 alpn h2,http/1.1"
     logging = "    log stdout format raw local0\n    option httplog\n" if access_log else ""
     path = os.path.join(work, "haproxy.cfg")
     with open(path, "w") as f:
@@ -393,7 +429,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--out", help="default benches/load/results.md (results-workers-N.md with --workers N)")
-    ap.add_argument("--modes", default="plain,tls,new", help="subset of plain,tls,new")
+    ap.add_argument("--modes", default="plain,tls,new",
+                    help="subset of plain,tls,new,h2,h2mux (h2 and h2mux: HTTP/2 over TLS with "
+                         "h2load, 1 or 10 streams in flight per connection)")
     ap.add_argument("--access-log", action="store_true",
                     help="the gateways write access lines to a file (nginx buffered)")
     ap.add_argument("--no-haproxy", action="store_true",
@@ -417,15 +455,19 @@ def main():
                                      not args.no_haproxy, args.access_log, args.workers)
 
         key_header = f"x-api-key: {keys[KEYS // 2]}"
+        # (label, scheme, listener, extra request headers, HTTP/2 streams per connection:
+        # None is wrk over HTTP/1.1, a number h2load over h2)
         all_modes = {
-            "plain": ("HTTP/1.1 keep-alive", "http", "plain", []),
-            "tls": ("TLS keep-alive", "https", "tls", []),
-            "new": ("TLS new connection per request", "https", "tls", ["Connection: close"]),
+            "plain": ("HTTP/1.1 keep-alive", "http", "plain", [], None),
+            "tls": ("TLS keep-alive", "https", "tls", [], None),
+            "new": ("TLS new connection per request", "https", "tls", ["Connection: close"], None),
+            "h2": ("HTTP/2 over TLS, 1 stream per connection", "https", "tls", [], 1),
+            "h2mux": ("HTTP/2 over TLS, 10 streams per connection", "https", "tls", [], 10),
         }
         modes = [all_modes[m] for m in args.modes.split(",")]
         results = {}
         for rnd in range(args.rounds):
-            for mode, scheme, kind, extra in modes:
+            for mode, scheme, kind, extra, streams in modes:
                 targets = [("keygate", f"kg_{kind}"), ("nginx", f"ng_{kind}")]
                 if "haproxy" in pids:
                     targets.append(("haproxy", f"hp_{kind}"))
@@ -441,7 +483,11 @@ def main():
                         measured = process_tree(pids.get(target) or pids[port_name])
                     up_pids = process_tree(up.pid)
                     before, up_before = cpu_ticks(measured), cpu_ticks(up_pids)
-                    r = run_wrk(url, args, [key_header] + extra)
+                    if streams is None:
+                        r = run_wrk(url, args, [key_header] + extra)
+                    else:
+                        log = os.path.join(work, "h2load.log")
+                        r = run_h2load(url, args, [key_header] + extra, streams, log)
                     after, up_after = cpu_ticks(measured), cpu_ticks(up_pids)
                     n = max(r["requests"], 1)
                     r["cpu_us"] = (after - before) / CLK * 1e6 / n if measured else None
@@ -495,7 +541,7 @@ def report(args, results, modes):
         f"- command: `benches/load/run.sh --duration {args.duration} --rounds {args.rounds} --connections {args.connections}"
         f"{' --modes ' + args.modes if args.modes != 'plain,tls,new' else ''}{' --access-log' if args.access_log else ''}"
         f"{f' --workers {args.workers}' if args.workers != 1 else ''}`",
-        f"- load: wrk, 1 thread, {args.connections} connections, {args.duration} s per run, {args.rounds} interleaved rounds (means shown); "
+        f"- load: wrk{' (h2load for the HTTP/2 modes)' if any(m[4] for m in modes) else ''}, 1 thread, {args.connections} connections, {args.duration} s per run, {args.rounds} interleaved rounds (means shown); "
         + ("proxies pinned to CPU 0 with one worker" if args.workers == 1
            else f"proxies pinned to CPUs 0-{args.workers - 1} with {args.workers} workers each (one of them shares CPU 1)")
         + ", wrk and the upstream (nginx returning a small JSON body) on CPU 1",
@@ -508,7 +554,7 @@ def report(args, results, modes):
            if any(t == "haproxy" for _, t in results) else ""),
         "",
         ("CPU µs/req is the proxy's (CPU 0)" if args.workers == 1 else "CPU µs/req is the proxy's (all its threads)")
-        + "; CPU 1 µs/req is wrk's and the upstream's together, the side that",
+        + "; CPU 1 µs/req is the load generator's and the upstream's together, the side that",
         "limits req/s when the proxy's core has time to spare.",
         "",
         "| mode | target | req/s | p50 ms | p99 ms | CPU µs/req | CPU 1 µs/req | non-2xx |",

@@ -476,6 +476,20 @@ async fn tls_serves_http1_and_http2_and_plain_serves_h2c() {
         };
         assert_eq!(got.version, want);
         assert_eq!(up.last().headers["x-forwarded-proto"], "https");
+        // The per-request fields arrive intact (over h2 as never-indexed literals), twice in a
+        // row on one connection, each with its own value.
+        let again = get(&c, &url, &[("x-api-key", KEY)]).await;
+        for g in [&got, &again] {
+            assert_eq!(
+                g.header("x-request-id").map(str::len),
+                Some(32),
+                "{:?}",
+                g.headers
+            );
+            assert!(g.header("ratelimit").unwrap().starts_with("\"default\";r="));
+        }
+        assert_ne!(got.header("x-request-id"), again.header("x-request-id"));
+        assert_ne!(got.header("ratelimit"), again.header("ratelimit"));
         let refused = get(&c, &url, &[]).await;
         assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
     }

@@ -8,7 +8,11 @@ alone under `valgrind --tool=callgrind` pinned to CPU 0, is warmed up with 4,000
 counts exactly --requests requests from a fixed-count keep-alive client on CPU 1. Counts user
 space only (the kernel's share is the same for both: same syscalls per request).
 
-    benches/load/instructions.sh [--requests 20000] [--connections 32]
+With --h2 the requests are HTTP/2 over TLS (h2load, one stream in flight per connection) to
+each proxy's TLS listener; the count then includes the connections' TLS handshakes (about
+1,000 instructions a request at 40,000 requests over 32 connections).
+
+    benches/load/instructions.sh [--requests 20000] [--connections 32] [--h2]
 """
 
 import argparse
@@ -58,19 +62,26 @@ def count(cmd, port, key, args, work, name):
     )
     try:
         wait_port(port, timeout=120)
-        client = lambda n: ["taskset", "-c", "1", sys.executable, __file__, "--drive", str(port),
-                            key, str(n), str(args.connections)]
-        subprocess.run(client(4000), check=True)
+        if args.h2:
+            client = lambda n: ["taskset", "-c", "1", "h2load", "-t1", f"-c{args.connections}",
+                                "-m1", f"-n{n}", "-H", f"x-api-key: {key}",
+                                f"https://127.0.0.1:{port}/v1/guests"]
+        else:
+            client = lambda n: ["taskset", "-c", "1", sys.executable, __file__, "--drive",
+                                str(port), key, str(n), str(args.connections)]
+        subprocess.run(client(4000), check=True, capture_output=True)
         subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True,
                        capture_output=True)
-        subprocess.run(client(args.requests), check=True)
+        measured = subprocess.run(client(args.requests), check=True, capture_output=True, text=True)
+        if args.h2 and f"{args.requests} succeeded" not in measured.stdout:
+            raise SystemExit(f"h2load: not every request succeeded:\n{measured.stdout}")
         subprocess.run(["callgrind_control", "-i", "off", str(proc.pid)], check=True,
                        capture_output=True)
     finally:
         proc.terminate()
         proc.wait()
     total = sum(int(l.split()[1]) for l in open(out) if l.startswith("totals:"))
-    return total / (args.requests // args.connections * args.connections)
+    return total / (args.requests if args.h2 else args.requests // args.connections * args.connections)
 
 
 def main():
@@ -82,6 +93,8 @@ def main():
     ap.add_argument("--keygate", required=True)
     ap.add_argument("--requests", type=int, default=20000)
     ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--h2", action="store_true",
+                    help="HTTP/2 over TLS with h2load (nghttp2-client) instead of HTTP/1.1")
     args = ap.parse_args()
     keygate = os.path.abspath(args.keygate)
     work = tempfile.mkdtemp(prefix="keygate-instr-")
@@ -91,9 +104,17 @@ def main():
     try:
         wait_port(up_port)
         kg_path = os.path.join(work, "keygate.toml")
+        tls = None
+        if args.h2:
+            subprocess.run([keygate, "certs", "dev", "--out", work], check=True, capture_output=True)
+            tls = (f"{work}/gateway.crt", f"{work}/gateway.key")
         with open(kg_path, "w") as f:
-            f.write(keygate_conf(kg_port, up_port, entries))
-        ng_path = nginx_gateway_conf(work, keys, up_port, ng_port)
+            f.write(keygate_conf(kg_port, up_port, entries, tls))
+        if args.h2:
+            # nginx's plain listener on a port nobody uses, its TLS one (with http2) measured.
+            ng_path = nginx_gateway_conf(work, keys, up_port, free_port(), (ng_port,) + tls)
+        else:
+            ng_path = nginx_gateway_conf(work, keys, up_port, ng_port)
         with open(ng_path) as f:
             ng_text = f.read()
         with open(ng_path, "w") as f:
@@ -105,7 +126,8 @@ def main():
         upstream.terminate()
         upstream.wait()
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    print(f"{stamp}, {args.requests} HTTP/1.1 keep-alive requests over {args.connections} connections")
+    kind = "HTTP/2 (TLS)" if args.h2 else "HTTP/1.1 keep-alive"
+    print(f"{stamp}, {args.requests} {kind} requests over {args.connections} connections")
     print(f"keygate: {kg:,.0f} instructions/request")
     print(f"nginx:   {ng:,.0f} instructions/request")
     print(f"ratio keygate/nginx: {kg / ng:.2f}x (user space only)")

@@ -1254,6 +1254,8 @@ fn parse_upstream(src: &Source<'_>, raw: &RawUpstream) -> Result<UpstreamConfig,
         return Err(src.at(&raw.url, "url cannot have a query string"));
     }
     let path_prefix = uri.path().trim_end_matches('/').to_string();
+    // Files named in [upstream] are relative to the config file.
+    let base = src.file.parent().unwrap_or(Path::new("."));
     let duration = |v: &Option<Spanned<String>>, default: Duration| match v {
         Some(d) => parse_duration(d.get_ref()).map_err(|m| src.at(d, m)),
         None => Ok(default),
@@ -1266,7 +1268,6 @@ fn parse_upstream(src: &Source<'_>, raw: &RawUpstream) -> Result<UpstreamConfig,
             Some(IdentityKey::from_secret(s.get_ref().as_bytes()).map_err(|m| src.at(s, m))?)
         }
         (None, Some(f)) => {
-            let base = src.file.parent().unwrap_or(Path::new("."));
             let secret = std::fs::read(base.join(f.get_ref()))
                 .map_err(|e| src.at(f, format!("cannot read identity_secret_file: {e}")))?;
             let secret = secret.trim_ascii_end();
@@ -1293,33 +1294,21 @@ fn parse_upstream(src: &Source<'_>, raw: &RawUpstream) -> Result<UpstreamConfig,
                 "ca_file is only used with an https:// url (this upstream is plain http://)",
             ))
         }
-        Some(f) => {
-            let base = src.file.parent().unwrap_or(Path::new("."));
-            Some(load_upstream_ca(&base.join(f.get_ref())).map_err(|m| src.at(f, m))?)
-        }
+        Some(f) => Some(load_upstream_ca(&base.join(f.get_ref())).map_err(|m| src.at(f, m))?),
         None => None,
     };
-    let client_cert =
-        match (&raw.client_cert, &raw.client_key) {
-            (Some(cert), Some(key)) if scheme == Scheme::HTTPS => {
-                let base = src.file.parent().unwrap_or(Path::new("."));
-                Some(TlsFiles {
-                    cert: base.join(cert.get_ref()),
-                    key: base.join(key.get_ref()),
-                })
-            }
-            (Some(v), Some(_)) => return Err(src.at(
-                v,
-                "client_cert is only used with an https:// url (this upstream is plain http://)",
-            )),
-            (Some(v), None) | (None, Some(v)) => {
-                return Err(src.at(
-                    v,
-                    "client_cert and client_key go together: set both or neither",
-                ))
-            }
-            (None, None) => None,
-        };
+    const ONLY_HTTPS: &str =
+        "client_cert is only used with an https:// url (this upstream is plain http://)";
+    const A_PAIR: &str = "client_cert and client_key go together: set both or neither";
+    let client_cert = match (&raw.client_cert, &raw.client_key) {
+        (Some(cert), Some(_)) if scheme != Scheme::HTTPS => return Err(src.at(cert, ONLY_HTTPS)),
+        (Some(cert), Some(key)) => Some(TlsFiles {
+            cert: base.join(cert.get_ref()),
+            key: base.join(key.get_ref()),
+        }),
+        (Some(v), None) | (None, Some(v)) => return Err(src.at(v, A_PAIR)),
+        (None, None) => None,
+    };
     Ok(UpstreamConfig {
         identity,
         url: url.clone(),

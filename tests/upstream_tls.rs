@@ -1222,20 +1222,21 @@ async fn a_renewed_client_certificate_reaches_the_next_upstream_connection() {
 
     let cert_file = gw.dir.path().join("gw-client.crt");
     let key_file = gw.dir.path().join("gw-client.key");
-    let logged = |needle: String| async move {
-        eventually(Duration::from_secs(5), || async {
-            logs().lines().any(|l| l.contains(&needle))
-        })
-        .await
-    };
-    write_atomically(&key_file, &second.key_pem);
-    write_atomically(&cert_file, &second.cert_pem);
-    let reloaded = logged(format!(
+    // Each step waits for a log line more than there were before it (the watch may also see
+    // a renewal's key before its certificate, and say so).
+    let count = |needle: &str| logs().matches(needle).count();
+    let reloaded = format!(
         "upstream client certificate reloaded: new handshakes use it cert={}",
         cert_file.display()
-    ))
+    );
+    let before = count(&reloaded);
+    write_atomically(&key_file, &second.key_pem);
+    write_atomically(&cert_file, &second.cert_pem);
+    let seen = eventually(Duration::from_secs(5), || async {
+        count(&reloaded) > before
+    })
     .await;
-    assert!(reloaded, "no reload logged:\n{}", logs());
+    assert!(seen, "no reload logged:\n{}", logs());
     assert_eq!(ok().await, "ok");
     assert_eq!(up.handshakes(), 1, "the pooled connection was not reused");
     up.close_idle(Close::NotifyAndFin).await;
@@ -1247,15 +1248,19 @@ async fn a_renewed_client_certificate_reaches_the_next_upstream_connection() {
 
     // A certificate written without its key yet: refused, the renewed pair stays.
     let third = clients.client_leaf("keygate-gateway-third");
-    write_atomically(&cert_file, &third.cert_pem);
-    let refused = logged(format!(
+    let refused = format!(
         "upstream client certificate reload failed, keeping the current certificate: the \
          private key {} does not match the certificate {}",
         key_file.display(),
         cert_file.display()
-    ))
+    );
+    let before = count(&refused);
+    write_atomically(&cert_file, &third.cert_pem);
+    let seen = eventually(Duration::from_secs(5), || async {
+        count(&refused) > before
+    })
     .await;
-    assert!(refused, "no refusal logged:\n{}", logs());
+    assert!(seen, "no refusal logged:\n{}", logs());
     up.close_idle(Close::NotifyAndFin).await;
     assert_eq!(ok().await, "ok");
     assert_eq!(up.client_certs().last(), Some(&Some(second.der.clone())));

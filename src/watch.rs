@@ -47,8 +47,9 @@ impl ChangeFeed {
         dirs.dedup();
         let (tx, rx) = mpsc::unbounded_channel::<()>();
         let event_tx = tx.clone();
-        let watch = DirWatch::start(&dirs, move |path| {
-            if relevant(path) {
+        // `None`: events were lost, so any file may have changed.
+        let watch = DirWatch::start(&dirs, move |path: Option<&Path>| {
+            if path.map_or(true, &relevant) {
                 let _ = event_tx.send(());
             }
         })?;
@@ -105,9 +106,12 @@ impl DirWatch {
         .union(inotify::WatchMask::DELETE)
         .union(inotify::WatchMask::ATTRIB);
 
-    /// Watches `dirs`; `changed` gets the path of each entry an event names. A lost event
-    /// (the kernel's queue overflowed) is reported as a change to every watched directory.
-    fn start(dirs: &[PathBuf], changed: impl Fn(&Path) + Send + 'static) -> anyhow::Result<Self> {
+    /// Watches `dirs`; `changed` gets the path of each entry an event names, or `None` when
+    /// events were lost (the kernel's queue overflowed).
+    fn start(
+        dirs: &[PathBuf],
+        changed: impl Fn(Option<&Path>) + Send + 'static,
+    ) -> anyhow::Result<Self> {
         use futures_util::StreamExt;
         let inotify = inotify::Inotify::init()?;
         let mut watched = std::collections::HashMap::new();
@@ -119,11 +123,11 @@ impl DirWatch {
             while let Some(event) = events.next().await {
                 match event {
                     Ok(event) if event.mask.contains(inotify::EventMask::Q_OVERFLOW) => {
-                        watched.values().for_each(|dir| changed(dir));
+                        changed(None);
                     }
                     Ok(event) => {
                         if let (Some(dir), Some(name)) = (watched.get(&event.wd), &event.name) {
-                            changed(&dir.join(name));
+                            changed(Some(&dir.join(name)));
                         }
                     }
                     Err(e) => {
@@ -149,11 +153,17 @@ struct DirWatch(notify::RecommendedWatcher);
 
 #[cfg(not(target_os = "linux"))]
 impl DirWatch {
-    fn start(dirs: &[PathBuf], changed: impl Fn(&Path) + Send + 'static) -> anyhow::Result<Self> {
+    fn start(
+        dirs: &[PathBuf],
+        changed: impl Fn(Option<&Path>) + Send + 'static,
+    ) -> anyhow::Result<Self> {
         use notify::Watcher;
         let mut watcher =
             notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
-                Ok(event) if !event.kind.is_access() => event.paths.iter().for_each(|p| changed(p)),
+                Ok(event) if event.need_rescan() => changed(None),
+                Ok(event) if !event.kind.is_access() => {
+                    event.paths.iter().for_each(|p| changed(Some(p)))
+                }
                 _ => {}
             })?;
         for dir in dirs {
@@ -258,6 +268,38 @@ mod tests {
         assert!(
             !reports(&mut feed, &mut stop, quiet).await,
             "another file reported"
+        );
+    }
+
+    /// When the kernel drops events (its queue for the watch overflowed while keygate was busy),
+    /// a change is assumed: the file may have been among them.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn lost_events_count_as_a_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = std::path::absolute(dir.path()).unwrap();
+        let target = dir.join("gateway.toml");
+        std::fs::write(&target, "a").unwrap();
+        let (_stop_tx, mut stop) = watch::channel(None);
+        let wanted = target.clone();
+        let mut feed = ChangeFeed::start(
+            std::slice::from_ref(&target),
+            move |p| p == wanted,
+            None,
+            Duration::from_millis(20),
+            stop.clone(),
+        )
+        .unwrap();
+        // More events than the queue holds, made without yielding to the runtime (this test's
+        // only thread), so none are read meanwhile; none of them names the watched file.
+        let queue: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+            .map_or(16384, |s| s.trim().parse().unwrap());
+        for i in 0..queue + 100 {
+            std::fs::File::create(dir.join(format!("other-{i}"))).unwrap();
+        }
+        assert!(
+            reports(&mut feed, &mut stop, Duration::from_secs(5)).await,
+            "the overflow was not taken as a change"
         );
     }
 }

@@ -178,6 +178,32 @@ mod tests {
     use super::*;
     #[cfg(unix)]
     use std::io::Write;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    type Stop = (
+        watch::Sender<Option<Duration>>,
+        watch::Receiver<Option<Duration>>,
+    );
+
+    /// A feed on `target` (20 ms debounce) whose filter passes `target` and counts in `seen`
+    /// every path it is asked about; with the stop channel it watches.
+    #[cfg(unix)]
+    fn watch_file(target: &Path, seen: std::sync::Arc<AtomicUsize>) -> (ChangeFeed, Stop) {
+        let (stop_tx, stop) = watch::channel(None);
+        let wanted = target.to_path_buf();
+        let feed = ChangeFeed::start(
+            &[target.to_path_buf()],
+            move |p| {
+                seen.fetch_add(1, Ordering::SeqCst);
+                p == wanted
+            },
+            None,
+            Duration::from_millis(20),
+            stop.clone(),
+        )
+        .unwrap();
+        (feed, (stop_tx, stop))
+    }
 
     /// Whether the feed reports a change within `within`.
     #[cfg(unix)]
@@ -202,21 +228,8 @@ mod tests {
         std::fs::write(&target, "a").unwrap();
         // A log beside the config, open before the watch starts.
         let mut log = std::fs::File::create(dir.join("keygate.log")).unwrap();
-        let (_stop_tx, mut stop) = watch::channel(None);
-        let wanted = target.clone();
-        let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counted = std::sync::Arc::clone(&seen);
-        let mut feed = ChangeFeed::start(
-            std::slice::from_ref(&target),
-            move |p| {
-                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                p == wanted
-            },
-            None,
-            Duration::from_millis(20),
-            stop.clone(),
-        )
-        .unwrap();
+        let seen = std::sync::Arc::new(AtomicUsize::new(0));
+        let (mut feed, (_stop_tx, mut stop)) = watch_file(&target, std::sync::Arc::clone(&seen));
         let quiet = Duration::from_millis(300);
         let soon = Duration::from_secs(5);
 
@@ -228,7 +241,7 @@ mod tests {
             !reports(&mut feed, &mut stop, quiet).await,
             "appends reported"
         );
-        let seen_while_appending = seen.load(std::sync::atomic::Ordering::SeqCst);
+        let seen_while_appending = seen.load(Ordering::SeqCst);
         assert_eq!(seen_while_appending, 0, "events for appended lines");
         drop(log);
 
@@ -280,16 +293,7 @@ mod tests {
         let dir = std::path::absolute(dir.path()).unwrap();
         let target = dir.join("gateway.toml");
         std::fs::write(&target, "a").unwrap();
-        let (_stop_tx, mut stop) = watch::channel(None);
-        let wanted = target.clone();
-        let mut feed = ChangeFeed::start(
-            std::slice::from_ref(&target),
-            move |p| p == wanted,
-            None,
-            Duration::from_millis(20),
-            stop.clone(),
-        )
-        .unwrap();
+        let (mut feed, (_stop_tx, mut stop)) = watch_file(&target, Default::default());
         // More events than the queue holds, made without yielding to the runtime (this test's
         // only thread), so none are read meanwhile; none of them names the watched file.
         let queue: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")

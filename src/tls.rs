@@ -69,20 +69,48 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     })
 }
 
+/// The listener's cipher suites, in the order it picks them: Mozilla's server-side TLS
+/// guidelines ("modern" for TLS 1.3, "intermediate" for 1.2), AES-128-GCM, then AES-256-GCM,
+/// then ChaCha20-Poly1305, all forward-secret AEAD suites. rustls's own list starts with
+/// AES-256-GCM-SHA384, whose TLS 1.3 key schedule runs on SHA-384, computed in software on x86
+/// and ARM where SHA-256 has instructions of its own: every handshake costs both ends more for
+/// no security a 128-bit key lacks.
+const LISTENER_SUITES: &[rustls::SupportedCipherSuite] = {
+    use rustls::crypto::ring::cipher_suite::*;
+    &[
+        TLS13_AES_128_GCM_SHA256,
+        TLS13_AES_256_GCM_SHA384,
+        TLS13_CHACHA20_POLY1305_SHA256,
+        TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+        TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+        TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+    ]
+};
+
+/// ring, with the listener's suites in [`LISTENER_SUITES`] order.
+fn listener_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::CryptoProvider {
+        cipher_suites: LISTENER_SUITES.to_vec(),
+        ..rustls::crypto::ring::default_provider()
+    })
+}
+
 /// Builds the listener's rustls config around a certificate resolver (see [`crate::certs`]),
 /// so the certificate can change while the listener runs.
 pub fn server_config_with_resolver(
     resolver: Arc<dyn rustls::server::ResolvesServerCert>,
 ) -> Arc<ServerConfig> {
     install_crypto_provider();
-    let mut config = ServerConfig::builder_with_protocol_versions(&[
-        &rustls::version::TLS13,
-        &rustls::version::TLS12,
-    ])
-    .with_no_client_auth()
-    .with_cert_resolver(resolver);
+    let mut config = ServerConfig::builder_with_provider(listener_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .expect("ring supports TLS 1.3 and 1.2 with these suites")
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    // Pick the cipher suite in the server's order (strongest first), not the client's.
+    // Pick the cipher suite in the server's order (LISTENER_SUITES), not the client's.
     config.ignore_client_order = true;
     // One TLS 1.3 session ticket a handshake, not rustls's two: a client resumes with one and
     // gets a fresh one each time (OpenSSL servers also send one after a resumption). Each ticket

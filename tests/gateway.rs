@@ -457,6 +457,70 @@ async fn tls13_handshakes_leave_one_ticket_and_the_next_connection_resumes() {
     );
 }
 
+/// The listener picks the cipher suite in its own order, AES-128-GCM first (Mozilla's
+/// guidelines), whatever order the client lists them in: a client offering AES-256-GCM first
+/// (as rustls and OpenSSL clients do) gets TLS13_AES_128_GCM_SHA256 over TLS 1.3 and
+/// ECDHE-ECDSA-AES128-GCM-SHA256 over TLS 1.2; one offering only AES-256 or only ChaCha20 gets
+/// that.
+#[tokio::test]
+async fn the_listener_picks_aes_128_gcm_first_in_its_own_order() {
+    use rustls::{crypto::ring::cipher_suite::*, CipherSuite};
+    use std::sync::Arc;
+    let up = start_upstream().await;
+    let cert = make_cert();
+    let gw = tls_gateway(&up, &cert).await;
+    let negotiated = |suites: Vec<rustls::SupportedCipherSuite>,
+                      version: &'static rustls::SupportedProtocolVersion| {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.cert_der.clone().into()).unwrap();
+        let provider = rustls::crypto::CryptoProvider {
+            cipher_suites: suites,
+            ..rustls::crypto::ring::default_provider()
+        };
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let addr = gw.addr();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+            let tls = connector.connect(name, tcp).await.unwrap();
+            tls.get_ref().1.negotiated_cipher_suite().unwrap().suite()
+        }
+    };
+    let v13 = &rustls::version::TLS13;
+    let v12 = &rustls::version::TLS12;
+    let all13 = vec![
+        TLS13_AES_256_GCM_SHA384,
+        TLS13_CHACHA20_POLY1305_SHA256,
+        TLS13_AES_128_GCM_SHA256,
+    ];
+    let all12 = vec![
+        TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+    ];
+    assert_eq!(
+        negotiated(all13, v13).await,
+        CipherSuite::TLS13_AES_128_GCM_SHA256
+    );
+    assert_eq!(
+        negotiated(all12, v12).await,
+        CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+    );
+    assert_eq!(
+        negotiated(vec![TLS13_AES_256_GCM_SHA384], v13).await,
+        CipherSuite::TLS13_AES_256_GCM_SHA384
+    );
+    assert_eq!(
+        negotiated(vec![TLS13_CHACHA20_POLY1305_SHA256], v13).await,
+        CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
+    );
+}
+
 /// Line 6: TLS with HTTP/1.1 and HTTP/2 (ALPN), TLS 1.2 and 1.3; plain HTTP serves h2c too.
 #[tokio::test]
 async fn tls_serves_http1_and_http2_and_plain_serves_h2c() {

@@ -205,6 +205,16 @@ mod tests {
         (feed, (stop_tx, stop))
     }
 
+    /// A fresh directory (kept while the first value lives) with `gateway.toml` in it.
+    #[cfg(unix)]
+    fn config_dir() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = std::path::absolute(tmp.path()).unwrap();
+        let target = dir.join("gateway.toml");
+        std::fs::write(&target, "a").unwrap();
+        (tmp, dir, target)
+    }
+
     /// Whether the feed reports a change within `within`.
     #[cfg(unix)]
     async fn reports(
@@ -222,10 +232,7 @@ mod tests {
     /// the directory, flushed one by one, do not even reach the filter (no wake-up per line).
     #[tokio::test]
     async fn changes_are_reported_and_appends_beside_them_wake_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let dir = std::path::absolute(dir.path()).unwrap();
-        let target = dir.join("gateway.toml");
-        std::fs::write(&target, "a").unwrap();
+        let (_tmp, dir, target) = config_dir();
         // A log beside the config, open before the watch starts.
         let mut log = std::fs::File::create(dir.join("keygate.log")).unwrap();
         let seen = std::sync::Arc::new(AtomicUsize::new(0));
@@ -289,10 +296,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn lost_events_count_as_a_change() {
-        let dir = tempfile::tempdir().unwrap();
-        let dir = std::path::absolute(dir.path()).unwrap();
-        let target = dir.join("gateway.toml");
-        std::fs::write(&target, "a").unwrap();
+        let (_tmp, dir, target) = config_dir();
         let (mut feed, (_stop_tx, mut stop)) = watch_file(&target, Default::default());
         // More events than the queue holds, made without yielding to the runtime (this test's
         // only thread), so none are read meanwhile; none of them names the watched file.

@@ -411,14 +411,10 @@ async fn tls13_handshakes_leave_one_ticket_and_the_next_connection_resumes() {
     let cert = make_cert();
     let gw = tls_gateway(&up, &cert).await;
 
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.cert_der.clone().into()).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut config = cert.client_config(
+        rustls::crypto::ring::default_provider(),
+        &rustls::version::TLS13,
+    );
     let store = Arc::new(Counting(
         rustls::client::ClientSessionMemoryCache::new(8),
         AtomicUsize::new(0),
@@ -471,17 +467,11 @@ async fn the_listener_picks_aes_128_gcm_first_in_its_own_order() {
     let gw = tls_gateway(&up, &cert).await;
     let negotiated = |suites: Vec<rustls::SupportedCipherSuite>,
                       version: &'static rustls::SupportedProtocolVersion| {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(cert.cert_der.clone().into()).unwrap();
         let provider = rustls::crypto::CryptoProvider {
             cipher_suites: suites,
             ..rustls::crypto::ring::default_provider()
         };
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
-            .with_protocol_versions(&[version])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let config = cert.client_config(provider, version);
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         let addr = gw.addr();
         async move {
@@ -581,15 +571,7 @@ fn tls_client_with_version(
     cert: &TestCert,
     version: &'static rustls::SupportedProtocolVersion,
 ) -> TlsClient {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls_pki_types::CertificateDer::from(
-            cert.cert_der.clone(),
-        ))
-        .unwrap();
-    let tls = rustls::ClientConfig::builder_with_protocol_versions(&[version])
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let tls = cert.client_config(rustls::crypto::ring::default_provider(), version);
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only()

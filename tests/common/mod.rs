@@ -297,6 +297,30 @@ impl TestCert {
         std::fs::write(dir.join("gateway.key"), &self.key_pem).unwrap();
         "tls_cert = \"gateway.crt\"\ntls_key = \"gateway.key\"\n".to_string()
     }
+
+    /// A root store holding only this certificate.
+    pub fn roots(&self) -> rustls::RootCertStore {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls_pki_types::CertificateDer::from(
+                self.cert_der.clone(),
+            ))
+            .unwrap();
+        roots
+    }
+
+    /// A client config trusting only this certificate, with `provider`'s suites, `version` only.
+    pub fn client_config(
+        &self,
+        provider: rustls::crypto::CryptoProvider,
+        version: &'static rustls::SupportedProtocolVersion,
+    ) -> rustls::ClientConfig {
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(self.roots())
+            .with_no_client_auth()
+    }
 }
 
 pub type PlainClient = Client<HttpConnector, TestBody>;
@@ -317,14 +341,8 @@ pub fn h2c_client() -> PlainClient {
 /// A TLS client trusting only `cert`; HTTP/2 only when `h2`, else HTTP/1.1 only.
 pub fn tls_client(cert: &TestCert, h2: bool) -> TlsClient {
     keygate::tls::install_crypto_provider();
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls_pki_types::CertificateDer::from(
-            cert.cert_der.clone(),
-        ))
-        .unwrap();
     let tls = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
+        .with_root_certificates(cert.roots())
         .with_no_client_auth();
     let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)

@@ -146,16 +146,24 @@ def parse_wrk(out):
     }
 
 
+def run_load(cmd, headers, url):
+    """Runs the load generator `cmd` on CPU 1 with `headers` against `url`; returns its output
+    and its own CPU time (seconds), from its rusage."""
+    for h in headers:
+        cmd = cmd + ["-H", h]
+    p = subprocess.Popen(["taskset", "-c", "1"] + cmd + [url], stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True)
+    out = p.stdout.read()
+    _, _, usage = os.wait4(p.pid, 0)  # taskset execs the generator: same process
+    return out, usage.ru_utime + usage.ru_stime
+
+
 def run_wrk(url, args, headers):
     """One wrk run; also returns wrk's own CPU time (seconds), from its rusage."""
-    cmd = ["taskset", "-c", "1", "wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s", "--latency"]
-    for h in headers:
-        cmd += ["-H", h]
-    p = subprocess.Popen(cmd + [url], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    out = p.stdout.read()
-    _, _, usage = os.wait4(p.pid, 0)  # taskset execs wrk: same process
+    out, cpu_s = run_load(["wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s", "--latency"],
+                          headers, url)
     r = parse_wrk(out)
-    r["wrk_cpu_s"] = usage.ru_utime + usage.ru_stime
+    r["wrk_cpu_s"] = cpu_s
     return r
 
 
@@ -165,13 +173,8 @@ def run_h2load(url, args, headers, streams, log):
     is removed first), non-2xx from its status counts, its CPU time (seconds) from its rusage."""
     if os.path.exists(log):
         os.remove(log)
-    cmd = ["taskset", "-c", "1", "h2load", "-t1", f"-c{args.connections}", f"-m{streams}",
-           f"-D{args.duration}", "--log-file", log]
-    for h in headers:
-        cmd += ["-H", h]
-    p = subprocess.Popen(cmd + [url], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    out = p.stdout.read()
-    _, _, usage = os.wait4(p.pid, 0)  # taskset execs h2load: same process
+    out, cpu_s = run_load(["h2load", "-t1", f"-c{args.connections}", f"-m{streams}",
+                           f"-D{args.duration}", "--log-file", log], headers, url)
     m = re.search(r"requests: \d+ total, \d+ started, (\d+) done, \d+ succeeded, (\d+) failed, "
                   r"(\d+) errored, (\d+) timeout", out)
     if not m or "Application protocol: h2" not in out:
@@ -191,7 +194,7 @@ def run_h2load(url, args, headers, streams, log):
         "p99": pct(0.99),
         "non2xx": done - ok,
         "errors": errors,
-        "wrk_cpu_s": usage.ru_utime + usage.ru_stime,
+        "wrk_cpu_s": cpu_s,
     }
 
 

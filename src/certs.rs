@@ -12,10 +12,18 @@
 //! with the reason and the previous certificate stays; the next change is tried afresh.
 //! [`ClientSessions`] keeps upstream TLS sessions from outliving the certificate they were
 //! made with.
+//!
+//! Expiry: each certificate's end of validity (its leaf's `notAfter`) is exported as
+//! `keygate_certificate_expiry_timestamp_seconds`, for alerting, as cert-manager and the
+//! blackbox exporter do; at start and after each reload a certificate with fewer than
+//! [`EXPIRY_WARNING`] left is logged as a warning, an expired one as an error. keygate still
+//! serves an expired certificate (as nginx and Envoy do): replacing it is a file write away,
+//! and refusing to start would turn a warning into an outage. `keygate check` prints the dates
+//! and fails on exactly what would stop a start ([`ConfiguredCerts::load`]).
 
 use std::{
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use arc_swap::ArcSwap;
@@ -32,7 +40,7 @@ use rustls::{
 use tokio::sync::watch;
 
 use crate::{
-    config::TlsFiles,
+    config::{Config, TlsFiles},
     metrics::Metrics,
     tls::{self, TlsError},
     watch::ChangeFeed,
@@ -41,6 +49,11 @@ use crate::{
 /// How long to wait after a change before reading: renewals write the certificate and the key
 /// one after the other.
 const DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// A certificate closer than this to its end of validity is logged as a warning at start and
+/// on each reload (Let's Encrypt certificates are renewed 30 days ahead; this is for the
+/// renewal that did not happen).
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
 
 /// A current certificate and key, swapped whole on reload.
 #[derive(Debug)]
@@ -67,6 +80,50 @@ impl CertRole {
             CertRole::Listener => "TLS certificate",
             CertRole::UpstreamClient => "upstream client certificate",
         }
+    }
+
+    /// The `certificate` label of its metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            CertRole::Listener => "listener",
+            CertRole::UpstreamClient => "upstream_client",
+        }
+    }
+}
+
+/// The certificate pairs a config names, read as a start reads them: `keygate run` and
+/// `keygate check` refuse the same files with the same message.
+#[derive(Debug)]
+pub struct ConfiguredCerts {
+    /// `[server] tls_cert` / `tls_key`.
+    pub listener: Option<Arc<CertStore>>,
+    /// `[upstream] client_cert` / `client_key`.
+    pub upstream_client: Option<Arc<CertStore>>,
+}
+
+impl ConfiguredCerts {
+    /// Loads both pairs when configured; fails on the first one that cannot be used.
+    pub fn load(config: &Config) -> anyhow::Result<ConfiguredCerts> {
+        let listener = match &config.server.tls {
+            Some(files) => Some(CertStore::load(files, CertRole::Listener)?),
+            None => None,
+        };
+        let upstream_client = match &config.upstream.client_cert {
+            Some(files) => Some(
+                CertStore::load(files, CertRole::UpstreamClient)
+                    .map_err(|e| anyhow::anyhow!("[upstream] client_cert: {e}"))?,
+            ),
+            None => None,
+        };
+        Ok(ConfiguredCerts {
+            listener,
+            upstream_client,
+        })
+    }
+
+    /// The loaded stores.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<CertStore>> {
+        self.listener.iter().chain(&self.upstream_client)
     }
 }
 
@@ -107,6 +164,36 @@ impl CertStore {
         self.current.load_full()
     }
 
+    /// What the certificate is for.
+    pub fn role(&self) -> CertRole {
+        self.role
+    }
+
+    /// When the current certificate stops being valid (its leaf's `notAfter`); `None` when its
+    /// validity cannot be read (rustls, which serves it, does not need it).
+    pub fn expires(&self) -> Option<SystemTime> {
+        not_after(self.current.load().cert.first()?)
+    }
+
+    /// Exports the current certificate's expiry and logs it when it is near or past.
+    fn report_expiry(&self, metrics: &Metrics) {
+        let expires = self.expires();
+        metrics.certificate_expiry(self.role.label(), expires);
+        let Some(at) = expires else { return };
+        let what = self.role.name();
+        let cert = self.files.cert.display();
+        let validity = Validity::at(at, SystemTime::now());
+        match validity {
+            Validity::Expired { .. } => tracing::error!(
+                "{what} {cert} {validity}: partners' clients refuse it; replace the file"
+            ),
+            Validity::Valid { left, .. } if left < EXPIRY_WARNING => {
+                tracing::warn!("{what} {cert} {validity}: renew it")
+            }
+            Validity::Valid { .. } => {}
+        }
+    }
+
     /// Re-reads the files and swaps in the pair when it is usable; the old one stays otherwise.
     pub fn reload(&self) -> Result<(), TlsError> {
         let pair = load_pair(&self.files)?;
@@ -129,6 +216,7 @@ impl CertStore {
         let store = Arc::clone(self);
         let what = self.role.name();
         let mut stop = stop;
+        self.report_expiry(&metrics);
         tokio::spawn(async move {
             let mut last_seen = read_both(&store.files);
             while feed.next(&mut stop).await {
@@ -137,8 +225,8 @@ impl CertStore {
                     continue;
                 }
                 last_seen = seen;
-                let store = Arc::clone(&store);
-                let result = tokio::task::spawn_blocking(move || store.reload()).await;
+                let reloading = Arc::clone(&store);
+                let result = tokio::task::spawn_blocking(move || reloading.reload()).await;
                 match result {
                     Ok(Ok(())) => {
                         metrics.certificate_reload(true);
@@ -146,6 +234,7 @@ impl CertStore {
                             cert = %cert.display(),
                             "{what} reloaded: new handshakes use it"
                         );
+                        store.report_expiry(&metrics);
                     }
                     Ok(Err(err)) => {
                         metrics.certificate_reload(false);
@@ -243,6 +332,69 @@ impl ClientSessionStore for ClientSessions {
     ) -> Option<Tls13ClientSessionValue> {
         self.sessions().take_tls13_ticket(server_name)
     }
+}
+
+/// Where a certificate stands against its `notAfter`; displayed as `keygate check` and the
+/// log show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Validity {
+    /// Still valid, for `left`.
+    Valid {
+        /// Time left.
+        left: Duration,
+        /// The `notAfter`.
+        until: SystemTime,
+    },
+    /// Past its `notAfter` by `ago`.
+    Expired {
+        /// Time since.
+        ago: Duration,
+        /// The `notAfter`.
+        since: SystemTime,
+    },
+}
+
+impl Validity {
+    /// A certificate valid until `not_after`, seen at `now`.
+    pub fn at(not_after: SystemTime, now: SystemTime) -> Validity {
+        match not_after.duration_since(now) {
+            Ok(left) => Validity::Valid {
+                left,
+                until: not_after,
+            },
+            Err(e) => Validity::Expired {
+                ago: e.duration(),
+                since: not_after,
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Validity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const DAY: u64 = 24 * 3600;
+        match *self {
+            Validity::Valid { left, until } => write!(
+                f,
+                "valid until {} ({} days left)",
+                humantime::format_rfc3339_seconds(until),
+                left.as_secs() / DAY
+            ),
+            Validity::Expired { ago, since } => write!(
+                f,
+                "EXPIRED on {} ({} days ago)",
+                humantime::format_rfc3339_seconds(since),
+                ago.as_secs() / DAY
+            ),
+        }
+    }
+}
+
+/// The `notAfter` of a DER certificate, when it parses (a date before 1970 reads as 1970).
+fn not_after(der: &[u8]) -> Option<SystemTime> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let secs = cert.validity().not_after.timestamp();
+    Some(UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0)))
 }
 
 /// The raw bytes of both files (`None` for one that cannot be read), to notice real changes.

@@ -8,6 +8,7 @@ use std::{io::Read, path::PathBuf, process::ExitCode, sync::Arc, time::SystemTim
 use clap::{Parser, Subcommand};
 
 use crate::{
+    certs::{CertStore, ConfiguredCerts, Validity},
     config::Config,
     keys::{KeyHash, KeyTableBuilder, StatusCounts},
     proxy::Live,
@@ -104,11 +105,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             crate::keys_cli::run(&cli.config, cmd)?;
             Ok(ExitCode::SUCCESS)
         }
+        // What a start would read: the config, then the certificate pairs it names.
         Command::Check => match Config::load(&cli.config) {
-            Ok(config) => {
-                print!("{}", summary(&config));
-                Ok(ExitCode::SUCCESS)
-            }
+            Ok(config) => match ConfiguredCerts::load(&config) {
+                Ok(certs) => {
+                    print!("{}", summary(&config, &certs));
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("{}: {e:#}", config.path.display());
+                    Ok(ExitCode::FAILURE)
+                }
+            },
             Err(e) => {
                 eprintln!("{e}");
                 Ok(ExitCode::FAILURE)
@@ -117,19 +125,30 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// The summary `keygate check` prints.
-pub fn summary(config: &Config) -> String {
+/// The summary `keygate check` prints, certificates with their validity.
+pub fn summary(config: &Config, certs: &ConfiguredCerts) -> String {
     let now = SystemTime::now();
     let StatusCounts {
         active,
         disabled,
         expired,
     } = StatusCounts::of(&config.keys, now);
+    let validity = |store: &CertStore| match store.expires() {
+        Some(at) => Validity::at(at, now).to_string(),
+        None => "validity unreadable".to_string(),
+    };
+    let tls = match &certs.listener {
+        Some(store) => format!("on, certificate {}", validity(store)),
+        None => "off".to_string(),
+    };
+    let client_cert = match &certs.upstream_client {
+        Some(store) => format!(" (client certificate {})", validity(store)),
+        None => String::new(),
+    };
     format!(
-        "{}: ok\n  listen:   {}\n  tls:      {}\n  upstream: {}\n  keys:     {active} active, {disabled} disabled, {expired} expired\n",
+        "{}: ok\n  listen:   {}\n  tls:      {tls}\n  upstream: {}{client_cert}\n  keys:     {active} active, {disabled} disabled, {expired} expired\n",
         config.path.display(),
         config.server.listen,
-        if config.server.tls.is_some() { "on" } else { "off" },
         config.upstream.url,
     )
 }

@@ -15,6 +15,7 @@
 //! | `keygate_upstream_errors_total` | counter | `kind` (`connect`, `timeout`, `reset`) |
 //! | `keygate_config_reloads_total` | counter | `result` (`success`, `failure`) |
 //! | `keygate_certificate_reloads_total` | counter | `result` (`success`, `failure`); the listener's and the upstream client certificate |
+//! | `keygate_certificate_expiry_timestamp_seconds` | gauge | `certificate` (`listener`, `upstream_client`): the current one's `notAfter`, Unix time |
 //! | `keygate_keys` | gauge | `status` (`active`, `disabled`, `expired`), computed at scrape |
 //! | `keygate_open_connections` | gauge | partner-facing client connections |
 //! | `keygate_tls_handshake_failures_total` | counter | |
@@ -130,6 +131,7 @@ pub struct Metrics {
     upstream_errors: Family<OneLabel, Counter>,
     config_reloads: Family<OneLabel, Counter>,
     certificate_reloads: Family<OneLabel, Counter>,
+    certificate_expiry: Family<OneLabel, Gauge>,
     keys: Family<OneLabel, Gauge>,
     open_connections: Gauge,
     tls_handshake_failures: Counter,
@@ -162,6 +164,7 @@ impl Metrics {
             upstream_errors: Family::default(),
             config_reloads: Family::default(),
             certificate_reloads: Family::default(),
+            certificate_expiry: Family::default(),
             keys: Family::default(),
             open_connections: Gauge::default(),
             tls_handshake_failures: Counter::default(),
@@ -205,6 +208,12 @@ impl Metrics {
             "TLS certificate reloads (the listener's and the upstream client certificate), by \
              result (a failure keeps the previous certificate)",
             m.certificate_reloads.clone(),
+        );
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "When the current TLS certificate stops being valid (notAfter, Unix time), by \
+             certificate (listener, upstream_client)",
+            m.certificate_expiry.clone(),
         );
         registry.register("keys", "Keys loaded, by status", m.keys.clone());
         registry.register(
@@ -302,6 +311,21 @@ impl Metrics {
         self.certificate_reloads
             .get_or_create(&[("result", if ok { "success" } else { "failure" })])
             .inc();
+    }
+
+    /// Records when the `certificate` in use now stops being valid (`None`: unreadable, so
+    /// the series is removed rather than left at an old certificate's date).
+    pub fn certificate_expiry(&self, certificate: &'static str, not_after: Option<SystemTime>) {
+        let labels = [("certificate", certificate)];
+        match not_after.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()) {
+            Some(secs) => {
+                let secs = i64::try_from(secs.as_secs()).unwrap_or(i64::MAX);
+                self.certificate_expiry.get_or_create(&labels).set(secs);
+            }
+            None => {
+                self.certificate_expiry.remove(&labels);
+            }
+        }
     }
 
     /// Records a failed or timed-out client TLS handshake.

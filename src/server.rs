@@ -37,7 +37,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::{
     admin::Admin,
-    certs::{CertRole, CertStore},
+    certs::{CertStore, ConfiguredCerts},
     client_ip,
     config::{Config, ServerConfig},
     conn::{ClientIo, InFlight},
@@ -96,22 +96,13 @@ impl Gateway {
 
     async fn start_on_live(listener: TcpListener, live: Live) -> anyhow::Result<Gateway> {
         let config = Arc::clone(&live.config);
-        let certs = match &config.server.tls {
-            Some(files) => Some(CertStore::load(files, CertRole::Listener)?),
-            None => None,
-        };
-        let client_cert = match &config.upstream.client_cert {
-            Some(files) => Some(
-                CertStore::load(files, CertRole::UpstreamClient)
-                    .map_err(|e| anyhow::anyhow!("[upstream] client_cert: {e}"))?,
-            ),
-            None => None,
-        };
+        let certs = ConfiguredCerts::load(&config)?;
         let acceptor = certs
+            .listener
             .as_ref()
             .map(|c| TlsAcceptor::from(tls::server_config_with_resolver(c.clone())));
         let local_addr = listener.local_addr()?;
-        let client = upstream::client(&config.upstream, client_cert.clone());
+        let client = upstream::client(&config.upstream, certs.upstream_client.clone());
         let admin_listen = config.admin.as_ref().map(|a| a.listen);
         let (stop, stop_rx) = watch::channel(None);
         let limits = Limits::start(config.limit_store.as_ref(), stop_rx.clone()).await?;
@@ -124,7 +115,7 @@ impl Gateway {
         });
         let readiness = Arc::new(Readiness::default());
         reload::spawn(Arc::clone(&shared), stop_rx.clone())?;
-        for store in certs.iter().chain(&client_cert) {
+        for store in certs.iter() {
             store.spawn_watcher(Arc::clone(&shared.metrics), stop_rx.clone())?;
         }
         // Readiness is only reported by the admin listener: no probes unless one is asked for.
@@ -159,7 +150,7 @@ impl Gateway {
             task,
             readiness,
             admin,
-            certs,
+            certs: certs.listener,
         })
     }
 

@@ -322,6 +322,74 @@ fn check_passes_on_the_shipped_config_and_locates_errors() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 active, 1 disabled, 1 expired"));
 }
 
+/// `keygate check` reads the listener's certificate as a start would: a broken file fails the
+/// check naming it, and the summary shows how long the certificate is valid (an expired one
+/// is reported, not refused: keygate serves it, as nginx does).
+#[test]
+fn check_reads_the_listener_certificate_and_dates_it() {
+    const DAY: u64 = 24 * 3600;
+    let now = std::time::SystemTime::now();
+    let check = |path: &std::path::Path| {
+        let out = Command::new(keygate_bin())
+            .args(["check", "--config"])
+            .arg(path)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), stdout, stderr)
+    };
+    let date = |secs: i64| {
+        humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs as u64),
+        )
+    };
+    let (cert, not_after) = make_cert_until(now + std::time::Duration::from_secs(30 * DAY + 60));
+    let dir = tempfile::tempdir().unwrap();
+    let tls = cert.write_into(dir.path());
+    let text = config_text("http://127.0.0.1:9", "").replace(
+        "listen = \"127.0.0.1:0\"\n",
+        &format!("listen = \"127.0.0.1:0\"\n{tls}"),
+    );
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, &text).unwrap();
+    let (code, stdout, stderr) = check(&path);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    let line = format!(
+        "  tls:      on, certificate valid until {} (30 days left)\n",
+        date(not_after)
+    );
+    assert!(stdout.contains(&line), "{line:?} not in\n{stdout}");
+
+    let (expired, expired_at) = make_cert_until(now - std::time::Duration::from_secs(3 * DAY));
+    expired.write_into(dir.path());
+    let (code, stdout, _) = check(&path);
+    assert_eq!(code, Some(0));
+    let line = format!(
+        "  tls:      on, certificate EXPIRED on {} (3 days ago)\n",
+        date(expired_at)
+    );
+    assert!(stdout.contains(&line), "{line:?} not in\n{stdout}");
+
+    // A half-written certificate: what `keygate run` would refuse to start with.
+    std::fs::write(
+        dir.path().join("gateway.crt"),
+        "-----BEGIN CERTIFICATE-----\nMIIB",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = check(&path);
+    assert_eq!((code, stdout.as_str()), (Some(1), ""));
+    let cert_path = dir.path().join("gateway.crt");
+    assert!(
+        stderr.starts_with(&format!(
+            "{}: {}: no usable PEM certificate",
+            path.display(),
+            cert_path.display()
+        )),
+        "{stderr}"
+    );
+}
+
 /// `keygate hash` prints the blake3 form of the key read on stdin.
 #[test]
 fn hash_prints_the_config_form() {

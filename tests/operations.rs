@@ -714,6 +714,104 @@ async fn broken_or_mismatched_certificate_keeps_the_old_one_and_logs_why() {
     assert!(!proc.logs().contains("PRIVATE KEY"));
 }
 
+/// A certificate's end of validity is exported for alerting and logged when near or past, at
+/// start and after each renewal; an expired one is still served (replacing it is the fix).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_expiry_is_exported_and_logged_when_near_or_past() {
+    const DAY: u64 = 24 * 3600;
+    let now = std::time::SystemTime::now();
+    let up = start_upstream().await;
+    // Five days and an hour left: "5 days left", under the 14-day warning.
+    let (soon, soon_at) = make_cert_until(now + Duration::from_secs(5 * DAY + 3600));
+    let dir = tempfile::tempdir().unwrap();
+    let tls = soon.write_into(dir.path());
+    let text = ops_config(&up.url(), &tls, "", &key_entry("alpha", ALPHA, ""));
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, text).unwrap();
+    let proc = spawn_keygate(&path, &[]);
+    let metrics_url = format!("http://{}/metrics", proc.admin_addr());
+    let series = "keygate_certificate_expiry_timestamp_seconds{certificate=\"listener\"}";
+    let admin = http1_client();
+    let m = get(&admin, &metrics_url, &[]).await.text();
+    assert_eq!(value(&m, series), soon_at as f64, "{m}");
+    let until = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + Duration::from_secs(soon_at as u64),
+    );
+    let warning = format!("valid until {until} (5 days left): renew it");
+    assert!(
+        proc.logs().contains(&warning),
+        "{warning:?} not in\n{}",
+        proc.logs()
+    );
+    assert!(proc.logs().contains("WARN"), "{}", proc.logs());
+
+    // Renewed for 90 days: the metric follows, and no warning is added.
+    let (renewed, renewed_at) = make_cert_until(now + Duration::from_secs(90 * DAY));
+    write_atomically(&dir.path().join("gateway.key"), &renewed.key_pem);
+    write_atomically(&dir.path().join("gateway.crt"), &renewed.cert_pem);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            sample(&get(&admin, &metrics_url, &[]).await.text(), series) == Some(renewed_at as f64)
+        })
+        .await,
+        "expiry metric never followed the renewal:\n{}",
+        proc.logs()
+    );
+    assert!(
+        !proc.logs().contains("89 days left") && proc.logs().matches("renew it").count() == 1,
+        "{}",
+        proc.logs()
+    );
+
+    // Replaced by one that expired two days ago: an error line, and it is served all the same.
+    let (expired, expired_at) = make_cert_until(now - Duration::from_secs(2 * DAY));
+    write_atomically(&dir.path().join("gateway.key"), &expired.key_pem);
+    write_atomically(&dir.path().join("gateway.crt"), &expired.cert_pem);
+    assert!(
+        proc.wait_for_log("partners' clients refuse it", Duration::from_secs(5)),
+        "{}",
+        proc.logs()
+    );
+    let since = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + Duration::from_secs(expired_at as u64),
+    );
+    assert!(
+        proc.logs()
+            .contains(&format!("EXPIRED on {since} (2 days ago)")),
+        "{}",
+        proc.logs()
+    );
+    let m = get(&admin, &metrics_url, &[]).await.text();
+    assert_eq!(value(&m, series), expired_at as f64, "{m}");
+    let port = proc.addr.port();
+    let served = tokio::task::spawn_blocking(move || served_certificate(port))
+        .await
+        .unwrap();
+    assert_eq!(Some(served), pem_body(&expired.cert_pem));
+}
+
+/// The base64 body of the leaf certificate the listener on `port` presents, from a handshake
+/// that verifies nothing (openssl's s_client; scripts/testssl.sh needs openssl too).
+fn served_certificate(port: u16) -> String {
+    let out = Command::new("openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    pem_body(&text).unwrap_or_else(|| panic!("no certificate from s_client:\n{text}"))
+}
+
+/// The base64 of the first certificate in `pem`, without line breaks.
+fn pem_body(pem: &str) -> Option<String> {
+    let body = pem
+        .split("-----BEGIN CERTIFICATE-----")
+        .nth(1)?
+        .split("-----END CERTIFICATE-----")
+        .next()?;
+    Some(body.split_whitespace().collect())
+}
+
 /// `[log] format = "json"`: every line is one JSON object; access lines carry the fixed field
 /// names with the request's real values, and never the key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -939,17 +1037,40 @@ fn certs_dev_writes_a_servable_pair_with_a_private_key() {
         .expect("a usable pair");
 }
 
-/// The shipped deploy files: the example config passes `keygate check`, the unit runs as a
-/// non-root user with SIGHUP for reload, the image runs as a non-root user.
+/// The shipped deploy files: the example config passes `keygate check` once its certificate
+/// files exist (and names the missing one before), the unit runs as a non-root user with
+/// SIGHUP for reload, the image runs as a non-root user.
 #[test]
 fn deploy_files_are_consistent() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let check = Command::new(keygate_bin())
-        .args(["check", "--config"])
-        .arg(root.join("deploy/gateway.toml"))
-        .output()
-        .unwrap();
-    assert!(check.status.success(), "{check:?}");
+    let check = |config: &std::path::Path| {
+        Command::new(keygate_bin())
+            .args(["check", "--config"])
+            .arg(config)
+            .output()
+            .unwrap()
+    };
+    // As installed: /etc/keygate moved into a temporary directory.
+    let etc = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(root.join("deploy/gateway.toml"))
+        .unwrap()
+        .replace("/etc/keygate/", &format!("{}/", etc.path().display()));
+    let config = etc.path().join("gateway.toml");
+    std::fs::write(&config, text).unwrap();
+    let out = check(&config);
+    let missing = etc.path().join("tls/fullchain.pem");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains(&format!("{}: no usable PEM certificate", missing.display())),
+        "{out:?}"
+    );
+    let cert = make_cert();
+    std::fs::create_dir(etc.path().join("tls")).unwrap();
+    std::fs::write(&missing, &cert.cert_pem).unwrap();
+    std::fs::write(etc.path().join("tls/privkey.pem"), &cert.key_pem).unwrap();
+    let out = check(&config);
+    assert!(out.status.success(), "{out:?}");
     let unit = std::fs::read_to_string(root.join("deploy/keygate.service")).unwrap();
     for line in [
         "User=keygate",

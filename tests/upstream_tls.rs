@@ -1314,6 +1314,25 @@ async fn a_client_certificate_that_cannot_be_used_stops_the_start() {
             dir.path().join("gw-client.crt").display()
         )
     );
+    // `keygate check` reads the pair as a start does and refuses it with the same words.
+    let check = || {
+        let out = std::process::Command::new(keygate_bin())
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), stdout, stderr)
+    };
+    assert_eq!(
+        check(),
+        (
+            Some(1),
+            String::new(),
+            format!("{}: {err}\n", path.display())
+        )
+    );
     let err = start(text.replace("gw-client.crt", "missing.crt")).await;
     assert!(
         err.starts_with(&format!(
@@ -1321,5 +1340,23 @@ async fn a_client_certificate_that_cannot_be_used_stops_the_start() {
             dir.path().join("missing.crt").display()
         )),
         "{err}"
+    );
+    assert_eq!(
+        check(),
+        (
+            Some(1),
+            String::new(),
+            format!("{}: {err}\n", path.display())
+        )
+    );
+
+    // A usable pair passes, and the summary dates it.
+    write_file(dir.path(), "gw-client.key", &a.key_pem);
+    std::fs::write(&path, &text).unwrap();
+    let (code, stdout, stderr) = check();
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("upstream: https://127.0.0.1:9 (client certificate valid until "),
+        "{stdout}"
     );
 }

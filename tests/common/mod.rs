@@ -290,6 +290,27 @@ pub fn make_cert() -> TestCert {
     }
 }
 
+/// Like [`make_cert`], valid for 400 days up to `not_after` (whole seconds);
+/// returns it with `not_after` as Unix seconds.
+pub fn make_cert_until(not_after: std::time::SystemTime) -> (TestCert, i64) {
+    let secs = not_after
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let mut params =
+        rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    params.not_after = time::OffsetDateTime::from_unix_timestamp(secs).unwrap();
+    params.not_before = params.not_after - time::Duration::days(400);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let made = TestCert {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        cert_der: cert.der().to_vec(),
+    };
+    (made, secs)
+}
+
 impl TestCert {
     /// Writes gateway.crt/gateway.key into `dir`; returns the TOML lines naming them.
     pub fn write_into(&self, dir: &Path) -> String {

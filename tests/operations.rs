@@ -570,6 +570,17 @@ fn sigint_exits_zero() {
     assert!(exit.success(), "exit status {exit:?}");
 }
 
+/// A config directory serving `cert` (gateway.crt, gateway.key) in front of `upstream`, with
+/// the admin listener and the key alpha; returns it and the config's path.
+fn tls_config_dir(cert: &TestCert, upstream: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = cert.write_into(dir.path());
+    let text = ops_config(upstream, &tls, "", &key_entry("alpha", ALPHA, ""));
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
+
 async fn tls_get(client: &TlsClient, url: &str) -> Result<StatusCode, String> {
     let req = http::Request::get(url)
         .header("x-api-key", ALPHA)
@@ -595,11 +606,7 @@ async fn certificate_swap_is_seen_by_new_clients_while_old_connections_go_on() {
     let up = start_upstream().await;
     let old = make_cert();
     let new = make_cert();
-    let dir = tempfile::tempdir().unwrap();
-    let tls = old.write_into(dir.path());
-    let text = ops_config(&up.url(), &tls, "", &key_entry("alpha", ALPHA, ""));
-    let path = dir.path().join("gateway.toml");
-    std::fs::write(&path, text).unwrap();
+    let (dir, path) = tls_config_dir(&old, &up.url());
     let gw = start_gateway_in(dir, path).await;
     let url = format!("https://localhost:{}/v1/guests", gw.addr().port());
 
@@ -653,11 +660,7 @@ async fn broken_or_mismatched_certificate_keeps_the_old_one_and_logs_why() {
     let up = start_upstream().await;
     let good = make_cert();
     let other = make_cert();
-    let dir = tempfile::tempdir().unwrap();
-    let tls = good.write_into(dir.path());
-    let text = ops_config(&up.url(), &tls, "", &key_entry("alpha", ALPHA, ""));
-    let path = dir.path().join("gateway.toml");
-    std::fs::write(&path, text).unwrap();
+    let (dir, path) = tls_config_dir(&good, &up.url());
     let proc = spawn_keygate(&path, &[]);
     let url = format!("https://localhost:{}/v1/guests", proc.addr.port());
     assert_eq!(
@@ -723,11 +726,7 @@ async fn certificate_expiry_is_exported_and_logged_when_near_or_past() {
     let up = start_upstream().await;
     // Five days and an hour left: "5 days left", under the 14-day warning.
     let (soon, soon_at) = make_cert_until(now + Duration::from_secs(5 * DAY + 3600));
-    let dir = tempfile::tempdir().unwrap();
-    let tls = soon.write_into(dir.path());
-    let text = ops_config(&up.url(), &tls, "", &key_entry("alpha", ALPHA, ""));
-    let path = dir.path().join("gateway.toml");
-    std::fs::write(&path, text).unwrap();
+    let (dir, path) = tls_config_dir(&soon, &up.url());
     let proc = spawn_keygate(&path, &[]);
     let metrics_url = format!("http://{}/metrics", proc.admin_addr());
     let series = "keygate_certificate_expiry_timestamp_seconds{certificate=\"listener\"}";

@@ -782,33 +782,75 @@ async fn certificate_expiry_is_exported_and_logged_when_near_or_past() {
     );
     let m = get(&admin, &metrics_url, &[]).await.text();
     assert_eq!(value(&m, series), expired_at as f64, "{m}");
-    let port = proc.addr.port();
-    let served = tokio::task::spawn_blocking(move || served_certificate(port))
+    // Served all the same: a client whose clock reads a day before the expiry verifies it and
+    // is answered; a client with the right time refuses it, as partners' clients would.
+    let url = format!("https://localhost:{}/v1/guests", proc.addr.port());
+    let day_before = std::time::UNIX_EPOCH + Duration::from_secs(expired_at as u64 - DAY);
+    assert_eq!(
+        tls_get(&tls_client_at(&expired, day_before), &url).await,
+        Ok(StatusCode::OK)
+    );
+    let refused = tls_get(&tls_client(&expired, false), &url)
         .await
-        .unwrap();
-    assert_eq!(Some(served), pem_body(&expired.cert_pem));
+        .unwrap_err();
+    assert!(refused.contains("Expired"), "{refused}");
 }
 
-/// The base64 body of the leaf certificate the listener on `port` presents, from a handshake
-/// that verifies nothing (openssl's s_client; scripts/testssl.sh needs openssl too).
-fn served_certificate(port: u16) -> String {
-    let out = Command::new("openssl")
-        .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
-        .stdin(std::process::Stdio::null())
-        .output()
+/// A TLS client trusting only `cert`, verifying it as of `at` (webpki's checks, another clock).
+fn tls_client_at(cert: &TestCert, at: std::time::SystemTime) -> TlsClient {
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    #[derive(Debug)]
+    struct AtTime(Arc<rustls::client::WebPkiServerVerifier>, UnixTime);
+    impl ServerCertVerifier for AtTime {
+        fn verify_server_cert(
+            &self,
+            end_entity: &CertificateDer<'_>,
+            intermediates: &[CertificateDer<'_>],
+            server_name: &ServerName<'_>,
+            ocsp: &[u8],
+            _now: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            self.0
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp, self.1)
+        }
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            self.0.verify_tls12_signature(message, cert, dss)
+        }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            self.0.verify_tls13_signature(message, cert, dss)
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.supported_verify_schemes()
+        }
+    }
+    keygate::tls::install_crypto_provider();
+    let webpki = rustls::client::WebPkiServerVerifier::builder(Arc::new(cert.roots()))
+        .build()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    pem_body(&text).unwrap_or_else(|| panic!("no certificate from s_client:\n{text}"))
-}
-
-/// The base64 of the first certificate in `pem`, without line breaks.
-fn pem_body(pem: &str) -> Option<String> {
-    let body = pem
-        .split("-----BEGIN CERTIFICATE-----")
-        .nth(1)?
-        .split("-----END CERTIFICATE-----")
-        .next()?;
-    Some(body.split_whitespace().collect())
+    let tls = rustls::ClientConfig::builder()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AtTime(
+            webpki,
+            UnixTime::since_unix_epoch(at.duration_since(std::time::UNIX_EPOCH).unwrap()),
+        )))
+        .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .build();
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(connector)
 }
 
 /// `[log] format = "json"`: every line is one JSON object; access lines carry the fixed field

@@ -164,11 +164,6 @@ impl CertStore {
         self.current.load_full()
     }
 
-    /// What the certificate is for.
-    pub fn role(&self) -> CertRole {
-        self.role
-    }
-
     /// When the current certificate stops being valid (its leaf's `notAfter`); `None` when its
     /// validity cannot be read (rustls, which serves it, does not need it).
     pub fn expires(&self) -> Option<SystemTime> {

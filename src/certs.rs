@@ -15,8 +15,8 @@
 //!
 //! Expiry: each certificate's end of validity (its leaf's `notAfter`) is exported as
 //! `keygate_certificate_expiry_timestamp_seconds`, for alerting, as cert-manager and the
-//! blackbox exporter do; at start and after each reload a certificate with fewer than
-//! [`EXPIRY_WARNING`] left is logged as a warning, an expired one as an error. keygate still
+//! blackbox exporter do; at start, after each reload and once a day a certificate with fewer
+//! than [`EXPIRY_WARNING`] left is logged as a warning, an expired one as an error. keygate still
 //! serves an expired certificate (as nginx and Envoy do): replacing it is a file write away,
 //! and refusing to start would turn a warning into an outage. `keygate check` prints the dates
 //! and fails on exactly what would stop a start ([`ConfiguredCerts::load`]).
@@ -54,6 +54,8 @@ const DEBOUNCE: Duration = Duration::from_millis(200);
 /// on each reload (Let's Encrypt certificates are renewed 30 days ahead; this is for the
 /// renewal that did not happen).
 pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
+/// How often a running gateway looks at its certificates' expiry again (and logs as above).
+const EXPIRY_RECHECK: Duration = Duration::from_secs(24 * 3600);
 
 /// A current certificate and key, swapped whole on reload.
 #[derive(Debug)]
@@ -210,8 +212,19 @@ impl CertStore {
         let mut feed = ChangeFeed::start(&files, |_| true, None, DEBOUNCE, stop.clone())?;
         let store = Arc::clone(self);
         let what = self.role.name();
-        let mut stop = stop;
         self.report_expiry(&metrics);
+        // And once a day: a renewal that never came leaves no event to log it by.
+        let daily = Arc::clone(self);
+        let (daily_metrics, mut daily_stop) = (Arc::clone(&metrics), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(EXPIRY_RECHECK) => daily.report_expiry(&daily_metrics),
+                    _ = daily_stop.wait_for(Option::is_some) => break,
+                }
+            }
+        });
+        let mut stop = stop;
         tokio::spawn(async move {
             let mut last_seen = read_both(&store.files);
             while feed.next(&mut stop).await {
@@ -430,6 +443,61 @@ mod tests {
             cert: dir.join("c.pem"),
             key: dir.join("k.pem"),
         }
+    }
+
+    /// A certificate near its end is logged at start and again each day while keygate runs.
+    #[tokio::test(start_paused = true)]
+    async fn expiry_is_logged_at_start_and_once_a_day() {
+        use tracing_subscriber::fmt::MakeWriter;
+        #[derive(Clone, Default)]
+        struct Lines(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        impl<'a> MakeWriter<'a> for Lines {
+            type Writer = Lines;
+            fn make_writer(&'a self) -> Lines {
+                self.clone()
+            }
+        }
+        let lines = Lines::default();
+        let _log = tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .with_ansi(false)
+                .with_writer(lines.clone())
+                .finish(),
+        );
+        let warnings = || {
+            String::from_utf8(lines.0.lock().unwrap().clone())
+                .unwrap()
+                .matches("(5 days left): renew it")
+                .count()
+        };
+
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+        params.not_after = time::OffsetDateTime::now_utc() + time::Duration::hours(5 * 24 + 1);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let files = write_pair(dir.path(), &cert.pem(), &key.serialize_pem());
+        let store = CertStore::load(&files, CertRole::Listener).unwrap();
+        let (stop_tx, stop) = watch::channel(None);
+        store.spawn_watcher(Arc::new(Metrics::new()), stop).unwrap();
+        assert_eq!(warnings(), 1);
+        // Paused time jumps to each timer: the daily check, not the renewal watch, fires.
+        tokio::time::sleep(EXPIRY_RECHECK / 2).await;
+        assert_eq!(warnings(), 1);
+        tokio::time::sleep(EXPIRY_RECHECK).await;
+        assert_eq!(warnings(), 2);
+        tokio::time::sleep(EXPIRY_RECHECK).await;
+        assert_eq!(warnings(), 3);
+        stop_tx.send(Some(Duration::ZERO)).unwrap();
     }
 
     #[test]

@@ -26,6 +26,9 @@
 //! - The request body streams while the response is read: an upstream may answer early, or
 //!   echo the body as it arrives. A response that ends before the request body was all sent
 //!   closes the connection.
+//! - Request trailers are dropped, as nginx drops them: a trailer section could carry again the
+//!   fields keygate takes out of the head or writes itself (`X-Keygate-*`, `X-Forwarded-*`, the
+//!   key), and an upstream that merges trailers into headers would believe them.
 //! - `101 Switching Protocols`: the connection and any bytes already read are handed to
 //!   [`crate::upgrade`] ([`UpstreamBody::take_upgraded`]).
 
@@ -552,10 +555,10 @@ impl Upload {
                             self.queue.push_back(Bytes::from_static(b"\r\n"));
                         }
                         Ok(data) => self.queue.push_back(data),
-                        Err(frame) => {
+                        // Trailers: dropped (module doc).
+                        Err(_trailers) => {
                             if self.chunked {
-                                let trailers = frame.trailers_ref();
-                                self.queue.push_back(wire::last_chunk(trailers));
+                                self.queue.push_back(Bytes::from_static(wire::LAST_CHUNK));
                                 self.chunked = false;
                             }
                             self.body = None;
@@ -569,7 +572,7 @@ impl Upload {
                 }
                 None => {
                     if self.chunked {
-                        self.queue.push_back(wire::last_chunk(None));
+                        self.queue.push_back(Bytes::from_static(wire::LAST_CHUNK));
                         self.chunked = false;
                     }
                     self.body = None;

@@ -111,21 +111,9 @@ pub fn chunk_line(len: usize) -> Bytes {
     Bytes::from(line)
 }
 
-/// The last chunk and the trailer section (`None`: no trailers).
-pub fn last_chunk(trailers: Option<&HeaderMap>) -> Bytes {
-    let Some(trailers) = trailers else {
-        return Bytes::from_static(b"0\r\n\r\n");
-    };
-    let mut out = b"0\r\n".to_vec();
-    for (name, value) in trailers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    Bytes::from(out)
-}
+/// The last chunk of a request body, with an empty trailer section: request trailers are not
+/// forwarded (see [`crate::upstream`]).
+pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 
 /// A parsed response head.
 #[derive(Debug)]
@@ -814,9 +802,11 @@ mod tests {
             wire.extend_from_slice(p);
             wire.extend_from_slice(b"\r\n");
         }
-        let mut t = HeaderMap::new();
-        t.insert("x-t", HeaderValue::from_static("1"));
-        wire.extend_from_slice(&last_chunk(trailer.then_some(&t)));
+        wire.extend_from_slice(if trailer {
+            b"0\r\nx-t: 1\r\n\r\n"
+        } else {
+            LAST_CHUNK
+        });
         wire
     }
 

@@ -105,6 +105,8 @@ impl Head {
 struct Wire<S> {
     s: S,
     buf: Vec<u8>,
+    /// The trailer field lines of the last chunked body read.
+    trailers: Vec<String>,
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -113,7 +115,11 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 impl<S: AsyncRead + Unpin> Wire<S> {
     fn new(s: S) -> Self {
-        Wire { s, buf: Vec::new() }
+        Wire {
+            s,
+            buf: Vec::new(),
+            trailers: Vec::new(),
+        }
     }
 
     /// Reads more bytes; false at end of stream (or on an error).
@@ -162,18 +168,24 @@ impl<S: AsyncRead + Unpin> Wire<S> {
         }
     }
 
-    /// A chunked body, decoded (extensions and trailers read and dropped); `None` if the
-    /// stream ends before the last chunk and the trailer section's blank line.
+    /// A chunked body, decoded (extensions dropped, trailer lines kept in `trailers`); `None`
+    /// if the stream ends before the last chunk and the trailer section's blank line.
     async fn chunked(&mut self) -> Option<Vec<u8>> {
         let mut body = Vec::new();
+        self.trailers.clear();
         loop {
             let line = self.line().await?;
             let size = line.split(';').next().unwrap_or_default().trim();
             let n = usize::from_str_radix(size, 16)
                 .unwrap_or_else(|_| panic!("bad chunk-size line {line:?}"));
             if n == 0 {
-                while !self.line().await?.is_empty() {}
-                return Some(body);
+                loop {
+                    let line = self.line().await?;
+                    if line.is_empty() {
+                        return Some(body);
+                    }
+                    self.trailers.push(line);
+                }
             }
             body.extend(self.take(n).await?);
             assert_eq!(self.take(2).await?, b"\r\n", "chunk not followed by CRLF");
@@ -243,6 +255,8 @@ struct Seen {
     head: Head,
     /// Its body, once a `ReadBody` step read it.
     body: Option<Vec<u8>>,
+    /// The trailer lines of a chunked body, once read.
+    trailers: Vec<String>,
 }
 
 struct RawUpstream {
@@ -318,6 +332,7 @@ where
                 conn,
                 head,
                 body: None,
+                trailers: Vec::new(),
             });
             seen.len() - 1
         };
@@ -326,7 +341,9 @@ where
                 Step::ReadBody => {
                     let head = seen.lock().unwrap()[idx].head.clone();
                     let body = w.request_body(&head).await;
-                    seen.lock().unwrap()[idx].body = body;
+                    let mut seen = seen.lock().unwrap();
+                    seen[idx].body = body;
+                    seen[idx].trailers = std::mem::take(&mut w.trailers);
                 }
                 Step::Write(bytes) => {
                     if w.s.write_all(&bytes).await.is_err() {
@@ -1276,6 +1293,51 @@ async fn a_partner_expecting_100_continue_is_told_to_go_on_and_its_body_arrives(
     let seen = up.seen();
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].body.as_deref(), Some(&body[..]));
+}
+
+/// Request trailers are not forwarded (as nginx): a trailer section carrying the fields keygate
+/// strips from heads (identity, forwarding, the key) never reaches the upstream, over
+/// HTTP/1.1 chunked or HTTP/2; the body arrives whole and the request is answered.
+#[tokio::test]
+async fn request_trailers_are_dropped_on_the_way_up() {
+    let up = raw_upstream(|_| ok()).await;
+    let gw = gateway(&up).await;
+    let spoof = "x-keygate-key-id: admin\r\nx-keygate-tenant: other\r\n\
+                 x-forwarded-for: 1.2.3.4\r\nx-api-key: leaked\r\nx-checksum: c0ffee\r\n";
+    let mut p = Partner::connect(&gw).await;
+    let req = format!(
+        "POST /v1/upload HTTP/1.1\r\nhost: keygate.test\r\nx-api-key: {KEY}\r\n\
+         transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n{spoof}\r\n"
+    );
+    p.w.s.write_all(req.as_bytes()).await.unwrap();
+    let answer = p.answer(false).await;
+    assert_eq!(answer.head.status(), 200, "{}", answer.head.text);
+    let seen = up.seen();
+    assert_eq!(seen[0].body.as_deref(), Some(&b"hello world"[..]));
+    assert!(seen[0].head.chunked(), "{}", seen[0].head.text);
+    assert_eq!(seen[0].trailers, Vec::<String>::new());
+
+    // HTTP/2 trailers, on a body of unknown length (sent upstream chunked).
+    let frames = vec![
+        Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"h2 body"))),
+        Ok(Frame::trailers({
+            let mut t = http::HeaderMap::new();
+            t.insert("x-keygate-key-id", "admin".parse().unwrap());
+            t.insert("x-checksum", "c0ffee".parse().unwrap());
+            t
+        })),
+    ];
+    let body: TestBody = StreamBody::new(futures_util::stream::iter(frames)).boxed();
+    let req = http::Request::post(gw.url("/v1/upload"))
+        .header("x-api-key", KEY)
+        .body(body)
+        .unwrap();
+    let resp = h2c_client().request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let seen = up.seen();
+    assert_eq!(seen[1].body.as_deref(), Some(&b"h2 body"[..]));
+    assert!(seen[1].head.chunked(), "{}", seen[1].head.text);
+    assert_eq!(seen[1].trailers, Vec::<String>::new());
 }
 
 /// Bytes an upstream sends after a complete answer are never read as the answer to the next

@@ -453,7 +453,9 @@ fn check_scope(
         return Ok(None);
     }
     let normal = scope::normalise(uri.path()).map_err(|_| {
-        GatewayError::BadRequest("Encoded slashes, backslashes and NULs are not accepted in paths.")
+        GatewayError::BadRequest(
+            "Encoded slashes, backslashes, NULs and dot segments with parameters (..;) are not accepted in paths.",
+        )
     })?;
     if !scope::allowed(&entry.scopes, method, &normal) {
         return Err(GatewayError::ForbiddenScope);

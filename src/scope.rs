@@ -10,7 +10,10 @@
 //! `/v1/guests/../messages` and `/v1/guests/%2e%2e/messages` are both `/v1/messages` and cannot
 //! slip past `GET /v1/guests/**`. The same normalised path (still in its original encoding) is
 //! what gets forwarded, so the upstream serves exactly what was checked. A segment that decodes
-//! to something holding `/`, `\` or NUL has no single meaning across servers and is refused.
+//! to something holding `/`, `\` or NUL, or to `..` or `.` with `;` parameters (`..;x`, which
+//! Tomcat and Jetty resolve as `..`), has no single meaning across servers and is refused.
+//! Matching costs time in proportion to the scope's segments times the path's, whatever `**`
+//! segments the scope holds.
 //! `GET` does not imply `HEAD`: list both when a partner needs both.
 
 use std::fmt;
@@ -103,18 +106,44 @@ impl fmt::Display for Scope {
     }
 }
 
-/// Glob match of pattern segments against decoded path segments (`**` backtracks).
+/// Glob match of pattern segments against decoded path segments, in O(pattern × path) time:
+/// `reach[j]` says whether the pattern so far can consume exactly the first `j` segments. (A
+/// backtracking match costs path^k for k `**` segments: a partner with a scope like
+/// `GET /v1/**/rooms/**/photos` could send one long path and hold a core for minutes.)
 fn matches(pattern: &[Segment], path: &[Vec<u8>]) -> bool {
-    match pattern.split_first() {
-        None => path.is_empty(),
-        Some((Segment::Any, rest)) => (0..=path.len()).any(|skip| matches(rest, &path[skip..])),
-        Some((Segment::One, rest)) => {
-            !path.is_empty() && !path[0].is_empty() && matches(rest, &path[1..])
-        }
-        Some((Segment::Literal(lit), rest)) => {
-            !path.is_empty() && path[0] == *lit && matches(rest, &path[1..])
+    let mut stack = [false; 33];
+    let mut heap = Vec::new();
+    let reach: &mut [bool] = if path.len() < stack.len() {
+        &mut stack[..=path.len()]
+    } else {
+        heap.resize(path.len() + 1, false);
+        &mut heap
+    };
+    reach[0] = true;
+    for seg in pattern {
+        match seg {
+            // Zero or more segments: reachable from the first reachable position on.
+            Segment::Any => {
+                let mut on = false;
+                for r in reach.iter_mut() {
+                    on |= *r;
+                    *r = on;
+                }
+            }
+            // Exactly one segment: shift by one where it matches.
+            Segment::One | Segment::Literal(_) => {
+                for j in (1..reach.len()).rev() {
+                    let fits = match seg {
+                        Segment::Literal(lit) => path[j - 1] == *lit,
+                        _ => !path[j - 1].is_empty(),
+                    };
+                    reach[j] = reach[j - 1] && fits;
+                }
+                reach[0] = false;
+            }
         }
     }
+    reach[path.len()]
 }
 
 /// Whether any of `scopes` covers the request; an empty list covers everything.
@@ -134,8 +163,9 @@ pub struct NormalPath {
 /// Why a path cannot be normalised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {
-    /// A segment decodes to `/`, `\` or NUL, or holds a broken `%` escape.
-    #[error("the path holds an encoded slash, backslash, NUL or a broken escape")]
+    /// A segment decodes to `/`, `\` or NUL, or to a dot segment with `;` parameters, or
+    /// holds a broken `%` escape.
+    #[error("the path holds an encoded slash, backslash, NUL, a dot segment with parameters or a broken escape")]
     Ambiguous,
 }
 
@@ -148,6 +178,12 @@ pub fn normalise(path: &str) -> Result<NormalPath, PathError> {
     for (i, seg) in raw.iter().enumerate() {
         let decoded = percent_decode(seg)?;
         if decoded.iter().any(|b| matches!(b, b'/' | b'\\' | 0)) {
+            return Err(PathError::Ambiguous);
+        }
+        // `..;x` and `.;x`: Java servers (Tomcat, Jetty) drop the `;` parameters and resolve
+        // the dot segment, others read a name; either way not what was checked.
+        let name = decoded.split(|&b| b == b';').next().unwrap_or_default();
+        if matches!(name, b"." | b"..") && decoded.len() > name.len() {
             return Err(PathError::Ambiguous);
         }
         match decoded.as_slice() {
@@ -279,8 +315,77 @@ mod tests {
             "/a/%00",
             "/a/%zz",
             "/a/%4",
+            "/v1/guests/..;/admin",
+            "/v1/guests/..;jsessionid=1/admin",
+            "/v1/guests/%2e%2e;/admin",
+            "/v1/guests/.;x/1",
         ] {
             assert_eq!(normalise(p), Err(PathError::Ambiguous), "{p}");
+        }
+    }
+
+    #[test]
+    fn semicolons_elsewhere_are_plain_characters() {
+        assert!(covers(
+            "GET /v1/guests/**",
+            "GET",
+            "/v1/guests/a;b/x..;y.json"
+        ));
+        assert!(covers("GET /v1/guests/**", "GET", "/v1/guests/...;x"));
+    }
+
+    /// Several `**` against a long path: answered at once (backtracking took path^3 steps
+    /// here, minutes for a path of 3,000 segments).
+    #[test]
+    fn many_wildcards_against_a_long_path_cost_linear_time() {
+        let scope = Scope::parse("GET /v1/**/rooms/**/rooms/**/photos").unwrap();
+        let mut path = "/v1".to_string();
+        for _ in 0..3000 {
+            path.push_str("/rooms");
+        }
+        let miss = normalise(&format!("{path}/x")).unwrap();
+        assert!(!scope.covers(&Method::GET, &miss));
+        let hit = normalise(&format!("{path}/photos")).unwrap();
+        assert!(scope.covers(&Method::GET, &hit));
+    }
+
+    /// The reference: the backtracking match this module used before.
+    fn backtracking(pattern: &[Segment], path: &[Vec<u8>]) -> bool {
+        match pattern.split_first() {
+            None => path.is_empty(),
+            Some((Segment::Any, rest)) => {
+                (0..=path.len()).any(|skip| backtracking(rest, &path[skip..]))
+            }
+            Some((Segment::One, rest)) => {
+                !path.is_empty() && !path[0].is_empty() && backtracking(rest, &path[1..])
+            }
+            Some((Segment::Literal(lit), rest)) => {
+                !path.is_empty() && path[0] == *lit && backtracking(rest, &path[1..])
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// Over small alphabets (so that matches happen), paths long enough for the heap
+        /// branch: the same answer as the backtracking match.
+        #[test]
+        fn the_linear_match_agrees_with_backtracking(
+            pattern in proptest::collection::vec(0u8..5, 0..7),
+            path in proptest::collection::vec(0u8..4, 0..40),
+        ) {
+            let pattern: Vec<Segment> = pattern
+                .into_iter()
+                .map(|p| match p {
+                    0 => Segment::Any,
+                    1 => Segment::One,
+                    n => Segment::Literal(vec![b'a' + n - 2]),
+                })
+                .collect();
+            let path: Vec<Vec<u8>> = path
+                .into_iter()
+                .map(|p| if p == 3 { Vec::new() } else { vec![b'a' + p] })
+                .collect();
+            proptest::prop_assert_eq!(matches(&pattern, &path), backtracking(&pattern, &path));
         }
     }
 

@@ -402,11 +402,19 @@ fn trim(v: &[u8]) -> &[u8] {
     &v[start..end.max(start)]
 }
 
+/// A Content-Length value as hyper reads it: digits only, any number of leading zeros, `None`
+/// past `u64`. (Refusing a long run of zeros that hyper accepts would end the screen for the
+/// connection while hyper went on.)
 fn decimal(v: &[u8]) -> Option<u64> {
-    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+    if v.is_empty() {
         return None;
     }
-    Some(v.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')))
+    v.iter().try_fold(0u64, |n, &d| {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
 }
 
 #[cfg(test)]
@@ -457,6 +465,26 @@ mod tests {
                 "{head}"
             );
         }
+    }
+
+    /// A length hyper accepts (leading zeros, however many) keeps the screen on: the pipelined
+    /// ambiguous head after it is still refused.
+    #[test]
+    fn long_runs_of_leading_zeros_keep_the_screen_on() {
+        let zeros = "0".repeat(40);
+        let bytes = format!(
+            "GET /a HTTP/1.1\r\nHost: x\r\nContent-Length: {zeros}\r\n\r\n\
+             POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 00000000000000000000005\r\n\r\nhello\
+             POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello"
+        );
+        let want = [None, None, Some(Ambiguity::RepeatedLength)];
+        for cuts in [&[1][..], &[4096]] {
+            assert_eq!(verdicts(bytes.as_bytes(), cuts, 3), want, "cuts {cuts:?}");
+        }
+        assert_eq!(decimal(b"18446744073709551615"), Some(u64::MAX));
+        assert_eq!(decimal(b"18446744073709551616"), None);
+        assert_eq!(decimal(b"-5"), None);
+        assert_eq!(decimal(b""), None);
     }
 
     #[test]

@@ -658,6 +658,30 @@ async fn a_repeated_length_is_found_after_pipelined_bodies_and_in_a_trickled_hea
     still_serves(&gw).await;
 }
 
+/// A Content-Length hyper accepts however many leading zeros it has does not end the screen:
+/// an ambiguous head pipelined behind one is still refused and never forwarded.
+#[tokio::test]
+async fn a_length_with_many_leading_zeros_does_not_switch_the_screen_off() {
+    let up = start_upstream().await;
+    let gw = gateway(&up, "", "", "").await;
+    let zeros = "0".repeat(24);
+    let pipelined = format!(
+        "GET /v1/one HTTP/1.1\r\nHost: x\r\nX-Api-Key: {KEY}\r\nContent-Length: {zeros}\r\n\r\n\
+         POST /v1/two HTTP/1.1\r\nHost: x\r\nX-Api-Key: {KEY}\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello"
+    );
+    let before = up.hits();
+    let mut conn = TcpStream::connect(gw.addr()).await.unwrap();
+    conn.write_all(pipelined.as_bytes()).await.unwrap();
+    let resp = read_to_close(&mut conn, Duration::from_secs(5)).await;
+    let statuses: Vec<u16> = resp
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| status_of(&resp[i..]))
+        .collect();
+    assert_eq!(statuses, [200, 400], "{resp}");
+    assert_eq!(up.hits() - before, 1);
+    still_serves(&gw).await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Keys: edge cases, query-string keys, brute force
 // ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use http::HeaderMap;
+use http::{header::HeaderName, HeaderMap};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// An address block such as `10.0.0.0/8` or `2001:db8::/32` (a bare address is a /32 or /128).
@@ -113,21 +113,27 @@ impl TrustedProxies {
     }
 }
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
 /// The hops of `X-Forwarded-For` (when present) or else of `Forwarded: for=`, left to right;
 /// `None` for a hop that is not an address (`unknown`, an obfuscated name, garbage).
 fn forwarded_chain(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
-    let xff: Vec<_> = headers.get_all("x-forwarded-for").iter().collect();
-    if !xff.is_empty() {
-        return xff
+    // Split on the raw bytes: a proxy appends its hop to whatever the client sent, so one
+    // non-ASCII byte in the client's part must spoil that hop only, not the proxy's after it.
+    let elements = |name, unreadable| {
+        headers
+            .get_all(name)
             .iter()
-            .flat_map(|v| v.to_str().unwrap_or("?").split(','))
-            .map(|hop| parse_hop(hop.trim()))
-            .collect();
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(move |hop| std::str::from_utf8(hop).unwrap_or(unreadable))
+    };
+    let xff: Vec<_> = elements(X_FORWARDED_FOR, "?")
+        .map(|hop| parse_hop(hop.trim()))
+        .collect();
+    if !xff.is_empty() {
+        return xff;
     }
-    headers
-        .get_all(http::header::FORWARDED)
-        .iter()
-        .flat_map(|v| v.to_str().unwrap_or("for=?").split(','))
+    elements(http::header::FORWARDED, "for=?")
         .filter_map(|element| {
             element.split(';').find_map(|pair| {
                 let (k, v) = pair.trim().split_once('=')?;

@@ -645,8 +645,12 @@ impl<'a> Forwarding<'a> {
     ) -> Forwarding<'a> {
         strip_hop_by_hop(headers);
         let forwarded_for = match forwarded_for(headers) {
-            Some(prior) => HeaderValue::try_from(format!("{prior}, {}", conn.peer.ip()))
-                .expect("joined X-Forwarded-For values are visible ASCII"),
+            Some(mut chain) => {
+                chain.extend_from_slice(b", ");
+                chain.extend_from_slice(conn.peer_ip.as_bytes());
+                HeaderValue::from_bytes(&chain)
+                    .expect("field values joined with an address are a field value")
+            }
             None => conn.peer_ip.clone(),
         };
         Forwarding {
@@ -700,19 +704,21 @@ impl wire::Fields for Forwarding<'_> {
 }
 
 /// The client's `X-Forwarded-For` values joined, if any.
-fn forwarded_for(headers: &HeaderMap) -> Option<String> {
-    let mut joined: Option<String> = None;
+fn forwarded_for(headers: &HeaderMap) -> Option<Vec<u8>> {
+    let mut joined: Option<Vec<u8>> = None;
+    // Bytes, not text: a proxy before keygate appended its hop to whatever the client sent,
+    // and one non-ASCII byte there must not cost the upstream the hops after it.
     for v in headers.get_all(&X_FORWARDED_FOR) {
-        let v = v.to_str().ok()?.trim();
+        let v = v.as_bytes().trim_ascii();
         if v.is_empty() {
             continue;
         }
         match &mut joined {
             Some(j) => {
-                j.push_str(", ");
-                j.push_str(v);
+                j.extend_from_slice(b", ");
+                j.extend_from_slice(v);
             }
-            None => joined = Some(v.to_string()),
+            None => joined = Some(v.to_vec()),
         }
     }
     joined

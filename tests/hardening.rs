@@ -889,12 +889,17 @@ async fn connect_from(local: &str, addr: SocketAddr) -> TcpStream {
 }
 
 /// One request over a fresh connection from `local`, with `headers` (raw lines); the status.
-async fn status_from(local: &str, gw: &TestGateway, prefix: &[u8], headers: &str) -> u16 {
+async fn status_from(
+    local: &str,
+    gw: &TestGateway,
+    prefix: &[u8],
+    headers: impl AsRef<[u8]>,
+) -> u16 {
     let mut s = connect_from(local, gw.addr()).await;
     let mut bytes = prefix.to_vec();
-    bytes.extend_from_slice(
-        format!("GET /v1/x HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n").as_bytes(),
-    );
+    bytes.extend_from_slice(b"GET /v1/x HTTP/1.1\r\nHost: x\r\n");
+    bytes.extend_from_slice(headers.as_ref());
+    bytes.extend_from_slice(b"Connection: close\r\n\r\n");
     s.write_all(&bytes).await.unwrap();
     let resp = read_to_close(&mut s, Duration::from_secs(5)).await;
     status_of(&resp)
@@ -954,6 +959,53 @@ async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_budget() {
     assert_eq!(
         status_from("127.0.0.1", &gw, b"", forwarded_blocked).await,
         429
+    );
+}
+
+/// A byte that is not ASCII in the client's part of `X-Forwarded-For` (which a proxy appends to,
+/// as nginx's `$proxy_add_x_forwarded_for` does) spoils that hop only: the client is still the
+/// hop the proxy appended, its failures are its own (not the proxy's), and the upstream gets
+/// the whole chain with the proxy's hop and keygate's peer after it.
+#[tokio::test]
+async fn a_non_ascii_byte_in_a_forwarded_chain_spoils_only_its_own_hop() {
+    let up = start_upstream().await;
+    let gw = gateway(
+        &up,
+        "trusted_proxies = [\"127.0.0.0/8\"]",
+        "",
+        "[auth]\nfailures_per_ip = \"2/min\"",
+    )
+    .await;
+    let spoiled = |key: &str| {
+        let mut h = format!("X-Api-Key: {key}\r\nX-Forwarded-For: ").into_bytes();
+        h.extend_from_slice(b"\xff\xfe, 203.0.113.7\r\n");
+        h
+    };
+    assert_eq!(
+        status_from("127.0.0.1", &gw, b"", spoiled("wrong")).await,
+        401
+    );
+    assert_eq!(
+        status_from("127.0.0.1", &gw, b"", spoiled("wrong")).await,
+        401
+    );
+    assert_eq!(
+        status_from("127.0.0.1", &gw, b"", spoiled("wrong")).await,
+        429
+    );
+    // The budget spent was 203.0.113.7's: the proxy itself and other clients still get 401.
+    assert_eq!(
+        status_from("127.0.0.1", &gw, b"", "X-Api-Key: wrong\r\n").await,
+        401
+    );
+    let other = "X-Api-Key: wrong\r\nX-Forwarded-For: 203.0.113.8\r\n";
+    assert_eq!(status_from("127.0.0.1", &gw, b"", other).await, 401);
+
+    assert_eq!(status_from("127.0.0.1", &gw, b"", spoiled(KEY)).await, 200);
+    let seen = up.last();
+    assert_eq!(
+        seen.headers["x-forwarded-for"].as_bytes(),
+        b"\xff\xfe, 203.0.113.7, 127.0.0.1"
     );
 }
 

@@ -620,6 +620,8 @@ fn rewrite<'a>(
 pub struct Forwarding<'a> {
     key_header: &'a HeaderName,
     bearer: bool,
+    /// The key has scopes: method overrides stay behind ([`METHOD_OVERRIDES`]).
+    scoped: bool,
     host: HeaderValue,
     forwarded_for: HeaderValue,
     forwarded_proto: HeaderValue,
@@ -656,6 +658,7 @@ impl<'a> Forwarding<'a> {
         Forwarding {
             key_header: &live.config.auth.header,
             bearer,
+            scoped: !entry.scopes.is_empty(),
             host: live.config.upstream.host_header.clone(),
             forwarded_for,
             forwarded_proto: HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
@@ -668,21 +671,36 @@ impl<'a> Forwarding<'a> {
     }
 }
 
+impl Forwarding<'_> {
+    /// Whether the client's field `name` (lower case) is one keygate takes out or writes itself.
+    fn reserved(&self, name: &str) -> bool {
+        name == header::HOST.as_str()
+            || name == self.key_header.as_str()
+            || (self.bearer && name == header::AUTHORIZATION.as_str())
+            || (self.scoped && METHOD_OVERRIDES.contains(&name))
+            || (name.starts_with("x-")
+                && (name.starts_with("x-keygate-")
+                    || name == X_FORWARDED_FOR.as_str()
+                    || name == X_FORWARDED_PROTO.as_str()
+                    || name == X_FORWARDED_HOST.as_str()
+                    || name == X_REQUEST_ID.as_str()))
+    }
+}
+
+/// Fields by which an upstream may take another method than the request line's: a scoped key
+/// was checked against that line, so they do not go upstream with its requests.
+const METHOD_OVERRIDES: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
 impl wire::Fields for Forwarding<'_> {
     fn passes(&self, name: &HeaderName) -> bool {
-        if name == header::HOST || name == self.key_header {
-            return false;
-        }
-        if self.bearer && name == header::AUTHORIZATION {
-            return false;
-        }
         let name = name.as_str();
-        !(name.starts_with("x-")
-            && (name.starts_with("x-keygate-")
-                || name == X_FORWARDED_FOR.as_str()
-                || name == X_FORWARDED_PROTO.as_str()
-                || name == X_FORWARDED_HOST.as_str()
-                || name == X_REQUEST_ID.as_str()))
+        // Servers that hand fields over CGI-style (PHP-FPM, uWSGI, older Puma and gunicorn)
+        // read `_` as `-`: `x_keygate_tenant` would reach them as `X-Keygate-Tenant`.
+        !(self.reserved(name) || name.contains('_') && self.reserved(&name.replace('_', "-")))
     }
 
     fn added(&self, field: &mut dyn FnMut(&HeaderName, &HeaderValue)) {

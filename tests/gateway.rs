@@ -191,13 +191,20 @@ async fn each_key_is_rate_limited_on_its_own_with_retry_after_and_ratelimit_fiel
 }
 
 /// Line 4: method, path, query and body unchanged; key, hop-by-hop and spoofed X-Keygate-*
-/// removed; forwarding and identity headers set; the request id kept or made and returned.
+/// removed (in `_` spellings too, which CGI-style servers read as `-`); forwarding and
+/// identity headers set; the request id kept or made and returned; method overrides dropped
+/// for a scoped key only.
 #[tokio::test]
 async fn forwarding_rewrites_exactly_the_documented_headers() {
     let up = start_upstream().await;
+    let scoped = "scoped-key-0123456789abcdefghijklmnop";
     let text = config_text(
         &format!("{}/api/", up.url()),
-        &key_entry("review-platform", KEY, "tenant = \"hotel-1042\""),
+        &format!(
+            "{}{}",
+            key_entry("review-platform", KEY, "tenant = \"hotel-1042\""),
+            key_entry("scoped", scoped, "scopes = [\"* /v1/**\"]")
+        ),
     );
     let gw = start_gateway(&text).await;
     let c = http1_client();
@@ -218,6 +225,14 @@ async fn forwarding_rewrites_exactly_the_documented_headers() {
             ("x-request-id", "partner-req-42"),
             ("x-custom", "kept"),
             ("content-type", "application/json"),
+            ("x_keygate_tenant", "victim"),
+            ("x_keygate_key_id", "admin"),
+            ("x_forwarded_for", "1.2.3.4"),
+            ("x-forwarded_proto", "https"),
+            ("x_request_id", "spoof"),
+            ("x_api_key", "leaked"),
+            ("x_custom", "kept too"),
+            ("x-http-method-override", "DELETE"),
         ],
         full("{\"name\":\"Ada\"}"),
     )
@@ -244,6 +259,19 @@ async fn forwarding_rewrites_exactly_the_documented_headers() {
     assert_eq!(h["x-request-id"], "partner-req-42");
     assert_eq!(h["x-custom"], "kept");
     assert_eq!(h["content-type"], "application/json");
+    for spoof in [
+        "x_keygate_tenant",
+        "x_keygate_key_id",
+        "x_forwarded_for",
+        "x-forwarded_proto",
+        "x_request_id",
+        "x_api_key",
+    ] {
+        assert!(h.get(spoof).is_none(), "{spoof} was forwarded");
+    }
+    assert_eq!(h["x_custom"], "kept too");
+    // An unscoped key may call any method: its override goes on.
+    assert_eq!(h["x-http-method-override"], "DELETE");
     assert_eq!(h["host"], up.addr.to_string());
     // Each field keygate sets goes once, whatever the client sent.
     for name in [
@@ -268,7 +296,32 @@ async fn forwarding_rewrites_exactly_the_documented_headers() {
     assert_ne!(id, "bad id with spaces");
     assert_eq!(id.len(), 32);
     assert_eq!(up.last().headers["x-request-id"], id.as_str());
-    // No tenant configured: no tenant header upstream, even a spoofed one.
+
+    // A scoped key was checked against the request line's method: no override goes upstream.
+    let got = send(
+        &c,
+        Method::POST,
+        &gw.url("/v1/guests"),
+        &[
+            ("x-api-key", scoped),
+            ("x-http-method-override", "DELETE"),
+            ("x-http-method", "DELETE"),
+            ("x-method-override", "DELETE"),
+            ("x_http_method_override", "DELETE"),
+        ],
+        empty(),
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
+    let h = up.last().headers;
+    for name in [
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "x_http_method_override",
+    ] {
+        assert!(h.get(name).is_none(), "{name} was forwarded");
+    }
 }
 
 /// Line 4: upstream connections are pooled and kept alive.

@@ -15,7 +15,7 @@ use std::{path::Path, sync::Arc, time::Duration};
 use tokio::sync::watch;
 
 use crate::{
-    config::{Config, ConfigError},
+    config::{Config, ConfigError, ServerConfig},
     keys::KeyTableBuilder,
     proxy::{Live, Shared},
     watch::ChangeFeed,
@@ -35,10 +35,10 @@ pub fn reload_now(shared: &Shared, path: &Path) -> Result<usize, ConfigError> {
     let config = Config::load_into(path, &mut table)?;
     let table = table.finish();
     let parsed = started.elapsed();
-    if config.server.listen != old.config.server.listen
-        || config.server.tls != old.config.server.tls
-    {
-        tracing::warn!("[server] listen/tls changes take effect after a restart");
+    if restart_only_server_fields_differ(&config.server, &old.config.server) {
+        tracing::warn!(
+            "[server] changes take effect after a restart (trusted_proxies and max_body apply now)"
+        );
     }
     if config.admin != old.config.admin || config.log != old.config.log {
         tracing::warn!("[admin] and [log] changes take effect after a restart");
@@ -150,4 +150,75 @@ pub fn spawn(shared: Arc<Shared>, stop: watch::Receiver<Option<Duration>>) -> an
         }
     });
     Ok(())
+}
+
+/// Whether `[server]` fields read once at start differ: all but `trusted_proxies` (read live by
+/// the accept loop and the request path) and `max_body` (the keys' default, taken at each
+/// load). Destructured, so that a new field has to be placed here.
+fn restart_only_server_fields_differ(new: &ServerConfig, old: &ServerConfig) -> bool {
+    let ServerConfig {
+        listen,
+        tls,
+        workers,
+        shutdown_timeout,
+        header_timeout,
+        idle_timeout,
+        max_connections,
+        max_header_bytes,
+        max_headers,
+        h2_max_streams,
+        max_body: _,
+        trusted_proxies: _,
+        proxy_protocol,
+    } = new;
+    *listen != old.listen
+        || *tls != old.tls
+        || *workers != old.workers
+        || *shutdown_timeout != old.shutdown_timeout
+        || *header_timeout != old.header_timeout
+        || *idle_timeout != old.idle_timeout
+        || *max_connections != old.max_connections
+        || *max_header_bytes != old.max_header_bytes
+        || *max_headers != old.max_headers
+        || *h2_max_streams != old.h2_max_streams
+        || *proxy_protocol != old.proxy_protocol
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(extra: &str) -> ServerConfig {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n{extra}\n[upstream]\nurl = \"http://127.0.0.1:9\"\n"
+        );
+        Config::parse(Path::new("gateway.toml"), &text)
+            .unwrap()
+            .server
+    }
+
+    #[test]
+    fn only_fields_read_at_start_ask_for_a_restart() {
+        let base = server("");
+        assert!(!restart_only_server_fields_differ(&base, &base));
+        for live in ["trusted_proxies = [\"10.0.0.0/8\"]", "max_body = \"1MiB\""] {
+            assert!(
+                !restart_only_server_fields_differ(&server(live), &base),
+                "{live}"
+            );
+        }
+        for at_start in [
+            "header_timeout = \"3s\"",
+            "idle_timeout = \"3s\"",
+            "max_connections = 7",
+            "proxy_protocol = true",
+            "workers = 3",
+            "h2_max_streams = 5",
+        ] {
+            assert!(
+                restart_only_server_fields_differ(&server(at_start), &base),
+                "{at_start}"
+            );
+        }
+    }
 }

@@ -281,7 +281,16 @@ async fn accept_loop(
             let _permit = permit;
             let mut stream = stream;
             let mut peer = peer;
-            if server.proxy_protocol && server.trusted_proxies.contains(peer.ip()) {
+            // The live list, as the request path reads it: a reload applies to both at once.
+            if server.proxy_protocol
+                && shared
+                    .live
+                    .load()
+                    .config
+                    .server
+                    .trusted_proxies
+                    .contains(peer.ip())
+            {
                 match tokio::time::timeout(
                     server.header_timeout,
                     client_ip::read_proxy_v2(&mut stream),

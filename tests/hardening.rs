@@ -1047,6 +1047,48 @@ async fn proxy_protocol_v2_from_a_trusted_peer_names_the_client() {
     assert_eq!(status_from("127.0.0.2", &gw, b"", &key).await, 200);
 }
 
+/// A reload that changes `trusted_proxies` applies to the PROXY header and to the request path
+/// at once: a peer taken off the list is served plain HTTP without a PROXY header from then on
+/// (before, the accept loop kept the list it started with and waited for a header).
+#[tokio::test]
+async fn a_reload_of_trusted_proxies_applies_to_the_proxy_header_too() {
+    use keygate::client_ip::encode_proxy_v2;
+    let up = start_upstream().await;
+    let text = |proxies: &str| {
+        config(
+            &up.url(),
+            &format!("trusted_proxies = [{proxies}]\nproxy_protocol = true"),
+            "",
+            "",
+        )
+    };
+    let gw = start_gateway(&text("\"127.0.0.0/8\"")).await;
+    let key = format!("X-Api-Key: {KEY}\r\n");
+    let proxied = encode_proxy_v2("203.0.113.7:40000".parse().unwrap(), gw.addr());
+    assert_eq!(status_from("127.0.0.2", &gw, &proxied, &key).await, 200);
+    assert_eq!(up.last().headers["x-forwarded-for"], "203.0.113.7");
+
+    gw.rewrite_config(&text("\"127.0.0.1\""));
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            // Until the reload lands the gateway waits for a header: no answer at all.
+            let mut s = connect_from("127.0.0.2", gw.addr()).await;
+            let req = format!("GET /v1/x HTTP/1.1\r\nHost: x\r\n{key}Connection: close\r\n\r\n");
+            s.write_all(req.as_bytes()).await.unwrap();
+            read_to_close(&mut s, Duration::from_millis(300))
+                .await
+                .starts_with("HTTP/1.1 200")
+        })
+        .await,
+        "127.0.0.2 was still expected to send a PROXY header after the reload"
+    );
+    assert_eq!(up.last().headers["x-forwarded-for"], "127.0.0.2");
+    // Its PROXY header is now the start of a malformed request; 127.0.0.1 still sends one.
+    assert_eq!(status_from("127.0.0.2", &gw, &proxied, &key).await, 400);
+    assert_eq!(status_from("127.0.0.1", &gw, &proxied, &key).await, 200);
+    assert_eq!(up.last().headers["x-forwarded-for"], "203.0.113.7");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Logs never carry a key
 // ---------------------------------------------------------------------------------------------

@@ -236,6 +236,9 @@ pub fn parse_response(
             }
             BodyKind::Chunked
         } else {
+            // Read to the close (RFC 9112 §6.3): a length beside the coding does not frame it,
+            // and passed on it would make the partner's side cut the coded body short.
+            headers.remove(header::CONTENT_LENGTH);
             BodyKind::Close
         }
     } else {
@@ -509,13 +512,19 @@ fn take_line(buf: &mut BytesMut, max: usize) -> Result<Option<BytesMut>, Malform
     }
 }
 
-/// The size on a chunk-size line: hex digits, then optional whitespace and `;` extensions.
+/// The size on a chunk-size line: hex digits (any number of leading zeros), then optional
+/// spaces or tabs and `;` extensions; no other control byte (a bare CR, a form feed).
 fn chunk_size(line: &[u8]) -> Result<u64, Malformed> {
     let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
-    if digits == 0 || digits > 15 {
+    let zeros = line[..digits].iter().take_while(|&&b| b == b'0').count();
+    if digits == 0 || digits - zeros > 15 {
         return Err(Malformed("bad chunk size"));
     }
-    let rest = line[digits..].trim_ascii_start();
+    let rest = &line[digits..];
+    let rest = &rest[rest
+        .iter()
+        .take_while(|&&b| b == b' ' || b == b'\t')
+        .count()..];
     if !(rest.is_empty() || rest[0] == b';') || rest.iter().any(|&b| b < 0x20 && b != b'\t') {
         return Err(Malformed("bad chunk extension"));
     }
@@ -665,6 +674,16 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!((h.body, h.keep_alive), (BodyKind::Close, false));
+        // A coding other than chunked last, beside a length: read to the close, the length
+        // dropped (it does not frame the coded body, RFC 9112 §6.3).
+        let h = head(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\ncontent-length: 10\r\n\r\n",
+            get,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((h.body, h.keep_alive), (BodyKind::Close, false));
+        assert!(!h.headers.contains_key("content-length"));
         let h = head("HTTP/1.1 200 OK\r\n\r\n", get).unwrap().unwrap();
         assert_eq!((h.body, h.keep_alive), (BodyKind::Close, false));
         let h = head("HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n", get)
@@ -760,12 +779,22 @@ mod tests {
         }
         assert_eq!(body, b"hello world!");
         assert_eq!(&buf[..], b"NEXT");
+        // Leading zeros do not count against the 15 hex digits (hyper reads them too).
+        let zeros = b"0000000000000005\t;x\r\nhello\r\n00000000000000000\r\n\r\n";
+        assert_eq!(
+            read_all(BodyKind::Chunked, zeros, &[3]).unwrap().0,
+            b"hello"
+        );
         for bad in [
             &b"5\r\nhelloXX0\r\n\r\n"[..],
             b"g\r\n",
             b"5\nhello\r\n",
             b"ffffffffffffffff\r\n",
             b"5 x\r\nhello\r\n",
+            // A bare CR or a form feed after the size (RFC 9112 §2.2: no bare CR).
+            b"5\r\r\nhello\r\n0\r\n\r\n",
+            b"5\x0c\r\nhello\r\n0\r\n\r\n",
+            b"0000ffffffffffffffff\r\n",
         ] {
             assert!(
                 read_all(BodyKind::Chunked, bad, &[]).is_err(),

@@ -567,6 +567,24 @@ async fn a_chunked_answer_with_extensions_tiny_chunks_and_trailers_arrives_exact
     );
 }
 
+/// A transfer coding other than chunked beside a Content-Length: the body is read to the
+/// upstream's close and reaches the partner whole, without the length (which would have framed
+/// the partner's side and cut the coded body short).
+#[tokio::test]
+async fn a_coded_close_delimited_answer_with_a_stray_length_arrives_whole() {
+    let coded = pattern(5_000, 7);
+    let mut wire =
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\ncontent-length: 10\r\n\r\n".to_vec();
+    wire.extend_from_slice(&coded);
+    let up = raw_upstream(move |_| vec![Step::ReadBody, write(&wire), Step::Close]).await;
+    let gw = gateway(&up).await;
+    let mut p = Partner::connect(&gw).await;
+    let a = p.call("GET", "/coded", "", b"").await;
+    assert_eq!(a.head.status(), 200, "{}", a.head.text);
+    assert_eq!(a.head.content_length(), None, "{}", a.head.text);
+    assert!(a.body() == coded.as_slice(), "the body differs");
+}
+
 /// 2. A close-delimited answer (HTTP/1.1, neither Content-Length nor Transfer-Encoding, then
 ///    the upstream closes): the partner gets all of it, on a connection that stays usable, and
 ///    the next request goes on a new upstream connection.

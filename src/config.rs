@@ -717,6 +717,13 @@ impl Config {
             per: default_rate.1,
             burst: default_burst,
         };
+        if !limits.fits() {
+            return Err(match (&raw.limits.burst, &raw.limits.rate) {
+                (Some(b), _) => src.at(b, SPAN_TOO_LONG),
+                (None, Some(r)) => src.at(r, SPAN_TOO_LONG),
+                (None, None) => unreachable!("the defaults fit"),
+            });
+        }
 
         let limit_store = parse_limit_store(&src, &raw.limits)?;
         let quota = match &raw.limits.quota {
@@ -1065,6 +1072,13 @@ impl<'a> KeysValidator<'a> {
             Some(b) => parse_burst(src, b)?,
             None => self.limits.burst,
         };
+        if !(RateLimit { count, per, burst }).fits() {
+            return Err(match (&k.burst, &k.rate) {
+                (Some(b), _) => src.at(b, SPAN_TOO_LONG),
+                (None, Some(r)) => src.at(r, SPAN_TOO_LONG),
+                (None, None) => unreachable!("[limits] was checked"),
+            });
+        }
         let expires = parse_datetime(src, &k.expires)?;
         let scopes = match &k.scopes {
             Some(list) if list.get_ref().is_empty() => {
@@ -1166,6 +1180,10 @@ fn parse_limit_store(
         (None, None) => Ok(None),
     }
 }
+
+/// Why a rate and burst cannot be used together (see [`RateLimit::fits`]).
+const SPAN_TOO_LONG: &str =
+    "rate and burst together span more than 500 years (the time per request times the burst); lower the burst or raise the rate";
 
 fn parse_burst(src: &Source<'_>, b: &Spanned<i64>) -> Result<NonZeroU32, ConfigError> {
     u32::try_from(*b.get_ref())
@@ -1409,6 +1427,18 @@ mod tests {
         assert_eq!(err.to_string(), "gw.toml:9:6: duplicate key id \"a\"");
     }
 
+    /// A slow rate with a large burst is fine up to 500 years of requests (governor's
+    /// nanosecond arithmetic wraps at 584): the error names the line.
+    #[test]
+    fn rate_times_burst_is_bounded() {
+        let ok = minimal("[limits]\nrate = \"1/h\"\nburst = 4000000\n");
+        assert_eq!(parse(&ok).unwrap().limits.burst.get(), 4_000_000);
+        let err = parse(&minimal("[limits]\nrate = \"1/h\"\nburst = 5000000\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("gw.toml:7:"), "{err}");
+    }
+
     #[test]
     fn unknown_fields_duplicate_hashes_and_bad_values_are_refused() {
         let cases = [
@@ -1419,6 +1449,14 @@ mod tests {
             ),
             (minimal("[limits]\nrate = \"10/fortnight\"\n"), "unit"),
             (minimal("[limits]\nburst = 0\n"), "burst"),
+            (
+                minimal("[limits]\nrate = \"1/h\"\nburst = 6000000\n"),
+                "500 years",
+            ),
+            (
+                minimal(&format!("[limits]\nburst = 6000000\n[[keys]]\nid = \"a\"\nhash = \"{HASH_A}\"\nrate = \"1/h\"\n")),
+                "500 years",
+            ),
             (
                 minimal(&format!("[[keys]]\nid = \"has space\"\nhash = \"{HASH_A}\"\n")),
                 "id must be",

@@ -61,6 +61,15 @@ impl RateLimit {
         self.per / self.count.get()
     }
 
+    /// Whether the whole burst's worth of time fits the limiter's arithmetic: governor keeps
+    /// it in `u64` nanoseconds (584 years) unchecked, so `rate = "1/h"` with `burst = 6000000`
+    /// would wrap to a burst of ~876,000 (and the Redis path, in floating point, disagree).
+    /// Checked against 500 years, when the config is read.
+    pub fn fits(&self) -> bool {
+        const LIMIT_NANOS: u128 = 500 * 365 * 24 * 3600 * 1_000_000_000;
+        self.period().as_nanos() * u128::from(self.burst.get()) <= LIMIT_NANOS
+    }
+
     /// Seconds to refill the whole burst: the `w` of `RateLimit-Policy`.
     pub fn window_secs(&self) -> u64 {
         ceil_secs(self.period() * self.burst.get()).max(1)

@@ -58,7 +58,7 @@ use crate::{
     quota::{self, Admission},
     scope::{self, NormalPath},
     store::Limits,
-    timers::TimerPool,
+    timers::{Progress, TimerPool},
     upgrade,
     upstream::{RequestBody, UpstreamBody, UpstreamClient},
     wire,
@@ -796,13 +796,18 @@ async fn forward(
     let request_id = &forwarding.request_id;
     let deadline = live.config.upstream.timeout;
     let sent = Instant::now();
+    // The deadline counts from the request body's last write: an upload may take longer than
+    // `timeout`, an upstream that stops reading it may not (Envoy starts its route timeout at
+    // the request's end likewise).
+    let progress = Progress::since(sent);
     let request = std::pin::pin!(shared.client.request(
         parts,
         forwarding,
         body,
-        live.config.upstream.connect_timeout
+        live.config.upstream.connect_timeout,
+        &progress,
     ));
-    let answer = shared.timers.timeout(deadline, request).await;
+    let answer = shared.timers.timeout(deadline, request, &progress).await;
     let elapsed = sent.elapsed();
     *waited = Some(elapsed);
     let err = match answer {

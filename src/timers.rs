@@ -17,7 +17,10 @@
 use std::{
     future::Future,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -50,11 +53,19 @@ impl TimerPool {
         }
     }
 
-    /// Runs `fut` for at most `timeout`; `Err(Elapsed)` when it did not finish in time.
-    pub fn timeout<F: Future>(&self, timeout: Duration, fut: F) -> Deadline<F> {
+    /// Runs `fut` until `timeout` has passed since `progress` last moved (since it was made, if
+    /// it never did); `Err(Elapsed)` then.
+    pub fn timeout<'p, F: Future>(
+        &self,
+        timeout: Duration,
+        fut: F,
+        progress: &'p Progress,
+    ) -> Deadline<'p, F> {
         Deadline {
             fut,
-            sleep: self.sleep_until(Instant::now() + timeout),
+            sleep: self.sleep_until(progress.last() + timeout),
+            timeout,
+            progress,
         }
     }
 
@@ -120,27 +131,69 @@ impl hyper::rt::Timer for TimerPool {
 
 impl hyper::rt::Sleep for PooledSleep {}
 
-/// The upstream wait's deadline: `fut`, or [`Elapsed`] once the sleep fires first.
+/// When a request last made progress on its way up (its body's writes): the upstream wait's
+/// deadline counts from there, so a long upload is not cut off as a silent upstream, while
+/// an upstream that stops reading it still is. Moved with a clock read per write; read only
+/// when the deadline's timer fires.
 #[derive(Debug)]
-pub struct Deadline<F> {
+pub struct Progress {
+    start: Instant,
+    /// Nanoseconds from `start` to the last progress.
+    last: AtomicU64,
+}
+
+impl Progress {
+    /// Progress as of `start`.
+    pub fn since(start: std::time::Instant) -> Progress {
+        Progress {
+            start: Instant::from_std(start),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    /// Records progress now.
+    pub fn moved(&self) {
+        let nanos = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last.store(nanos, Ordering::Relaxed);
+    }
+
+    /// The last progress (the start when there was none).
+    pub fn last(&self) -> Instant {
+        self.start + Duration::from_nanos(self.last.load(Ordering::Relaxed))
+    }
+}
+
+/// The upstream wait's deadline: `fut`, or [`Elapsed`] once `timeout` has passed since the
+/// last [`Progress`].
+#[derive(Debug)]
+pub struct Deadline<'p, F> {
     fut: F,
     sleep: PooledSleep,
+    timeout: Duration,
+    progress: &'p Progress,
 }
 
 /// The deadline passed before the future finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Elapsed;
 
-impl<F: Future + Unpin> Future for Deadline<F> {
+impl<F: Future + Unpin> Future for Deadline<'_, F> {
     type Output = Result<F::Output, Elapsed>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         if let Poll::Ready(out) = Pin::new(&mut self.fut).poll(cx) {
             return Poll::Ready(Ok(out));
         }
-        match Pin::new(&mut self.sleep).poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(Elapsed)),
-            Poll::Pending => Poll::Pending,
+        loop {
+            if Pin::new(&mut self.sleep).poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            // Fired: moved on since it was set? Then the deadline moves with it.
+            let due = self.progress.last() + self.timeout;
+            if due <= Instant::now() {
+                return Poll::Ready(Err(Elapsed));
+            }
+            self.sleep.sleep().reset(due);
         }
     }
 }
@@ -169,12 +222,35 @@ mod tests {
     #[tokio::test]
     async fn a_deadline_passes_the_result_or_elapses() {
         let pool = TimerPool::default();
-        let quick = pool.timeout(Duration::from_secs(5), Box::pin(async { 7 }));
+        let progress = Progress::since(std::time::Instant::now());
+        let quick = pool.timeout(Duration::from_secs(5), Box::pin(async { 7 }), &progress);
         assert_eq!(quick.await, Ok(7));
         let slow = pool.timeout(
             Duration::from_millis(20),
             Box::pin(tokio::time::sleep(Duration::from_secs(5))),
+            &progress,
         );
         assert_eq!(slow.await, Err(Elapsed));
+    }
+
+    /// Progress every 10 ms for 100 ms keeps a 40 ms deadline from firing; after it stops,
+    /// the deadline comes 40 ms after the last progress.
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_counts_from_the_last_progress() {
+        let pool = TimerPool::default();
+        let start = Instant::now();
+        let progress = Progress::since(start.into_std());
+        let work = async {
+            for _ in 0..10 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                progress.moved();
+            }
+            std::future::pending::<()>().await
+        };
+        let out = pool
+            .timeout(Duration::from_millis(40), Box::pin(work), &progress)
+            .await;
+        assert_eq!(out, Err(Elapsed));
+        assert_eq!(start.elapsed(), Duration::from_millis(140));
     }
 }

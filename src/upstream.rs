@@ -57,6 +57,7 @@ use crate::{
     body::{BodyError, GuardedBody},
     certs::{CertStore, ClientSessions},
     config::UpstreamConfig,
+    timers::Progress,
     wire::{self, BodyKind, BodyReader, Fields, Malformed, RequestFraming, ResponseHead, Step},
 };
 
@@ -319,6 +320,7 @@ impl UpstreamClient {
         fields: &(dyn Fields + Sync),
         body: RequestBody,
         connect_timeout: Duration,
+        progress: &Progress,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let (Some(scheme), Some(authority)) = (parts.uri.scheme(), parts.uri.authority()) else {
             return Err(UpstreamError::NoAuthority);
@@ -332,6 +334,7 @@ impl UpstreamClient {
                 queue: VecDeque::with_capacity(3),
                 taken: false,
                 state: UploadState::Sending,
+                written: 0,
             })
         });
         let taken = poll_fn(|cx| Poll::Ready(self.take_idle(scheme, authority, cx))).await;
@@ -364,7 +367,7 @@ impl UpstreamClient {
                 answered: false,
                 write_error: None,
             };
-            let result = poll_fn(|cx| exchange.poll_head(cx, &parts.method)).await;
+            let result = poll_fn(|cx| exchange.poll_head(cx, &parts.method, progress)).await;
             match result {
                 Ok(head) => return Ok(self.response(exchange, head)),
                 Err(e) if reused && exchange.can_retry(&e, &parts.method) => {
@@ -527,6 +530,8 @@ struct Upload {
     /// Whether a frame has been taken from the body (the request can no longer be resent).
     taken: bool,
     state: UploadState,
+    /// Framed bytes written so far.
+    written: u64,
 }
 
 impl Upload {
@@ -589,6 +594,7 @@ impl Upload {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             front.advance(n);
+            self.written += n as u64;
             if front.is_empty() {
                 self.queue.pop_front();
             }
@@ -614,6 +620,7 @@ impl Exchange {
         &mut self,
         cx: &mut Context<'_>,
         method: &Method,
+        progress: &Progress,
     ) -> Poll<Result<ResponseHead, UpstreamError>> {
         let conn = &mut *self.conn;
         while self.written < conn.head.len() {
@@ -627,7 +634,13 @@ impl Exchange {
         }
         match &mut self.upload {
             Some(upload) => {
-                if let Poll::Ready(Err(e)) = upload.poll(&mut conn.io, cx) {
+                let before = (upload.written, upload.state);
+                let polled = upload.poll(&mut conn.io, cx);
+                // The head deadline counts from the upload's last step ([`Progress`]).
+                if (upload.written, upload.state) != before {
+                    progress.moved();
+                }
+                if let Poll::Ready(Err(e)) = polled {
                     return Poll::Ready(Err(UpstreamError::Body(e)));
                 }
             }
@@ -678,7 +691,11 @@ impl Exchange {
         );
         matches!(err, UpstreamError::Io(_) | UpstreamError::Closed)
             && !self.answered
-            && self.upload.as_ref().map_or(true, |u| !u.taken)
+            // Untouched and still held: a refused upload has dropped its body.
+            && self
+                .upload
+                .as_ref()
+                .map_or(true, |u| !u.taken && u.state == UploadState::Sending)
             && (idempotent || self.written < self.conn.head.len())
     }
 }

@@ -585,6 +585,48 @@ async fn a_coded_close_delimited_answer_with_a_stray_length_arrives_whole() {
     assert!(a.body() == coded.as_slice(), "the body differs");
 }
 
+/// The head deadline (`timeout`, 2 s here) counts from the request body's last write: an
+/// upload that takes 3 s to an upstream reading all of it before answering is answered, while
+/// an upstream that takes the whole body and then says nothing is a 504 about 2 s later.
+#[tokio::test]
+async fn the_head_deadline_counts_from_the_end_of_the_upload() {
+    let up = raw_upstream(|h| match h.path() {
+        "/silent" => vec![Step::ReadBody],
+        _ => ok(),
+    })
+    .await;
+    let gw = gateway(&up).await;
+    let mut p = Partner::connect(&gw).await;
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nhost: keygate.test\r\nx-api-key: {KEY}\r\n\
+         transfer-encoding: chunked\r\n\r\n"
+    );
+    p.w.s.write_all(head.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        p.w.s.write_all(b"5\r\nhello\r\n").await.unwrap();
+    }
+    p.w.s.write_all(b"0\r\n\r\n").await.unwrap();
+    let a = p.answer(false).await;
+    assert!(started.elapsed() >= Duration::from_secs(3));
+    assert_eq!(a.head.status(), 200, "{}", a.head.text);
+    assert_eq!(
+        up.seen()[0].body.as_deref(),
+        Some("hello".repeat(6).as_bytes())
+    );
+
+    let mut p = Partner::connect(&gw).await;
+    let sent = Instant::now();
+    let a = p.call("POST", "/silent", "", b"a small body").await;
+    let waited = sent.elapsed();
+    assert_eq!(a.head.status(), 504, "{}", a.head.text);
+    assert!(
+        waited >= Duration::from_millis(1900) && waited < Duration::from_secs(4),
+        "{waited:?}"
+    );
+}
+
 /// 2. A close-delimited answer (HTTP/1.1, neither Content-Length nor Transfer-Encoding, then
 ///    the upstream closes): the partner gets all of it, on a connection that stays usable, and
 ///    the next request goes on a new upstream connection.

@@ -2,10 +2,12 @@
 //!
 //! The address a request is charged to (brute-force limiting, the upstream's
 //! `X-Forwarded-For`) is the TCP peer, unless that peer is in `[server] trusted_proxies`. Only
-//! then are `X-Forwarded-For` (when present) or else `Forwarded: for=` read, right to left: the
-//! first address that is not itself a trusted proxy is the client. A client that writes its own
-//! `X-Forwarded-For` therefore cannot choose its address: an untrusted peer's headers are never
-//! read, and a trusted proxy appends the real peer to whatever the client sent.
+//! then is the header those proxies write read (`[server] client_ip_header`: `X-Forwarded-For`,
+//! or `Forwarded: for=`; one of them, as nginx's `real_ip_header`), right to left: the first
+//! address that is not itself a trusted proxy is the client. A client that writes its own
+//! header therefore cannot choose its address: an untrusted peer's headers are never read, a
+//! trusted proxy appends the real peer to whatever the client sent, and the other header,
+//! which such a proxy passes on untouched, is not read at all.
 //!
 //! With `[server] proxy_protocol = true`, a connection from a trusted peer must start with a
 //! PROXY protocol v2 header ([`read_proxy_v2`]); its source address is the client.
@@ -72,24 +74,61 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// `[server] trusted_proxies`: the peers whose forwarding headers are believed.
+/// `[server] client_ip_header`: which header the trusted proxies write.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ClientIpHeader {
+    /// `X-Forwarded-For` (the default; nginx, HAProxy `option forwardfor`, AWS ALB, Envoy).
+    #[default]
+    XForwardedFor,
+    /// `Forwarded: for=` (RFC 7239; HAProxy `option forwarded`).
+    Forwarded,
+}
+
+impl ClientIpHeader {
+    /// Parses `"x-forwarded-for"` or `"forwarded"` (any case).
+    pub fn parse(s: &str) -> Result<ClientIpHeader, String> {
+        if s.eq_ignore_ascii_case("x-forwarded-for") {
+            Ok(ClientIpHeader::XForwardedFor)
+        } else if s.eq_ignore_ascii_case("forwarded") {
+            Ok(ClientIpHeader::Forwarded)
+        } else {
+            Err(format!(
+                "client_ip_header must be \"x-forwarded-for\" or \"forwarded\", not {s:?}"
+            ))
+        }
+    }
+}
+
+/// `[server] trusted_proxies`: the peers whose forwarding header is believed, and which header
+/// that is.
 #[derive(Debug, Clone, Default)]
-pub struct TrustedProxies(Vec<Cidr>);
+pub struct TrustedProxies {
+    blocks: Vec<Cidr>,
+    header: ClientIpHeader,
+}
 
 impl TrustedProxies {
-    /// The list as configured.
+    /// The list as configured, reading `X-Forwarded-For`.
     pub fn new(blocks: Vec<Cidr>) -> TrustedProxies {
-        TrustedProxies(blocks)
+        TrustedProxies {
+            blocks,
+            header: ClientIpHeader::default(),
+        }
+    }
+
+    /// The same proxies, read through `header`.
+    pub fn reading(self, header: ClientIpHeader) -> TrustedProxies {
+        TrustedProxies { header, ..self }
     }
 
     /// Whether `ip` is a trusted proxy.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        self.0.iter().any(|c| c.contains(ip))
+        self.blocks.iter().any(|c| c.contains(ip))
     }
 
     /// Whether no proxy is trusted (forwarding headers are never read).
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.blocks.is_empty()
     }
 
     /// The client's address for a request that arrived from `peer` with `headers`.
@@ -98,7 +137,7 @@ impl TrustedProxies {
         if !self.contains(peer) {
             return peer;
         }
-        let mut chain = forwarded_chain(headers);
+        let mut chain = forwarded_chain(headers, self.header);
         // Right to left: skip our own proxies; the first other hop is the client. A value that
         // does not parse ends the walk (whatever is left of it was written by the client).
         let mut client = peer;
@@ -115,9 +154,9 @@ impl TrustedProxies {
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
-/// The hops of `X-Forwarded-For` (when present) or else of `Forwarded: for=`, left to right;
-/// `None` for a hop that is not an address (`unknown`, an obfuscated name, garbage).
-fn forwarded_chain(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
+/// The hops of `header`, left to right; `None` for a hop that is not an address (`unknown`,
+/// an obfuscated name, garbage).
+fn forwarded_chain(headers: &HeaderMap, header: ClientIpHeader) -> Vec<Option<IpAddr>> {
     // Split on the raw bytes: a proxy appends its hop to whatever the client sent, so one
     // non-ASCII byte in the client's part must spoil that hop only, not the proxy's after it.
     let elements = |name, unreadable| {
@@ -127,22 +166,21 @@ fn forwarded_chain(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
             .flat_map(|v| v.as_bytes().split(|&b| b == b','))
             .map(move |hop| std::str::from_utf8(hop).unwrap_or(unreadable))
     };
-    let xff: Vec<_> = elements(X_FORWARDED_FOR, "?")
-        .map(|hop| parse_hop(hop.trim()))
-        .collect();
-    if !xff.is_empty() {
-        return xff;
-    }
-    elements(http::header::FORWARDED, "for=?")
-        .filter_map(|element| {
-            element.split(';').find_map(|pair| {
-                let (k, v) = pair.trim().split_once('=')?;
-                k.trim()
-                    .eq_ignore_ascii_case("for")
-                    .then(|| parse_hop(v.trim().trim_matches('"')))
+    match header {
+        ClientIpHeader::XForwardedFor => elements(X_FORWARDED_FOR, "?")
+            .map(|hop| parse_hop(hop.trim()))
+            .collect(),
+        ClientIpHeader::Forwarded => elements(http::header::FORWARDED, "for=?")
+            .filter_map(|element| {
+                element.split(';').find_map(|pair| {
+                    let (k, v) = pair.trim().split_once('=')?;
+                    k.trim()
+                        .eq_ignore_ascii_case("for")
+                        .then(|| parse_hop(v.trim().trim_matches('"')))
+                })
             })
-        })
-        .collect()
+            .collect(),
+    }
 }
 
 /// One hop: `1.2.3.4`, `1.2.3.4:5678`, `2001:db8::1` or `[2001:db8::1]:5678`.
@@ -312,15 +350,27 @@ mod tests {
         assert_eq!(t.client_ip(ip("10.0.0.1"), &h), ip("10.0.0.1"));
     }
 
+    /// One header is read, the configured one: a proxy writing `Forwarded` passes a client's
+    /// `X-Forwarded-For` on untouched, and the other way round.
     #[test]
-    fn forwarded_is_read_when_there_is_no_x_forwarded_for() {
-        let t = trusted(&["127.0.0.1"]);
+    fn only_the_configured_header_is_read() {
         let mut h = HeaderMap::new();
         h.insert(
             http::header::FORWARDED,
             HeaderValue::from_static(r#"for=192.0.2.60;proto=http, for="[2001:db8::7]:4711""#),
         );
-        assert_eq!(t.client_ip(ip("127.0.0.1"), &h), ip("2001:db8::7"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
+        let forwarded = trusted(&["127.0.0.1"]).reading(ClientIpHeader::Forwarded);
+        assert_eq!(forwarded.client_ip(ip("127.0.0.1"), &h), ip("2001:db8::7"));
+        let xff = trusted(&["127.0.0.1"]);
+        assert_eq!(xff.client_ip(ip("127.0.0.1"), &h), ip("6.6.6.6"));
+        h.remove("x-forwarded-for");
+        assert_eq!(xff.client_ip(ip("127.0.0.1"), &h), ip("127.0.0.1"));
+        assert_eq!(
+            ClientIpHeader::parse("Forwarded"),
+            Ok(ClientIpHeader::Forwarded)
+        );
+        assert!(ClientIpHeader::parse("x-real-ip").is_err());
     }
 
     #[tokio::test]

@@ -156,7 +156,8 @@ pub struct ServerConfig {
     pub h2_max_streams: u32,
     /// Default largest request body, in bytes: 413 beyond (a key may override it).
     pub max_body: u64,
-    /// Peers whose `X-Forwarded-For` / `Forwarded` / PROXY header is believed.
+    /// Peers whose `X-Forwarded-For` or `Forwarded` (`client_ip_header`) and PROXY header are
+    /// believed.
     pub trusted_proxies: crate::client_ip::TrustedProxies,
     /// Whether trusted peers must open their connections with a PROXY protocol v2 header.
     pub proxy_protocol: bool,
@@ -325,6 +326,7 @@ struct RawServer {
     max_body: Option<Spanned<RawSize>>,
     #[serde(default)]
     trusted_proxies: Vec<Spanned<String>>,
+    client_ip_header: Option<Spanned<String>>,
     #[serde(default)]
     proxy_protocol: bool,
 }
@@ -637,7 +639,14 @@ impl Config {
             trusted_proxies
                 .push(crate::client_ip::Cidr::parse(t.get_ref()).map_err(|m| src.at(t, m))?);
         }
-        let trusted_proxies = crate::client_ip::TrustedProxies::new(trusted_proxies);
+        let client_ip_header = match &server.client_ip_header {
+            Some(h) => {
+                crate::client_ip::ClientIpHeader::parse(h.get_ref()).map_err(|m| src.at(h, m))?
+            }
+            None => crate::client_ip::ClientIpHeader::default(),
+        };
+        let trusted_proxies =
+            crate::client_ip::TrustedProxies::new(trusted_proxies).reading(client_ip_header);
 
         let upstream = parse_upstream(&src, &raw.upstream)?;
         let admin = match &raw.admin {
@@ -1821,6 +1830,10 @@ mod tests {
             ("max_header_bytes = 100", "between 8KiB"),
             ("max_connections = 0", "max_connections"),
             ("trusted_proxies = [\"10.0.0.0/40\"]", "prefix"),
+            (
+                "client_ip_header = \"x-real-ip\"",
+                "client_ip_header must be",
+            ),
             ("header_timeout = \"0s\"", "more than zero"),
         ] {
             let text = format!(

@@ -29,7 +29,7 @@ use bytes::BytesMut;
 use common::*;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use keygate::{
-    client_ip::{self, Cidr, TrustedProxies},
+    client_ip::{self, Cidr, ClientIpHeader, TrustedProxies},
     config::Config,
     keys::KeyTableBuilder,
     wire::{self, BodyReader, Step},
@@ -397,28 +397,40 @@ fn fuzz_client_ip() {
         prop::collection::vec(hop, 0..3),
         any::<[u8; 4]>(),
         any::<bool>(),
+        any::<bool>(),
     );
-    fuzz_for("client_ip", strategy, |(xff, fwd, peer, trusted)| {
-        let peer = IpAddr::from(peer);
-        let mut headers = HeaderMap::new();
-        if let Ok(v) = HeaderValue::try_from(xff.join(", ")) {
-            headers.insert("x-forwarded-for", v);
-        }
-        let forwarded: Vec<String> = fwd.iter().map(|h| format!("for=\"{h}\"")).collect();
-        if let Ok(v) = HeaderValue::try_from(forwarded.join(", ")) {
-            headers.insert("forwarded", v);
-        }
-        let list = if trusted {
-            vec![Cidr::parse(&format!("{peer}/24")).unwrap()]
-        } else {
-            vec![]
-        };
-        let got = TrustedProxies::new(list).client_ip(peer, &headers);
-        if !trusted {
-            prop_assert_eq!(got, peer);
-        }
-        Ok(())
-    });
+    fuzz_for(
+        "client_ip",
+        strategy,
+        |(xff, fwd, peer, trusted, forwarded_mode)| {
+            let peer = IpAddr::from(peer);
+            let mut headers = HeaderMap::new();
+            if let Ok(v) = HeaderValue::try_from(xff.join(", ")) {
+                headers.insert("x-forwarded-for", v);
+            }
+            let forwarded: Vec<String> = fwd.iter().map(|h| format!("for=\"{h}\"")).collect();
+            if let Ok(v) = HeaderValue::try_from(forwarded.join(", ")) {
+                headers.insert("forwarded", v);
+            }
+            let list = if trusted {
+                vec![Cidr::parse(&format!("{peer}/24")).unwrap()]
+            } else {
+                vec![]
+            };
+            let header = if forwarded_mode {
+                ClientIpHeader::Forwarded
+            } else {
+                ClientIpHeader::XForwardedFor
+            };
+            let got = TrustedProxies::new(list)
+                .reading(header)
+                .client_ip(peer, &headers);
+            if !trusted {
+                prop_assert_eq!(got, peer);
+            }
+            Ok(())
+        },
+    );
 }
 
 #[test]

@@ -931,8 +931,9 @@ async fn forwarding_headers_of_untrusted_peers_do_not_escape_the_failure_budget(
 }
 
 /// Behind a trusted proxy, the client is the rightmost untrusted `X-Forwarded-For` hop (or
-/// `Forwarded: for=`): two clients behind one proxy have separate budgets, and a client cannot
-/// move itself by writing a hop of its own to the left.
+/// `Forwarded: for=` with `client_ip_header = "forwarded"`): two clients behind one proxy have
+/// separate budgets, a client cannot move itself by writing a hop of its own to the left, nor
+/// by writing the header its proxy does not use (passed on untouched).
 #[tokio::test]
 async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_budget() {
     let up = start_upstream().await;
@@ -950,16 +951,41 @@ async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_budget() {
     // A forged hop to the left of the one the proxy appended changes nothing.
     let forged = "X-Api-Key: wrong\r\nX-Forwarded-For: 192.0.2.1, 203.0.113.7\r\n";
     assert_eq!(status_from("127.0.0.1", &gw, b"", forged).await, 429);
-    // Another client behind the same proxy is judged on its own, in either header.
+    // Another client behind the same proxy is judged on its own.
     let other = "X-Api-Key: wrong\r\nX-Forwarded-For: 203.0.113.8\r\n";
     assert_eq!(status_from("127.0.0.1", &gw, b"", other).await, 401);
-    let forwarded = "X-Api-Key: wrong\r\nForwarded: for=\"203.0.113.9:5000\"\r\n";
-    assert_eq!(status_from("127.0.0.1", &gw, b"", forwarded).await, 401);
-    let forwarded_blocked = "X-Api-Key: wrong\r\nForwarded: for=203.0.113.7\r\n";
+    // `Forwarded` is not read here: a client's own is the proxy's (127.0.0.1) request.
+    let forwarded_blocked = "X-Api-Key: wrong\r\nForwarded: for=203.0.113.8\r\n";
+    assert_eq!(
+        status_from("127.0.0.1", &gw, b"", forwarded_blocked).await,
+        401
+    );
+    assert_eq!(
+        status_from("127.0.0.1", &gw, b"", forwarded_blocked).await,
+        401
+    );
     assert_eq!(
         status_from("127.0.0.1", &gw, b"", forwarded_blocked).await,
         429
     );
+
+    // Behind a proxy that writes `Forwarded` (HAProxy `option forwarded`).
+    let gw = gateway(
+        &up,
+        "trusted_proxies = [\"127.0.0.0/8\"]\nclient_ip_header = \"forwarded\"",
+        "",
+        "[auth]\nfailures_per_ip = \"2/min\"",
+    )
+    .await;
+    let attacker = "X-Api-Key: wrong\r\nForwarded: for=203.0.113.7\r\n";
+    assert_eq!(status_from("127.0.0.1", &gw, b"", attacker).await, 401);
+    assert_eq!(status_from("127.0.0.1", &gw, b"", attacker).await, 401);
+    assert_eq!(status_from("127.0.0.1", &gw, b"", attacker).await, 429);
+    // The client's X-Forwarded-For, which this proxy passes on as it came, picks nothing.
+    let spoof = format!("{attacker}X-Forwarded-For: 198.51.100.1\r\n");
+    assert_eq!(status_from("127.0.0.1", &gw, b"", &spoof).await, 429);
+    let other = "X-Api-Key: wrong\r\nForwarded: for=\"203.0.113.9:5000\"\r\n";
+    assert_eq!(status_from("127.0.0.1", &gw, b"", other).await, 401);
 }
 
 /// A byte that is not ASCII in the client's part of `X-Forwarded-For` (which a proxy appends to,

@@ -14,11 +14,14 @@
 //!   Shared ───────────────────────────────────▶ Fallback
 //!      ▲                                            │  on_store_error applies to every request:
 //!      └────────────────────────────────────────────┘  local | allow | deny (503)
-//!        the background probe connects and loads the script   (one info line)
+//!        the background probe connects, loads the script and   (one info line)
+//!        gets a PING answered within STORE_TIMEOUT
 //! ```
 //!
 //! In `Fallback` no request waits for Redis: a probe task reconnects every [`PROBE_INTERVAL`]
-//! and flips the mode back when Redis answers. The budgets are keyed by key **id**
+//! (the first one an interval after the trip) and flips the mode back when Redis answers as
+//! fast as requests wait for it: a store that is up but slow stays in fallback, instead of
+//! being taken back and tripping again at each request. The budgets are keyed by key **id**
 //! (`keygate:<id>:rate`), never by hash, so every hash of one id (a rotating key) and every
 //! instance share one budget, and a reload or a revocation changes nothing in Redis.
 
@@ -231,9 +234,13 @@ impl Limits {
 }
 
 impl StoreLink {
-    /// Connects (and loads the script); from then on limits are decided in the store.
+    /// Connects (and loads the script), then asks for one round trip within [`STORE_TIMEOUT`],
+    /// the request path's own deadline; from then on limits are decided in the store. (A store
+    /// that connects within a second but answers slower than the requests wait would otherwise
+    /// flip between shared and fallback a few times a second.)
     async fn share(&self) -> Result<(), StoreError> {
         self.redis.connect().await?;
+        self.redis.ping(STORE_TIMEOUT).await?;
         self.mode
             .store(LimitMode::Shared.as_u8(), Ordering::Release);
         Ok(())
@@ -275,7 +282,12 @@ async fn probe(link: Arc<StoreLink>, mut stop: watch::Receiver<Option<Duration>>
     loop {
         if link.mode.load(Ordering::Acquire) != LimitMode::Fallback.as_u8() {
             tokio::select! {
-                _ = link.wake.notified() => continue,
+                _ = link.wake.notified() => {}
+                _ = stop.wait_for(Option::is_some) => return,
+            }
+            // Just tripped: the store gets a probe interval before it is asked again.
+            tokio::select! {
+                _ = tokio::time::sleep(PROBE_INTERVAL) => continue,
                 _ = stop.wait_for(Option::is_some) => return,
             }
         }

@@ -614,6 +614,85 @@ async fn an_instance_started_before_redis_switches_over_when_it_answers() {
     );
 }
 
+/// A relay on 127.0.0.1 in front of `port` that holds each of Redis's answers back for the
+/// current `delay_ms` (a slow link or an overloaded Redis that still answers). Returns its URL.
+async fn slow_relay(port: u16, delay_ms: Arc<AtomicUsize>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("redis://{}/0", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+                continue;
+            };
+            let delay_ms = Arc::clone(&delay_ms);
+            let (mut client_rd, mut client_wr) = client.into_split();
+            let (mut server_rd, mut server_wr) = server.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut client_rd, &mut server_wr).await;
+            });
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n @ 1..) = server_rd.read(&mut buf).await {
+                    let ms = delay_ms.load(Ordering::SeqCst) as u64;
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    if client_wr.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
+/// A Redis that answers, but slower than requests wait (300 ms against 100): the instance
+/// trips to the fallback once and stays there (its probe wants a PING answered within the
+/// request path's deadline), instead of being taken back and tripping again every few hundred
+/// milliseconds; it returns once the store is fast again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_redis_trips_once_and_the_instance_stays_in_fallback() {
+    let _serial = serial().await;
+    let up = start_upstream().await;
+    let redis = RedisServer::start();
+    let delay_ms = Arc::new(AtomicUsize::new(0));
+    let relay = slow_relay(redis.port, Arc::clone(&delay_ms)).await;
+    let a = Instance::start(
+        &up.url(),
+        &format!(
+            "[limits]\nstore = \"{relay}\"\non_store_error = \"local\"\n\n{}",
+            key_entry("partner", KEY, "rate = \"100/s\"\nburst = 100")
+        ),
+    );
+    assert!(a.process.logs().contains(SHARED), "{}", a.process.logs());
+    let c = http1_client();
+    let url = a.url("/v1/guests");
+
+    delay_ms.store(300, Ordering::SeqCst);
+    for _ in 0..30 {
+        assert_eq!(
+            get(&c, &url, &[("x-api-key", KEY)]).await.status,
+            StatusCode::OK
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let logs = store_lines(&a.process.logs());
+    assert_eq!(a.count_logs(TRIPPED), 1, "{logs}");
+    assert_eq!(a.count_logs(BACK), 0, "{logs}");
+
+    delay_ms.store(0, Ordering::SeqCst);
+    assert!(
+        a.process.wait_for_log(BACK, Duration::from_secs(5)),
+        "{}",
+        store_lines(&a.process.logs())
+    );
+    assert_eq!(
+        get(&c, &url, &[("x-api-key", KEY)]).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(a.count_logs(TRIPPED), 1);
+}
+
 /// A Redis that hangs (no error, no answer) costs a request at most the store timeout; then the
 /// instance stops waiting for it, and returns to it once it answers again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

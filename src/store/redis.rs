@@ -168,6 +168,25 @@ impl RedisStore {
         Ok(())
     }
 
+    /// One `PING` on the current connection within `within`: whether the store answers as fast
+    /// as the request path needs. The connection is dropped when it does not.
+    pub async fn ping(&self, within: Duration) -> Result<(), StoreError> {
+        let Some(handle) = self.conn.load_full() else {
+            return Err(StoreError::NotConnected);
+        };
+        let mut conn = MultiplexedConnection::clone(&handle);
+        let cmd = redis::cmd("PING");
+        let ping = cmd.query_async::<()>(&mut conn);
+        let result = match tokio::time::timeout(within, ping).await {
+            Ok(answer) => answer.map_err(StoreError::from),
+            Err(_) => Err(StoreError::Timeout(within)),
+        };
+        if result.is_err() {
+            self.disconnect(&handle);
+        }
+        result
+    }
+
     /// Forgets `used` if it is still the current connection (a later one is kept).
     pub fn disconnect(&self, used: &ConnHandle) {
         let current = self.conn.load();

@@ -3,7 +3,8 @@
 //! 1. **identify** – take the request id the client sent (when sane) or make one;
 //! 2. **screen** – refuse a head whose length is stated twice ([`crate::framing`]: repeated
 //!    `Content-Length`, or with `Transfer-Encoding`; the connection closes), a repeated
-//!    `Host`, or an HTTP/1.1 request without `Host`, before anything else is read;
+//!    `Host`, an HTTP/1.1 request without `Host`, and what is never forwarded (`CONNECT`,
+//!    absolute-form and `*` targets), before anything else is read;
 //! 3. **authenticate** – find the key (configured header, else `Authorization: Bearer`, else
 //!    the query parameter when `allow_query_key`), hash it once with blake3, look it up in the
 //!    live [`KeyTable`], refuse missing, unknown, disabled and expired
@@ -243,7 +244,7 @@ async fn admit_and_forward(
     conn.framing
         .admit()
         .map_err(GatewayError::AmbiguousFraming)?;
-    screen(req.version(), req.headers())?;
+    screen(req.method(), req.uri(), req.version(), req.headers())?;
     let client_ip = live
         .config
         .server
@@ -317,11 +318,33 @@ async fn admit_and_forward(
     Ok(resp)
 }
 
-/// Phase 2: refuses a request whose length or target is stated twice, or whose target is
-/// missing, so that no proxy in front of or behind keygate can read it differently. (On
+/// Phase 2: refuses, before any key is looked at, what keygate never forwards (CONNECT,
+/// absolute-form and asterisk-form targets) and a request whose length or target is stated
+/// twice, or whose target is missing, so that no proxy in front of or behind keygate can read
+/// it differently. (On
 /// HTTP/1 repeated lengths never get here: hyper refuses conflicting ones and [`crate::framing`]
 /// the rest; the length check here guards HTTP/2.)
-fn screen(version: Version, headers: &HeaderMap) -> Result<(), GatewayError> {
+fn screen(
+    method: &Method,
+    uri: &Uri,
+    version: Version,
+    headers: &HeaderMap,
+) -> Result<(), GatewayError> {
+    // What keygate never forwards, refused before the key is looked at (or charged).
+    if *method == Method::CONNECT {
+        return Err(GatewayError::BadRequest("CONNECT is not supported."));
+    }
+    if version < Version::HTTP_2 && uri.scheme().is_some() {
+        return Err(GatewayError::BadRequest(
+            "Absolute-form request targets are not accepted.",
+        ));
+    }
+    // `OPTIONS *` and the like: there is no path to check a scope against or forward.
+    if !uri.path().starts_with('/') {
+        return Err(GatewayError::BadRequest(
+            "The request target must be a path.",
+        ));
+    }
     if headers
         .get_all(header::CONTENT_LENGTH)
         .iter()
@@ -529,14 +552,6 @@ fn rewrite<'a>(
     request_id: &HeaderValue,
     normal: Option<NormalPath>,
 ) -> Result<Forwarding<'a>, GatewayError> {
-    if parts.method == Method::CONNECT {
-        return Err(GatewayError::BadRequest("CONNECT is not supported."));
-    }
-    if parts.version < Version::HTTP_2 && parts.uri.scheme().is_some() {
-        return Err(GatewayError::BadRequest(
-            "Absolute-form request targets are not accepted.",
-        ));
-    }
     let upstream = &live.config.upstream;
     let rebuilt;
     let path_and_query = if normal.is_none() && source != KeySource::Query {
@@ -556,11 +571,6 @@ fn rewrite<'a>(
         };
         rebuilt.as_str()
     };
-    if !path_and_query.starts_with('/') {
-        return Err(GatewayError::BadRequest(
-            "The request target must be a path.",
-        ));
-    }
     let path_and_query = if upstream.path_prefix.is_empty() {
         PathAndQuery::try_from(path_and_query)
     } else {

@@ -568,6 +568,47 @@ async fn smuggling_and_malformed_heads_get_400_and_are_never_forwarded() {
     }
     assert!(failures.is_empty(), "{failures:#?}");
     still_serves(&gw).await;
+
+    // What is never forwarded is refused before the key is looked at: 400 without a key too
+    // (not 401), and a scoped key's `OPTIONS *` like an unscoped one's (it was forwarded as
+    // `OPTIONS /*`).
+    let scoped = "scoped-key-0123456789abcdefghijklmnop";
+    let gw = gateway(
+        &up,
+        "",
+        "",
+        &key_entry("scoped", scoped, "scopes = [\"* /**\"]"),
+    )
+    .await;
+    let s = format!("X-Api-Key: {scoped}\r\n");
+    let before = up.hits();
+    for (name, bytes) in [
+        (
+            "absolute-form, no key",
+            "GET http://evil.example/v1/a HTTP/1.1\r\nHost: evil.example\r\n\r\n".to_string(),
+        ),
+        (
+            "CONNECT, no key",
+            "CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n".to_string(),
+        ),
+        (
+            "OPTIONS *, no key",
+            "OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n".to_string(),
+        ),
+        (
+            "OPTIONS *, scoped key",
+            format!("OPTIONS * HTTP/1.1\r\nHost: x\r\n{s}\r\n"),
+        ),
+        (
+            "OPTIONS *, full key",
+            format!("OPTIONS * HTTP/1.1\r\nHost: x\r\n{k}\r\n"),
+        ),
+    ] {
+        let resp = raw(gw.addr(), bytes.as_bytes()).await;
+        assert_eq!(status_of(&resp), 400, "{name}: {resp}");
+        assert!(resp.contains("bad_request"), "{name}: {resp}");
+    }
+    assert_eq!(up.hits(), before);
 }
 
 /// A length stated twice — two identical `Content-Length` lines, or `Content-Length` with

@@ -145,6 +145,10 @@ pub struct ConnInfo {
     peer_ip: HeaderValue,
     /// The HTTP/1 framing verdicts of this connection's request heads.
     pub framing: Arc<Framing>,
+    /// Whether a trusted peer's forwarding headers may name the client: not on a connection
+    /// whose PROXY header named no source (`LOCAL`, or not TCP), where the peer is the load
+    /// balancer, which writes no such header: whatever is there came from the client.
+    pub forwarding_headers: bool,
 }
 
 impl ConnInfo {
@@ -156,6 +160,7 @@ impl ConnInfo {
             tls,
             peer_ip,
             framing: Arc::default(),
+            forwarding_headers: true,
         }
     }
 }
@@ -245,11 +250,14 @@ async fn admit_and_forward(
         .admit()
         .map_err(GatewayError::AmbiguousFraming)?;
     screen(req.method(), req.uri(), req.version(), req.headers())?;
-    let client_ip = live
-        .config
-        .server
-        .trusted_proxies
-        .client_ip(conn.peer.ip(), req.headers());
+    let client_ip = if conn.forwarding_headers {
+        live.config
+            .server
+            .trusted_proxies
+            .client_ip(conn.peer.ip(), req.headers())
+    } else {
+        conn.peer.ip()
+    };
     caller.client_ip = Some(client_ip);
     let blocked = live.failures.as_ref().and_then(|g| g.blocked(client_ip));
     let (entry, source) = match authenticate(live, req.headers(), req.uri()) {

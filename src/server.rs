@@ -281,6 +281,7 @@ async fn accept_loop(
             let _permit = permit;
             let mut stream = stream;
             let mut peer = peer;
+            let mut forwarding_headers = true;
             // The live list, as the request path reads it: a reload applies to both at once.
             if server.proxy_protocol
                 && shared
@@ -298,12 +299,15 @@ async fn accept_loop(
                 .await
                 {
                     Ok(Ok(Some(source))) => peer = source,
-                    Ok(Ok(None)) => {}
+                    // No source (LOCAL, or not TCP): the peer stays the load balancer, and
+                    // headers behind a TCP balancer are the client's own.
+                    Ok(Ok(None)) => forwarding_headers = false,
                     Ok(Err(e)) => return tracing::debug!(%peer, "PROXY header refused: {e}"),
                     Err(_) => return tracing::debug!(%peer, "PROXY header timed out"),
                 }
             }
-            let info = ConnInfo::new(peer, acceptor.is_some());
+            let mut info = ConnInfo::new(peer, acceptor.is_some());
+            info.forwarding_headers = forwarding_headers;
             match acceptor {
                 None => serve(stream, &builder, &server, shared, info, watcher).await,
                 Some(acceptor) => {

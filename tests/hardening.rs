@@ -1112,6 +1112,15 @@ async fn proxy_protocol_v2_from_a_trusted_peer_names_the_client() {
     assert_eq!(read_to_close(&mut s, Duration::from_secs(3)).await, "");
     // An untrusted peer speaks plain HTTP.
     assert_eq!(status_from("127.0.0.2", &gw, b"", &key).await, 200);
+    // A LOCAL header (the balancer's own connection, or a source it cannot name): the peer is
+    // the balancer, and an X-Forwarded-For there is the client's own, so it picks nothing.
+    let mut local = keygate::client_ip::PROXY_V2_SIGNATURE.to_vec();
+    local.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
+    for i in 1..=2 {
+        let spoof = format!("X-Api-Key: wrong\r\nX-Forwarded-For: 198.51.100.{i}\r\n");
+        let want = if i == 1 { 401 } else { 429 };
+        assert_eq!(status_from("127.0.0.1", &gw, &local, &spoof).await, want);
+    }
 }
 
 /// A reload that changes `trusted_proxies` applies to the PROXY header and to the request path

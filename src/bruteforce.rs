@@ -1,7 +1,8 @@
 //! Brute-force guard: failed key attempts per client IP (`[auth] failures_per_ip`).
 //!
 //! Each failed attempt (an unknown key, a key with a bad checksum) spends one cell of the
-//! client IP's GCRA budget (governor, keyed by IP in a dashmap). When an attempt finds the budget
+//! client IP's GCRA budget (an IPv6 client's /64: an attacker holding one rotates through it
+//! freely) (governor, keyed by IP in a dashmap). When an attempt finds the budget
 //! spent, the IP is blocked until the next cell is earned back. While blocked, every request
 //! from it that does not carry a valid key gets 429 `too_many_failures`: a request without a
 //! key, or with a malformed key or a bad checksum, is refused before any hashing or table
@@ -78,7 +79,7 @@ impl<C: Clock + Clone> FailureGuard<C> {
 
     /// `Some(retry_after_secs)` while `ip` is blocked.
     pub fn blocked(&self, ip: IpAddr) -> Option<u64> {
-        let until = *self.blocked.get(&ip)?;
+        let until = *self.blocked.get(&subscriber(ip))?;
         let now = self.clock.now();
         if now < until {
             Some(ceil_secs(until.duration_since(now).into()))
@@ -92,6 +93,7 @@ impl<C: Clock + Clone> FailureGuard<C> {
         if self.failures.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
             self.sweep();
         }
+        let ip = subscriber(ip);
         match self.limiter.check_key(&ip) {
             Ok(()) => None,
             Err(not_until) => {
@@ -114,6 +116,19 @@ impl<C: Clock + Clone> FailureGuard<C> {
         let now = self.clock.now();
         self.blocked.retain(|_, until| now < *until);
         self.blocked.shrink_to_fit();
+    }
+}
+
+/// The unit a budget belongs to: an IPv4 address, or an IPv6 address's /64 (the block one
+/// subscriber or host is given, which it can rotate through at will; as Cloudflare's and
+/// Fastly's rate limits group IPv6).
+fn subscriber(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        },
+        v4 => v4,
     }
 }
 
@@ -173,5 +188,25 @@ mod tests {
         clock.advance(Duration::from_secs(120));
         g.sweep();
         assert_eq!(g.tracked(), 0);
+    }
+
+    /// An IPv6 client cannot escape its budget by rotating through its /64; the next /64 is
+    /// someone else.
+    #[test]
+    fn ipv6_budgets_belong_to_the_64() {
+        let g = FailureGuard::with_clock(per_min(2), FakeRelativeClock::default());
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(g.record_failure(ip("2001:db8:0:1::1")), None);
+        assert_eq!(g.record_failure(ip("2001:db8:0:1:ffff::2")), None);
+        assert!(g
+            .record_failure(ip("2001:db8:0:1:aaaa:bbbb:cccc:3"))
+            .is_some());
+        assert!(g.blocked(ip("2001:db8:0:1::9")).is_some());
+        assert_eq!(g.blocked(ip("2001:db8:0:2::1")), None);
+        // IPv4, and IPv4-mapped IPv6, stay per address.
+        assert_eq!(g.record_failure(ip("::ffff:192.0.2.1")), None);
+        assert_eq!(g.record_failure(ip("192.0.2.1")), None);
+        assert!(g.record_failure(ip("192.0.2.1")).is_some());
+        assert_eq!(g.blocked(ip("192.0.2.2")), None);
     }
 }

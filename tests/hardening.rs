@@ -946,6 +946,33 @@ async fn status_from(
     status_of(&resp)
 }
 
+/// A gateway behind proxies on 127.0.0.0/8 (`server`: more `[server]` lines), with a budget of
+/// two failed keys per client.
+async fn behind_a_proxy(up: &Upstream, server: &str) -> TestGateway {
+    gateway(
+        up,
+        &format!("trusted_proxies = [\"127.0.0.0/8\"]\n{server}"),
+        "",
+        "[auth]\nfailures_per_ip = \"2/min\"",
+    )
+    .await
+}
+
+/// The statuses of `n` such requests in a row (a failure budget being spent).
+async fn statuses_from(
+    local: &str,
+    gw: &TestGateway,
+    prefix: &[u8],
+    headers: impl AsRef<[u8]>,
+    n: usize,
+) -> Vec<u16> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(status_from(local, gw, prefix, headers.as_ref()).await);
+    }
+    out
+}
+
 /// A peer that is not a trusted proxy cannot pick its address with `X-Forwarded-For`: its
 /// failures count against the socket address whatever the header says.
 #[tokio::test]
@@ -978,17 +1005,12 @@ async fn forwarding_headers_of_untrusted_peers_do_not_escape_the_failure_budget(
 #[tokio::test]
 async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_budget() {
     let up = start_upstream().await;
-    let gw = gateway(
-        &up,
-        "trusted_proxies = [\"127.0.0.0/8\"]",
-        "",
-        "[auth]\nfailures_per_ip = \"2/min\"",
-    )
-    .await;
+    let gw = behind_a_proxy(&up, "").await;
     let attacker = "X-Api-Key: wrong\r\nX-Forwarded-For: 203.0.113.7\r\n";
-    assert_eq!(status_from("127.0.0.1", &gw, b"", attacker).await, 401);
-    assert_eq!(status_from("127.0.0.1", &gw, b"", attacker).await, 401);
-    assert_eq!(status_from("127.0.0.1", &gw, b"", attacker).await, 429);
+    assert_eq!(
+        statuses_from("127.0.0.1", &gw, b"", attacker, 3).await,
+        [401, 401, 429]
+    );
     // A forged hop to the left of the one the proxy appended changes nothing.
     let forged = "X-Api-Key: wrong\r\nX-Forwarded-For: 192.0.2.1, 203.0.113.7\r\n";
     assert_eq!(status_from("127.0.0.1", &gw, b"", forged).await, 429);
@@ -998,30 +1020,17 @@ async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_budget() {
     // `Forwarded` is not read here: a client's own is the proxy's (127.0.0.1) request.
     let forwarded_blocked = "X-Api-Key: wrong\r\nForwarded: for=203.0.113.8\r\n";
     assert_eq!(
-        status_from("127.0.0.1", &gw, b"", forwarded_blocked).await,
-        401
-    );
-    assert_eq!(
-        status_from("127.0.0.1", &gw, b"", forwarded_blocked).await,
-        401
-    );
-    assert_eq!(
-        status_from("127.0.0.1", &gw, b"", forwarded_blocked).await,
-        429
+        statuses_from("127.0.0.1", &gw, b"", forwarded_blocked, 3).await,
+        [401, 401, 429]
     );
 
     // Behind a proxy that writes `Forwarded` (HAProxy `option forwarded`).
-    let gw = gateway(
-        &up,
-        "trusted_proxies = [\"127.0.0.0/8\"]\nclient_ip_header = \"forwarded\"",
-        "",
-        "[auth]\nfailures_per_ip = \"2/min\"",
-    )
-    .await;
+    let gw = behind_a_proxy(&up, "client_ip_header = \"forwarded\"").await;
     let attacker = "X-Api-Key: wrong\r\nForwarded: for=203.0.113.7\r\n";
-    assert_eq!(status_from("127.0.0.1", &gw, b"", attacker).await, 401);
-    assert_eq!(status_from("127.0.0.1", &gw, b"", attacker).await, 401);
-    assert_eq!(status_from("127.0.0.1", &gw, b"", attacker).await, 429);
+    assert_eq!(
+        statuses_from("127.0.0.1", &gw, b"", attacker, 3).await,
+        [401, 401, 429]
+    );
     // The client's X-Forwarded-For, which this proxy passes on as it came, picks nothing.
     let spoof = format!("{attacker}X-Forwarded-For: 198.51.100.1\r\n");
     assert_eq!(status_from("127.0.0.1", &gw, b"", &spoof).await, 429);
@@ -1036,29 +1045,15 @@ async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_budget() {
 #[tokio::test]
 async fn a_non_ascii_byte_in_a_forwarded_chain_spoils_only_its_own_hop() {
     let up = start_upstream().await;
-    let gw = gateway(
-        &up,
-        "trusted_proxies = [\"127.0.0.0/8\"]",
-        "",
-        "[auth]\nfailures_per_ip = \"2/min\"",
-    )
-    .await;
+    let gw = behind_a_proxy(&up, "").await;
     let spoiled = |key: &str| {
         let mut h = format!("X-Api-Key: {key}\r\nX-Forwarded-For: ").into_bytes();
         h.extend_from_slice(b"\xff\xfe, 203.0.113.7\r\n");
         h
     };
     assert_eq!(
-        status_from("127.0.0.1", &gw, b"", spoiled("wrong")).await,
-        401
-    );
-    assert_eq!(
-        status_from("127.0.0.1", &gw, b"", spoiled("wrong")).await,
-        401
-    );
-    assert_eq!(
-        status_from("127.0.0.1", &gw, b"", spoiled("wrong")).await,
-        429
+        statuses_from("127.0.0.1", &gw, b"", spoiled("wrong"), 3).await,
+        [401, 401, 429]
     );
     // The budget spent was 203.0.113.7's: the proxy itself and other clients still get 401.
     assert_eq!(

@@ -576,6 +576,31 @@ async fn shared_limits_answer_with_the_same_fields_as_in_process() {
             Some("60".into())
         )
     );
+
+    // A quota's `t` is the exact time until it is whole again, in both: 3/h is one request
+    // back every 1,200 s; two taken 1.2 s apart leave 2,398.8 s of it in use, t=2399 (2400
+    // when Redis counted it from the whole requests remaining).
+    let key = key_entry(
+        "quota",
+        PROBE_KEY,
+        "rate = \"100/s\"\nburst = 100\nquota = \"3/h\"",
+    );
+    let local = Instance::start(&up.url(), &key);
+    let shared = Instance::start(
+        &up.url(),
+        &format!("{}{key}", store_section(&redis, "local")),
+    );
+    let mut seen = Vec::new();
+    for inst in [&local, &shared] {
+        let url = inst.url("/v1/guests");
+        let first = get(&c, &url, &[("x-api-key", PROBE_KEY)]).await;
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let second = get(&c, &url, &[("x-api-key", PROBE_KEY)]).await;
+        seen.push([first, second].map(|g| g.header("ratelimit").map(str::to_string)));
+    }
+    assert_eq!(seen[0], seen[1], "in process vs Redis");
+    let second = seen[1][1].as_deref().unwrap_or_default();
+    assert!(second.ends_with("\"quota\";r=1;t=2399"), "{second}");
 }
 
 /// An instance started while Redis is unreachable serves with its own limiter and switches to

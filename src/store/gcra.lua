@@ -8,8 +8,9 @@
 -- ARGV[2]  rate burst: requests that may arrive at once on a full budget (>= 1)
 -- ARGV[3]  quota t (with KEYS[2])
 -- ARGV[4]  quota size: the whole quota, usable at once (with KEYS[2])
--- returns  {1, rate remaining, quota remaining or -1} when admitted,
---          {0, wait in microseconds, 1 (rate) or 2 (quota)} when refused.
+-- returns  {1, rate remaining, quota remaining or -1, quota in use in microseconds or -1} when
+--          admitted (the last: time until the quota is whole again, its RateLimit t),
+--          {0, wait in microseconds, 1 (rate) or 2 (quota), 0} when refused.
 --
 -- Both budgets are tested before either is charged: a request refused by one is not charged to
 -- the other (the quota is tested first, as in process). The clock is the Redis server's (TIME),
@@ -38,16 +39,18 @@ local quota_next, quota_remaining = nil, -1
 if KEYS[2] then
   local ok, v, r = test(KEYS[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
   if not ok then
-    return {0, v, 2}
+    return {0, v, 2, 0}
   end
   quota_next, quota_remaining = v, r
 end
 local ok, v, r = test(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))
 if not ok then
-  return {0, v, 1}
+  return {0, v, 1, 0}
 end
 commit(KEYS[1], v)
+local quota_used = -1
 if quota_next then
   commit(KEYS[2], quota_next)
+  quota_used = quota_next - t0
 end
-return {1, r, quota_remaining}
+return {1, r, quota_remaining, quota_used}

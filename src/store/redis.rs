@@ -219,7 +219,7 @@ impl RedisStore {
                 .arg(quota_period_micros(q))
                 .arg(q.count.get());
         }
-        let answer: Result<(u8, i64, i64), _> = invocation.invoke_async(&mut conn).await;
+        let answer: Result<(u8, i64, i64, i64), _> = invocation.invoke_async(&mut conn).await;
         match answer {
             Ok(answer) => admission(rate, quota, answer).map_err(|e| (e, Some(handle))),
             Err(e) => Err((StoreError::Redis(e), Some(handle))),
@@ -251,11 +251,12 @@ pub fn quota_period_micros(quota: &QuotaLimit) -> u64 {
         .max(1)
 }
 
-/// The script's `{admitted, n, m}` as an [`Admission`], rounded as the in-process limiters round.
+/// The script's `{admitted, n, m, used}` as an [`Admission`], rounded as the in-process limiters
+/// round.
 pub fn admission(
     rate: &RateLimit,
     quota: Option<&QuotaLimit>,
-    (admitted, n, m): (u8, i64, i64),
+    (admitted, n, m, used): (u8, i64, i64, i64),
 ) -> Result<Admission, StoreError> {
     let count = |v: i64| u32::try_from(v).map_err(|_| StoreError::Protocol);
     let wait = |v: i64| {
@@ -272,11 +273,13 @@ pub fn admission(
                 quota: None,
             })
         }
-        (1, m, Some(q)) => {
+        (1, m, Some(_)) => {
             let remaining = count(n)?;
             let q_remaining = count(m)?;
-            let q_used = q.count.get().saturating_sub(q_remaining);
-            let q_reset = Duration::from_micros(quota_period_micros(q) * u64::from(q_used));
+            // The exact time until the quota is whole, as in process (not counted from the
+            // whole requests remaining, which is up to one period more).
+            let q_reset =
+                Duration::from_micros(u64::try_from(used).map_err(|_| StoreError::Protocol)?);
             Ok(Admission::Admit {
                 remaining,
                 reset: limit::reset_secs(rate, remaining),
@@ -323,7 +326,7 @@ mod tests {
         let l = limit("10/s", 20);
         assert_eq!(period_micros(&l), 100_000);
         assert_eq!(
-            admission(&l, None, (1, 19, -1)).unwrap(),
+            admission(&l, None, (1, 19, -1, -1)).unwrap(),
             Admission::Admit {
                 remaining: 19,
                 reset: 1,
@@ -331,16 +334,16 @@ mod tests {
             }
         );
         assert_eq!(
-            admission(&l, None, (0, 1, 1)).unwrap(),
+            admission(&l, None, (0, 1, 1, 0)).unwrap(),
             Admission::RateLimited { retry_after: 1 }
         );
         assert_eq!(
-            admission(&limit("1/min", 3), None, (0, 59_999_001, 1)).unwrap(),
+            admission(&limit("1/min", 3), None, (0, 59_999_001, 1, 0)).unwrap(),
             Admission::RateLimited { retry_after: 60 }
         );
-        assert!(admission(&l, None, (2, 0, 0)).is_err());
+        assert!(admission(&l, None, (2, 0, 0, 0)).is_err());
         assert!(
-            admission(&l, None, (0, 5, 2)).is_err(),
+            admission(&l, None, (0, 5, 2, 0)).is_err(),
             "a quota refusal without a quota"
         );
         assert_eq!(period_micros(&limit("4000000/s", 1)), 1);
@@ -352,15 +355,16 @@ mod tests {
         let q = QuotaLimit::parse("100/h").unwrap();
         assert_eq!(quota_period_micros(&q), 36_000_000);
         assert_eq!(
-            admission(&l, Some(&q), (1, 19, 98)).unwrap(),
+            admission(&l, Some(&q), (1, 19, 98, 71_000_001)).unwrap(),
             Admission::Admit {
                 remaining: 19,
                 reset: 1,
                 quota: Some((98, 72))
             }
         );
+        assert!(admission(&l, Some(&q), (1, 19, 98, -1)).is_err());
         assert_eq!(
-            admission(&l, Some(&q), (0, 36_000_000, 2)).unwrap(),
+            admission(&l, Some(&q), (0, 36_000_000, 2, 0)).unwrap(),
             Admission::QuotaExceeded { retry_after: 36 }
         );
     }

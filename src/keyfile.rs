@@ -71,9 +71,12 @@ impl KeyStore {
     /// The key store of the config at `config`.
     pub fn open(config: &Path) -> Result<KeyStore, EditError> {
         let store = Config::key_store_path(config).map_err(EditError::Invalid)?;
+        // A symlinked store is edited where it lives: the link stays, the file it names is
+        // replaced, and every editor locks beside that file whichever path it was given.
+        let real = |p: &Path| fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
         Ok(KeyStore {
-            config: config.to_path_buf(),
-            store,
+            config: real(config),
+            store: real(&store),
         })
     }
 
@@ -115,7 +118,7 @@ impl KeyStore {
         let out = change(&mut doc, &current)?;
         let new_text = doc.to_string();
         let after = self.validate(&new_text).map_err(EditError::Rejected)?;
-        write_atomically(&self.store, &new_text).map_err(|source| EditError::Io {
+        write_atomically(&self.store, &new_text, &self.config).map_err(|source| EditError::Io {
             path: self.store.clone(),
             source,
         })?;
@@ -158,8 +161,10 @@ impl KeyStore {
 }
 
 /// Replaces `path` with `text` atomically: temp file in the same directory, fsync, rename,
-/// fsync of the directory. The old file's permissions carry over.
-pub fn write_atomically(path: &Path, text: &str) -> io::Result<()> {
+/// fsync of the directory. The old file's permissions, owner and group carry over (those of
+/// `like` for a file made anew): an operator editing as root must not leave the gateway's
+/// user unable to read its keys. An owner that cannot be kept fails the write.
+pub fn write_atomically(path: &Path, text: &str, like: &Path) -> io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -174,8 +179,9 @@ pub fn write_atomically(path: &Path, text: &str) -> io::Result<()> {
             .create(true)
             .truncate(true)
             .open(&tmp)?;
-        if let Ok(meta) = fs::metadata(path) {
+        if let Ok(meta) = fs::metadata(path).or_else(|_| fs::metadata(like)) {
             f.set_permissions(meta.permissions())?;
+            keep_owner(&f, &meta)?;
         }
         f.write_all(text.as_bytes())?;
         f.sync_all()?;
@@ -191,6 +197,31 @@ pub fn write_atomically(path: &Path, text: &str) -> io::Result<()> {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// Gives `f` the owner and group in `old` when they differ from its own.
+#[cfg(unix)]
+fn keep_owner(f: &File, old: &fs::Metadata) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let new = f.metadata()?;
+    if (new.uid(), new.gid()) == (old.uid(), old.gid()) {
+        return Ok(());
+    }
+    std::os::unix::fs::fchown(f, Some(old.uid()), Some(old.gid())).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "cannot keep the file's owner {}:{} ({e}); run this as root or as that user",
+                old.uid(),
+                old.gid()
+            ),
+        )
+    })
+}
+
+#[cfg(not(unix))]
+fn keep_owner(_: &File, _: &fs::Metadata) -> io::Result<()> {
+    Ok(())
 }
 
 /// The `[[keys]]` array of `doc`, created (at the end) when absent.
@@ -277,7 +308,7 @@ mod tests {
             use std::os::unix::fs::PermissionsExt;
             fs::set_permissions(&p, fs::Permissions::from_mode(0o640)).unwrap();
         }
-        write_atomically(&p, "new").unwrap();
+        write_atomically(&p, "new", &p).unwrap();
         assert_eq!(fs::read_to_string(&p).unwrap(), "new");
         #[cfg(unix)]
         {

@@ -94,13 +94,29 @@ fn toml_time(t: SystemTime) -> Datetime {
     rfc3339(t).parse().expect("RFC 3339 is a TOML datetime")
 }
 
-/// `t` as RFC 3339 in UTC, whole seconds.
+/// `t` in UTC, whole seconds, when RFC 3339 (and TOML) can write it: years 0 to 9999.
+fn utc(t: SystemTime) -> Option<OffsetDateTime> {
+    let secs = match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(after) => i64::try_from(after.as_secs()).ok()?,
+        Err(before) => -i64::try_from(before.duration().as_secs()).ok()?,
+    };
+    OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .filter(|t| (0..=9999).contains(&t.year()))
+}
+
+/// `t` as RFC 3339 in UTC, whole seconds (a time past the year 9999, which a hand-written
+/// offset can reach, is shown as such rather than written out).
 pub fn rfc3339(t: SystemTime) -> String {
-    let t = OffsetDateTime::from(t);
-    t.replace_nanosecond(0)
-        .unwrap_or(t)
-        .format(&Rfc3339)
-        .expect("a UTC time formats as RFC 3339")
+    match utc(t) {
+        Some(t) => t.format(&Rfc3339).expect("a UTC time formats as RFC 3339"),
+        None => "after 9999-12-31T23:59:59Z".to_string(),
+    }
+}
+
+/// `now + d` for a flag, when it can be written (`None` past the year 9999).
+fn later(now: SystemTime, d: Duration) -> Option<SystemTime> {
+    now.checked_add(d).filter(|t| utc(*t).is_some())
 }
 
 fn new(config: &Path, a: NewArgs) -> anyhow::Result<()> {
@@ -131,9 +147,18 @@ fn new(config: &Path, a: NewArgs) -> anyhow::Result<()> {
             let t = OffsetDateTime::parse(e, &Rfc3339).map_err(|err| {
                 anyhow::anyhow!("--expires {e:?} is not an RFC 3339 date-time: {err}")
             })?;
-            Some(SystemTime::from(t))
+            let t = t
+                .checked_to_offset(time::UtcOffset::UTC)
+                .filter(|t| t.year() <= 9999);
+            Some(t.map(SystemTime::from).ok_or_else(|| {
+                anyhow::anyhow!("--expires {e:?} is after 9999-12-31T23:59:59Z; leave it out for a key that does not expire")
+            })?)
         }
-        (None, Some(ttl)) => Some(now + ttl),
+        (None, Some(ttl)) => Some(later(now, ttl).ok_or_else(|| {
+            anyhow::anyhow!(
+                "--ttl reaches past the year 9999; leave it out for a key that does not expire"
+            )
+        })?),
         (None, None) => None,
     };
     if expires.is_some_and(|e| e <= now) {
@@ -184,8 +209,21 @@ fn new(config: &Path, a: NewArgs) -> anyhow::Result<()> {
         a.id,
         store.path().display()
     );
-    println!("{key}");
-    Ok(())
+    hand_over(&a.id, &key)
+}
+
+/// Writes the new `key` of `id` to stdout, flushed; a failure says the key is stored but lost.
+fn hand_over(id: &str, key: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{key}")
+        .and_then(|()| out.flush())
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "the new key of {id:?} is stored but could not be shown ({e}); \
+                 run `keygate keys rotate {id}` for another"
+            )
+        })
 }
 
 fn unsupported(store: &KeyStore, message: String) -> EditError {
@@ -241,17 +279,30 @@ fn rotate(config: &Path, id: &str, grace: Option<Duration>) -> anyhow::Result<()
     let now = SystemTime::now();
     let grace = grace.filter(|g| !g.is_zero());
     // Rounded up to the next whole second, so the old key lasts at least `grace`.
-    let until = grace.map(|g| {
-        let t = now + g;
-        let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-        SystemTime::UNIX_EPOCH + Duration::from_secs(since.as_secs() + 1)
-    });
+    let until = match grace {
+        Some(g) => Some(
+            later(now, g + Duration::from_secs(1))
+                .map(|t| {
+                    let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+                    SystemTime::UNIX_EPOCH + Duration::from_secs(since.as_secs())
+                })
+                .ok_or_else(|| anyhow::anyhow!("--grace reaches past the year 9999"))?,
+        ),
+        None => None,
+    };
     let mut cut_short = None;
     let key = edit_key(&store, id, |t, key, current| {
         cut_short = key.previous.filter(|p| p.expires > now).map(|p| p.expires);
         if key.disabled {
             return Err(EditError::Refused(format!(
                 "key {id:?} is disabled (revoked); mint a new one with `keygate keys new`"
+            )));
+        }
+        if let Some(expired) = key.expires.filter(|e| *e <= now) {
+            return Err(EditError::Refused(format!(
+                "key {id:?} expired on {}: its new key would be refused as expired too; \
+                 give it a later `expires` (or none) first",
+                rfc3339(expired)
             )));
         }
         let new_key = keys::mint(&current.auth.key_prefix);
@@ -288,8 +339,7 @@ fn rotate(config: &Path, id: &str, grace: Option<Duration>) -> anyhow::Result<()
             "keygate: rotated key {id:?}; the old key stops at the next reload — the new one is shown once, below"
         ),
     }
-    println!("{key}");
-    Ok(())
+    hand_over(id, &key)
 }
 
 fn status_name(s: KeyStatus) -> &'static str {

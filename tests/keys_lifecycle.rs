@@ -894,3 +894,123 @@ async fn a_keys_whole_life_against_a_running_gateway_process_logs_no_secret() {
         );
     }
 }
+
+/// The key store keeps its owner and group across an edit made by root (the shipped unit runs
+/// keygate as `keygate` and has root edit `/etc/keygate`); a keys file made anew takes the
+/// config's; and a symlinked store stays a link, the file it names edited. (Ownership is only
+/// checked when the test runs as root, as CI does.)
+#[test]
+fn edits_keep_the_owner_and_edit_through_a_symlink() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        config_text("http://127.0.0.1:9", "[auth]\nkeys_file = \"keys.toml\"\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let as_root = std::os::unix::fs::chown(&config, Some(12345), Some(12346)).is_ok();
+    minted(&config, &["new", "--id", "a"]);
+    let keys = dir.path().join("keys.toml");
+    let meta = std::fs::metadata(&keys).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o640, "like the config");
+    if as_root {
+        assert_eq!((meta.uid(), meta.gid()), (12345, 12346), "like the config");
+        minted(&config, &["new", "--id", "b"]);
+        let meta = std::fs::metadata(&keys).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.gid()),
+            (12345, 12346),
+            "kept across an edit"
+        );
+    } else {
+        eprintln!("not root: ownership not checked");
+    }
+
+    // The store behind a symlink: the link stays, the file it names gets the key.
+    let real = dir.path().join("real-keys.toml");
+    std::fs::rename(&keys, &real).unwrap();
+    std::os::unix::fs::symlink(&real, &keys).unwrap();
+    minted(&config, &["new", "--id", "c"]);
+    assert!(std::fs::symlink_metadata(&keys)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(std::fs::read_to_string(&real)
+        .unwrap()
+        .contains("id = \"c\""));
+}
+
+/// Dates the config cannot hold are refused with a message (RFC 3339 and TOML stop at the
+/// year 9999), not a panic; rotating an expired key is refused (its new key would be refused
+/// as expired); a key that cannot be shown is reported, with what to do.
+#[test]
+fn far_dates_expired_rotations_and_a_closed_stdout_are_errors_not_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(&config, config_text("http://127.0.0.1:9", "")).unwrap();
+    for args in [
+        &["new", "--id", "x", "--ttl", "9000y"][..],
+        &["new", "--id", "x", "--expires", "9999-12-31T23:00:00-05:00"],
+    ] {
+        let out = keys_cmd(&config, args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains("9999"), "{args:?}: {}", stderr(&out));
+    }
+    minted(&config, &["new", "--id", "r"]);
+    let out = keys_cmd(&config, &["rotate", "r", "--grace", "9000y"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+
+    // A hand-written "never" past 9999 UTC: listed, not a panic.
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "id = \"r\"",
+        "id = \"r\"\nexpires = 9999-12-31T23:59:59-05:00",
+    );
+    std::fs::write(&config, text).unwrap();
+    let out = keys_cmd(&config, &["list"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("after 9999-12-31T23:59:59Z"),
+        "{}",
+        stdout(&out)
+    );
+
+    // Expired: no rotation.
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("9999-12-31T23:59:59-05:00", "2001-01-01T00:00:00Z");
+    std::fs::write(&config, text).unwrap();
+    let before = std::fs::read_to_string(&config).unwrap();
+    let out = keys_cmd(&config, &["rotate", "r"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("expired on 2001-01-01T00:00:00Z"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&config).unwrap(),
+        before,
+        "nothing written"
+    );
+
+    // stdout that cannot be written: the key is stored, and the error says how to get another.
+    let out = Command::new(keygate_bin())
+        .args(["keys", "new", "--id", "lost", "--config"])
+        .arg(&config)
+        .stdout(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/full")
+                .unwrap(),
+        )
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("keygate keys rotate lost"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -8,6 +8,14 @@
 //! timeouts bound that wait). For HTTP/1.1 the shorter of `header_timeout` and `idle_timeout`
 //! applies between requests, since hyper's header timer also runs while a connection waits for
 //! its next request.
+//!
+//! On HTTP/2 (told by its preface) bytes are not activity, requests are: PINGs, SETTINGS or a
+//! preface sent a byte at a time would otherwise hold a connection (and its `max_connections`
+//! slot) for ever without a request, as Envoy's idle timeout counts streams, not frames.
+//!
+//! A write that waits for the client to take bytes fails after `idle_timeout` without
+//! progress (nginx's `send_timeout`): a client that stops reading a response, or an upgraded
+//! connection's, no longer holds it whatever else it sends.
 
 use std::{
     future::Future,
@@ -28,29 +36,41 @@ use tokio::{
 
 use crate::framing::FramingScreen;
 
-/// Requests of one connection that are being handled (from the head read to the response head).
+/// Requests of one connection that are being handled (from the head read to the response
+/// head), and how many have started in all.
 #[derive(Debug, Default, Clone)]
-pub struct InFlight(Arc<AtomicUsize>);
+pub struct InFlight(Arc<Counts>);
+
+#[derive(Debug, Default)]
+struct Counts {
+    now: AtomicUsize,
+    started: AtomicUsize,
+}
 
 impl InFlight {
     /// Marks a request as started; it counts until the returned guard is dropped.
     pub fn start(&self) -> InFlightGuard {
-        self.0.fetch_add(1, Ordering::AcqRel);
+        self.0.now.fetch_add(1, Ordering::AcqRel);
+        self.0.started.fetch_add(1, Ordering::Relaxed);
         InFlightGuard(Arc::clone(&self.0))
     }
 
     fn any(&self) -> bool {
-        self.0.load(Ordering::Acquire) > 0
+        self.0.now.load(Ordering::Acquire) > 0
+    }
+
+    fn started(&self) -> usize {
+        self.0.started.load(Ordering::Relaxed)
     }
 }
 
 /// One request in flight; see [`InFlight::start`].
 #[derive(Debug)]
-pub struct InFlightGuard(Arc<AtomicUsize>);
+pub struct InFlightGuard(Arc<Counts>);
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.now.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -76,6 +96,15 @@ pub struct ClientIo<T> {
     last_active: Instant,
     in_flight: InFlight,
     screen: Option<FramingScreen>,
+    /// Whether anything has been read yet (the first read tells HTTP/2 by its preface).
+    started: bool,
+    /// An HTTP/2 connection: its bytes are not activity, its requests are (see the module doc).
+    h2: bool,
+    /// Requests started as of the timer's last look.
+    requests_seen: usize,
+    /// Set while a write waits for the client to take bytes: it fails at this deadline.
+    write_stall: Option<Pin<Box<Sleep>>>,
+    stalled: bool,
 }
 
 impl<T> ClientIo<T> {
@@ -90,6 +119,11 @@ impl<T> ClientIo<T> {
             last_active: now,
             in_flight,
             screen: None,
+            started: false,
+            h2: false,
+            requests_seen: 0,
+            write_stall: None,
+            stalled: false,
         }
     }
 
@@ -118,8 +152,10 @@ impl<T> ClientIo<T> {
             let due = self.last_active + self.idle;
             if due > Instant::now() {
                 self.timer.as_mut().reset(due);
-            } else if self.in_flight.any() {
-                // Waiting on the upstream is not idleness: look again an `idle` from now.
+            } else if self.in_flight.any() || self.in_flight.started() != self.requests_seen {
+                // Waiting on the upstream is not idleness, and a request since the last look
+                // is activity: look again an `idle` from now.
+                self.requests_seen = self.in_flight.started();
                 self.touch();
             } else {
                 return true;
@@ -140,9 +176,16 @@ impl<T: AsyncRead + Unpin> AsyncRead for ClientIo<T> {
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(res) => {
                 if buf.filled().len() > before {
-                    this.touch();
+                    let read = &buf.filled()[before..];
+                    if !this.started {
+                        this.started = true;
+                        this.h2 = read.starts_with(b"PRI * HTTP/2.0");
+                    }
+                    if !this.h2 {
+                        this.touch();
+                    }
                     if let Some(screen) = &mut this.screen {
-                        screen.scan(&buf.filled()[before..]);
+                        screen.scan(read);
                     }
                 }
                 Poll::Ready(res)
@@ -158,6 +201,48 @@ impl<T: AsyncRead + Unpin> AsyncRead for ClientIo<T> {
     }
 }
 
+impl<T> ClientIo<T> {
+    /// After a write: progress is activity (on HTTP/1) and ends a stall; a write that must wait
+    /// starts the stall's deadline, and fails once it passes.
+    fn wrote(
+        &mut self,
+        res: Poll<io::Result<usize>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        match res {
+            Poll::Ready(Ok(n)) if n > 0 => {
+                if !self.h2 {
+                    self.touch();
+                }
+                self.stalled = false;
+                res
+            }
+            Poll::Pending => {
+                let deadline = Instant::now() + self.idle;
+                let timer = self
+                    .write_stall
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if !self.stalled {
+                    self.stalled = true;
+                    timer.as_mut().reset(deadline);
+                }
+                if timer.as_mut().poll(cx).is_ready() {
+                    tracing::debug!(
+                        "closing a connection whose client took nothing for {:?}",
+                        self.idle
+                    );
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the client stopped reading",
+                    )));
+                }
+                Poll::Pending
+            }
+            other => other,
+        }
+    }
+}
+
 impl<T: AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -166,10 +251,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let res = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
-            this.touch();
-        }
-        res
+        this.wrote(res, cx)
     }
 
     fn poll_write_vectored(
@@ -179,10 +261,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let res = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
-            this.touch();
-        }
-        res
+        this.wrote(res, cx)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -182,6 +182,62 @@ async fn idle_connections_are_closed_but_not_while_a_request_is_in_flight() {
     );
 }
 
+/// A connection that holds the only `max_connections` slot and does nothing useful loses it
+/// after `idle_timeout`, so the next one is served: an HTTP/1.1 client that stops reading a
+/// large response (one byte pipelined behind its request, which stops hyper reading), and an
+/// HTTP/2 client that only sends PINGs after its request (frames are not requests).
+#[tokio::test]
+async fn a_client_that_stops_reading_or_only_pings_gives_its_slot_back() {
+    let up = start_upstream().await;
+    let gw = gateway(
+        &up,
+        "max_connections = 1\nidle_timeout = \"500ms\"\nheader_timeout = \"30s\"",
+        "",
+        "",
+    )
+    .await;
+    let served_next = || async {
+        let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+        let req = format!("GET /v1/x HTTP/1.1\r\nHost: x\r\nX-Api-Key: {KEY}\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = [0u8; 12];
+        let started = Instant::now();
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf)).await;
+        (
+            read.is_ok() && buf.starts_with(b"HTTP/1.1 200"),
+            started.elapsed(),
+        )
+    };
+
+    // Stops reading 64 MiB, with a byte pipelined behind the request.
+    let mut stalled = TcpStream::connect(gw.addr()).await.unwrap();
+    let req =
+        format!("GET /v1/download?bytes=67108864 HTTP/1.1\r\nHost: x\r\nX-Api-Key: {KEY}\r\n\r\nG");
+    stalled.write_all(req.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (served, waited) = served_next().await;
+    assert!(
+        served,
+        "the next connection waited {waited:?} and was not served"
+    );
+    drop(stalled);
+
+    // Pings every 100 ms after one request, over HTTP/2 (h2c).
+    let pinging = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .http2_keep_alive_interval(Duration::from_millis(100))
+        .http2_keep_alive_while_idle(true)
+        .build_http::<TestBody>();
+    let got = get(&pinging, &gw.url("/v1/x"), &[("x-api-key", KEY)]).await;
+    assert_eq!(got.status, StatusCode::OK);
+    let (served, waited) = served_next().await;
+    assert!(
+        served,
+        "the next connection waited {waited:?} and was not served"
+    );
+}
+
 /// `[server] max_connections`: beyond it a connection waits; those already in are served.
 #[tokio::test]
 async fn connections_beyond_max_connections_wait_and_those_in_are_served() {

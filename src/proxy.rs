@@ -135,7 +135,7 @@ pub struct Shared {
 }
 
 /// What the request path knows about the client connection.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ConnInfo {
     /// The peer's address: from the socket, or from the PROXY v2 header a trusted proxy sent.
     pub peer: SocketAddr,
@@ -149,6 +149,9 @@ pub struct ConnInfo {
     /// whose PROXY header named no source (`LOCAL`, or not TCP), where the peer is the load
     /// balancer, which writes no such header: whatever is there came from the client.
     pub forwarding_headers: bool,
+    /// The task copying bytes for this connection once upgraded: the connection (its
+    /// `max_connections` slot, its count in the gauge and in the drain) lasts until it ends.
+    pub splice: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl ConnInfo {
@@ -161,6 +164,7 @@ impl ConnInfo {
             peer_ip,
             framing: Arc::default(),
             forwarding_headers: true,
+            splice: std::sync::Mutex::new(None),
         }
     }
 }
@@ -318,7 +322,8 @@ async fn admit_and_forward(
             if let Either::Left(body) = resp.body_mut() {
                 if let Some(upstream) = body.get_mut().take_upgraded() {
                     conn.framing.stop();
-                    upgrade::splice(client, upstream, request_id.clone());
+                    let task = upgrade::splice(client, upstream, request_id.clone());
+                    *conn.splice.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
                 }
             }
         }

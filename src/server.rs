@@ -276,6 +276,8 @@ async fn accept_loop(
         let server = Arc::clone(&server);
         let acceptor = acceptor.clone();
         let watcher = drain.watcher();
+        // Held for an upgraded connection's splice too (hyper's watcher ends with hyper's part).
+        let upgraded = drain.watcher();
         tokio::spawn(async move {
             let _open = open;
             let _permit = permit;
@@ -308,12 +310,14 @@ async fn accept_loop(
             }
             let mut info = ConnInfo::new(peer, acceptor.is_some());
             info.forwarding_headers = forwarding_headers;
+            let info = Arc::new(info);
+            let conn = Arc::clone(&info);
             match acceptor {
-                None => serve(stream, &builder, &server, shared, info, watcher).await,
+                None => serve(stream, &builder, &server, shared, conn, watcher).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
                     {
-                        Ok(Ok(tls)) => serve(tls, &builder, &server, shared, info, watcher).await,
+                        Ok(Ok(tls)) => serve(tls, &builder, &server, shared, conn, watcher).await,
                         Ok(Err(e)) => {
                             shared.metrics.tls_handshake_failed();
                             tracing::debug!(%peer, "TLS handshake failed: {e}");
@@ -325,6 +329,13 @@ async fn accept_loop(
                     }
                 }
             }
+            // Upgraded: hyper is done with the connection, its splice is not. The slot, the
+            // gauge and the drain keep counting it until the splice ends.
+            let splice = info.splice.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(task) = splice {
+                let _ = task.await;
+            }
+            drop(upgraded);
         });
     }
     drop(listener);
@@ -339,7 +350,7 @@ async fn serve<IO>(
     builder: &auto::Builder<TokioExecutor>,
     server: &ServerConfig,
     shared: Arc<Shared>,
-    info: ConnInfo,
+    info: Arc<ConnInfo>,
     watcher: Watcher,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -348,7 +359,6 @@ async fn serve<IO>(
     let screen = FramingScreen::new(Arc::clone(&info.framing), server.max_header_bytes);
     let io = ClientIo::new(io, server.idle_timeout, in_flight.clone()).screened(screen);
     let peer = info.peer;
-    let info = Arc::new(info);
     let service = service_fn(move |req| {
         let shared = Arc::clone(&shared);
         let info = Arc::clone(&info);

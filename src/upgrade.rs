@@ -40,8 +40,13 @@ pub fn restore(headers: &mut HeaderMap, upgrade: HeaderValue) {
 }
 
 /// After a `101` from the upstream: waits for the client side to hand over its connection and
-/// copies bytes between the two in a task of its own.
-pub fn splice(client: OnUpgrade, mut upstream: Upgraded, request_id: HeaderValue) {
+/// copies bytes between the two in a task of its own, which the connection's task then waits
+/// for ([`crate::proxy::ConnInfo::splice`]).
+pub fn splice(
+    client: OnUpgrade,
+    mut upstream: Upgraded,
+    request_id: HeaderValue,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let rid = request_id.to_str().unwrap_or("-").to_string();
         let client = match client.await {
@@ -58,7 +63,7 @@ pub fn splice(client: OnUpgrade, mut upstream: Upgraded, request_id: HeaderValue
             }
             Err(e) => tracing::debug!(request_id = rid, "upgraded connection ended: {e}"),
         }
-    });
+    })
 }
 
 #[cfg(test)]

@@ -1599,6 +1599,54 @@ async fn websocket_passes_through_after_the_key_check_with_the_key_stripped() {
     assert_eq!(seen.lock().unwrap().len(), 1);
 }
 
+/// An upgraded connection keeps its `max_connections` slot, its place in the connection gauge
+/// until its splice ends: with a limit of one, a second connection waits while a WebSocket is
+/// open and is served once it closes. (Before, hyper's part ended at the 101 and the slot was
+/// given back while the splice went on, uncounted.)
+#[tokio::test]
+async fn a_websocket_holds_its_connection_slot_until_it_closes() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+    let (up_addr, _seen) = ws_upstream().await;
+    let gw = start_gateway(&config(
+        &format!("http://{up_addr}"),
+        "max_connections = 1",
+        "",
+        "",
+    ))
+    .await;
+    let mut req = format!("ws://{}/v1/stream", gw.addr())
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert("x-api-key", KEY.parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::text("hello from upstream")
+    );
+
+    let mut next = TcpStream::connect(gw.addr()).await.unwrap();
+    let get = format!("GET /v1/x HTTP/1.1\r\nHost: x\r\nX-Api-Key: {KEY}\r\n\r\n");
+    next.write_all(get.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 12];
+    let early = tokio::time::timeout(Duration::from_millis(700), next.read(&mut buf)).await;
+    assert!(
+        early.is_err(),
+        "served beside an open WebSocket beyond max_connections"
+    );
+
+    ws.close(None).await.unwrap();
+    while ws.next().await.is_some() {}
+    drop(ws);
+    let served = tokio::time::timeout(Duration::from_secs(5), next.read_exact(&mut buf)).await;
+    assert!(served.is_ok(), "not served after the WebSocket closed");
+    assert!(
+        buf.starts_with(b"HTTP/1.1 "),
+        "{:?}",
+        String::from_utf8_lossy(&buf)
+    );
+}
+
 /// One HTTP/2 frame: 9-byte header and payload.
 fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let len = payload.len() as u32;

@@ -3,14 +3,18 @@
 //! With `[upstream] identity_secret` (or `identity_secret_file`) set, keygate adds
 //!
 //! ```text
-//! X-Keygate-Signature: t=<unix seconds>,v1=<64 hex>
+//! X-Keygate-Signature: t=<unix seconds>,v2=<64 hex>
 //! ```
 //!
-//! where `v1` is the blake3 keyed hash, under the key `blake3::derive_key(CONTEXT, secret)`, of
+//! where `v2` is the blake3 keyed hash, under the key `blake3::derive_key(CONTEXT, secret)`, of
 //!
 //! ```text
-//! <t>\n<key id>\n<tenant or empty>\n<METHOD>\n<path as the upstream receives it, no query>
+//! <t>\n<key id>\n<tenant or empty>\n<METHOD>\n<path and query as the upstream receives them>
 //! ```
+//!
+//! (`v1` signed the path without the query: one signed request seen by someone who can reach
+//! the upstream could be replayed with any query for the skew window. The body is not signed:
+//! it streams, and the header goes first.)
 //!
 //! None of the fields can hold a newline (ids and tenants are `A-Za-z0-9._-`, methods are tokens,
 //! paths have no raw whitespace), so the message is unambiguous. The backend recomputes it from
@@ -22,7 +26,7 @@ use std::{fmt, time::Duration};
 use http::HeaderValue;
 
 /// The blake3 key-derivation context; the backend must use the same string.
-pub const CONTEXT: &str = "keygate 2026-11 X-Keygate-Signature v1";
+pub const CONTEXT: &str = "keygate 2026-11 X-Keygate-Signature v2";
 /// Shortest secret accepted, in bytes.
 pub const MIN_SECRET_LEN: usize = 32;
 
@@ -51,17 +55,17 @@ impl IdentityKey {
     pub fn sign(&self, timestamp: u64, who: &Identity<'_>) -> blake3::Hash {
         let mut h = blake3::Hasher::new_keyed(&self.0);
         h.update(timestamp.to_string().as_bytes());
-        for field in [who.key_id, who.tenant.unwrap_or(""), who.method, who.path] {
+        for field in [who.key_id, who.tenant.unwrap_or(""), who.method, who.target] {
             h.update(b"\n");
             h.update(field.as_bytes());
         }
         h.finalize()
     }
 
-    /// The `X-Keygate-Signature` value: `t=<timestamp>,v1=<hex>`.
+    /// The `X-Keygate-Signature` value: `t=<timestamp>,v2=<hex>`.
     pub fn header(&self, timestamp: u64, who: &Identity<'_>) -> HeaderValue {
         let mac = self.sign(timestamp, who);
-        HeaderValue::try_from(format!("t={timestamp},v1={}", mac.to_hex()))
+        HeaderValue::try_from(format!("t={timestamp},v2={}", mac.to_hex()))
             .expect("digits and hex are ASCII")
     }
 }
@@ -75,14 +79,14 @@ pub struct Identity<'a> {
     pub tenant: Option<&'a str>,
     /// The request method.
     pub method: &'a str,
-    /// The path as the upstream receives it, without the query.
-    pub path: &'a str,
+    /// The path and query as the upstream receives them (`/api/v1/guests?lang=en`).
+    pub target: &'a str,
 }
 
 /// Why a signature was not accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum VerifyError {
-    /// The header is not `t=<digits>,v1=<64 hex>`.
+    /// The header is not `t=<digits>,v2=<64 hex>`.
     #[error("malformed signature header")]
     Malformed,
     /// `t` is further than the allowed skew from now.
@@ -101,12 +105,12 @@ pub fn verify(
     max_skew: Duration,
     who: &Identity<'_>,
 ) -> Result<(), VerifyError> {
-    let (t, v1) = header
+    let (t, v2) = header
         .split_once(',')
-        .and_then(|(t, v)| Some((t.strip_prefix("t=")?, v.strip_prefix("v1=")?)))
+        .and_then(|(t, v)| Some((t.strip_prefix("t=")?, v.strip_prefix("v2=")?)))
         .ok_or(VerifyError::Malformed)?;
     let t: u64 = t.parse().map_err(|_| VerifyError::Malformed)?;
-    let given = blake3::Hash::from_hex(v1).map_err(|_| VerifyError::Malformed)?;
+    let given = blake3::Hash::from_hex(v2).map_err(|_| VerifyError::Malformed)?;
     if now.abs_diff(t) > max_skew.as_secs() {
         return Err(VerifyError::Stale);
     }
@@ -130,7 +134,7 @@ mod tests {
             key_id: "review",
             tenant: Some("hotel-1"),
             method: "GET",
-            path: "/v1/guests",
+            target: "/v1/guests",
         };
         let h = key.header(1_000, &who);
         let h = h.to_str().unwrap();
@@ -151,7 +155,7 @@ mod tests {
         );
         assert_eq!(verify(&key, h, 2_000, skew, &who), Err(VerifyError::Stale));
         assert_eq!(
-            verify(&key, "v1=00", 1_000, skew, &who),
+            verify(&key, "v2=00", 1_000, skew, &who),
             Err(VerifyError::Malformed)
         );
         assert!(IdentityKey::from_secret(b"short").is_err());
@@ -162,12 +166,12 @@ mod tests {
     fn the_documented_construction_is_what_is_signed() {
         let key = IdentityKey::from_secret(SECRET).unwrap();
         let derived = blake3::derive_key(CONTEXT, SECRET);
-        let expected = blake3::keyed_hash(&derived, b"7\nid\n\nPOST\n/api/v1/messages");
+        let expected = blake3::keyed_hash(&derived, b"7\nid\n\nPOST\n/api/v1/messages?lang=en");
         let who = Identity {
             key_id: "id",
             tenant: None,
             method: "POST",
-            path: "/api/v1/messages",
+            target: "/api/v1/messages?lang=en",
         };
         assert_eq!(key.sign(7, &who), expected);
     }
@@ -180,11 +184,12 @@ mod tests {
             key_id: "review",
             tenant: Some("hotel-1042"),
             method: "GET",
-            path: "/api/v1/guests",
+            target: "/api/v1/guests?lang=en",
         };
+        // Computed with the README's Python check's construction (pip's blake3).
         assert_eq!(
             key.sign(1_700_000_000, &who).to_hex().as_str(),
-            "524a8ab19a19b9c2b8d4b34d1647c01840c7b98668f4c6271952f6fc19bbe0cb"
+            "bb30514ce4b8e85f15dd143258e099dda3bd741bb4a12e14959ef4357fb82ff5"
         );
     }
 }

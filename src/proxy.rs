@@ -74,7 +74,7 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static X_KEYGATE_KEY_ID: HeaderName = HeaderName::from_static("x-keygate-key-id");
 /// `X-Keygate-Tenant`: the admitted key's tenant, for the upstream.
 pub static X_KEYGATE_TENANT: HeaderName = HeaderName::from_static("x-keygate-tenant");
-/// `X-Keygate-Signature`: `t=<unix seconds>,v1=<hex>`, see [`crate::identity`].
+/// `X-Keygate-Signature`: `t=<unix seconds>,v2=<hex>`, see [`crate::identity`].
 pub static X_KEYGATE_SIGNATURE: HeaderName = HeaderName::from_static("x-keygate-signature");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -623,7 +623,7 @@ fn rewrite<'a>(
             key_id: &entry.id,
             tenant: entry.tenant.as_deref(),
             method: parts.method.as_str(),
-            path: parts.uri.path(),
+            target: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
         };
         forwarding.signature = Some(key.header(now, &who));
     }

@@ -603,7 +603,7 @@ async fn the_identity_signature_verifies_with_the_secret_only() {
         &c,
         Method::POST,
         &gw.url("/v1/messages?lang=en"),
-        &[("x-api-key", key), ("x-keygate-signature", "t=1,v1=forged")],
+        &[("x-api-key", key), ("x-keygate-signature", "t=1,v2=forged")],
         full("hello"),
     )
     .await;
@@ -613,7 +613,7 @@ async fn the_identity_signature_verifies_with_the_secret_only() {
         .to_str()
         .unwrap()
         .to_string();
-    assert_ne!(header, "t=1,v1=forged");
+    assert_ne!(header, "t=1,v2=forged");
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -622,9 +622,9 @@ async fn the_identity_signature_verifies_with_the_secret_only() {
         key_id: seen.headers["x-keygate-key-id"].to_str().unwrap(),
         tenant: Some(seen.headers["x-keygate-tenant"].to_str().unwrap()),
         method: seen.method.as_str(),
-        path: seen.uri.path(),
+        target: seen.uri.path_and_query().unwrap().as_str(),
     };
-    assert_eq!(who.path, "/api/v1/messages");
+    assert_eq!(who.target, "/api/v1/messages?lang=en");
     let skew = Duration::from_secs(300);
     let right = IdentityKey::from_secret(secret.as_bytes()).unwrap();
     assert_eq!(identity::verify(&right, &header, now, skew, &who), Ok(()));
@@ -649,26 +649,35 @@ async fn the_identity_signature_verifies_with_the_secret_only() {
     assert!(!keygate_signed(&[b'f'; 64], &parts, now));
     assert!(!keygate_signed(secret.as_bytes(), &parts, now + 3600));
 
-    let other_path = Identity {
-        path: "/api/v1/guests",
-        ..who
-    };
-    assert_eq!(
-        identity::verify(&right, &header, now, skew, &other_path),
-        Err(identity::VerifyError::Mismatch)
-    );
+    // Another path, or the same path with another query: not what was signed.
+    for target in [
+        "/api/v1/guests",
+        "/api/v1/messages?lang=de",
+        "/api/v1/messages",
+    ] {
+        let other = Identity { target, ..who };
+        assert_eq!(
+            identity::verify(&right, &header, now, skew, &other),
+            Err(identity::VerifyError::Mismatch),
+            "{target}"
+        );
+    }
+    let mut replayed = parts.clone();
+    replayed.uri = "/api/v1/messages?lang=de".parse().unwrap();
+    assert!(!keygate_signed(secret.as_bytes(), &replayed, now));
 }
 
 /// The backend-side check from the README, copied verbatim.
 #[rustfmt::skip]
 fn keygate_signed(secret: &[u8], req: &http::request::Parts, now: u64) -> bool {
     let h = |n: &str| req.headers.get(n).and_then(|v| v.to_str().ok());
-    let Some((t, v1)) = h("x-keygate-signature").and_then(|s| s.split_once(",v1=")) else { return false };
+    let Some((t, v2)) = h("x-keygate-signature").and_then(|s| s.split_once(",v2=")) else { return false };
     let Some(t) = t.strip_prefix("t=").and_then(|t| t.parse::<u64>().ok()) else { return false };
-    let Ok(given) = blake3::Hash::from_hex(v1) else { return false };
-    let key = blake3::derive_key("keygate 2026-11 X-Keygate-Signature v1", secret);
-    let msg = format!("{t}\n{}\n{}\n{}\n{}", h("x-keygate-key-id").unwrap_or(""),
-        h("x-keygate-tenant").unwrap_or(""), req.method, req.uri.path());
+    let Ok(given) = blake3::Hash::from_hex(v2) else { return false };
+    let key = blake3::derive_key("keygate 2026-11 X-Keygate-Signature v2", secret);
+    let target = req.uri.path_and_query().map_or("/", |p| p.as_str());
+    let msg = format!("{t}\n{}\n{}\n{}\n{target}", h("x-keygate-key-id").unwrap_or(""),
+        h("x-keygate-tenant").unwrap_or(""), req.method);
     now.abs_diff(t) <= 300 && blake3::keyed_hash(&key, msg.as_bytes()) == given // constant-time ==
 }
 

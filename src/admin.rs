@@ -7,6 +7,13 @@
 //! - `GET /metrics`: the Prometheus exposition ([`crate::metrics`]).
 //!
 //! It keeps answering while the partner listener drains, and stops after it.
+//!
+//! Its connections are bounded like the partner listener's, if more simply: at most
+//! [`MAX_CONNECTIONS`] at once (more wait in the backlog), closed after `[server]
+//! header_timeout` without a byte from the client, and kept at most [`CONNECTION_LIFETIME`]
+//! (a scraper reconnects), so a peer
+//! that opens connections and sends nothing cannot hold descriptors the partner listener
+//! needs.
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
@@ -18,9 +25,24 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     server::conn::auto,
 };
-use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tokio::{
+    net::TcpListener,
+    sync::{watch, Semaphore},
+    task::JoinHandle,
+};
 
-use crate::{drain::Drain, error::json_string, health::Readiness, proxy::Shared};
+use crate::{
+    conn::{ClientIo, InFlight},
+    drain::Drain,
+    error::json_string,
+    health::Readiness,
+    proxy::Shared,
+};
+
+/// Admin connections served at once.
+pub const MAX_CONNECTIONS: usize = 64;
+/// The longest an admin connection is kept (a Prometheus scrape takes milliseconds).
+pub const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// The running admin listener.
 #[derive(Debug)]
@@ -70,7 +92,14 @@ async fn serve(
     mut stop: watch::Receiver<bool>,
 ) {
     let drain = Drain::new();
+    let header_timeout = shared.live.load().config.server.header_timeout;
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let permit = tokio::select! {
+            p = Arc::clone(&permits).acquire_owned() => p.expect("the semaphore is never closed"),
+            _ = stop.wait_for(|s| *s) => break,
+        };
         let accepted = tokio::select! {
             res = listener.accept() => res,
             _ = stop.wait_for(|s| *s) => break,
@@ -89,12 +118,15 @@ async fn serve(
             let resp = answer(&shared, &readiness, &req);
             async move { Ok::<_, Infallible>(resp) }
         });
-        let conn = auto::Builder::new(TokioExecutor::new())
-            .serve_connection(TokioIo::new(stream), service)
+        // Closed once it has sent nothing for `header_timeout` (answers take no time here).
+        let io = ClientIo::new(stream, header_timeout, InFlight::default());
+        let conn = builder
+            .serve_connection(TokioIo::new(io), service)
             .into_owned();
         let conn = drain.watcher().watch(conn);
         tokio::spawn(async move {
-            let _ = conn.await;
+            let _permit = permit;
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
         });
     }
     drop(listener);

@@ -599,6 +599,31 @@ async fn tls_get(client: &TlsClient, url: &str) -> Result<StatusCode, String> {
     }
 }
 
+/// The admin listener closes a connection that sends no request head within `[server]
+/// header_timeout`, as the partner listener does (it had no timeout at all), and still
+/// answers the next one.
+#[tokio::test]
+async fn the_admin_listener_closes_connections_that_send_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = start_upstream().await;
+    let text = ops_config(&up.url(), "header_timeout = \"300ms\"", "", "");
+    let gw = start_gateway(&text).await;
+    let admin = gw.gateway.admin_addr().expect("[admin] set");
+    let mut silent = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(3), silent.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "a silent admin connection was kept: {closed:?}"
+    );
+    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+}
+
 /// A renewed certificate is served to new TLS clients without a restart, while a connection
 /// made with the old certificate goes on working.
 #[tokio::test]

@@ -87,6 +87,27 @@ async fn sample_api(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Inf
     Ok(resp)
 }
 
+/// A directory of the demo's own under the temp dir, made now (mode 0700 on Unix), under a
+/// name nobody could have made before it: another local user cannot pre-create it and edit
+/// the watched config, or plant a symlink for the write to follow.
+fn private_dir() -> std::io::Result<PathBuf> {
+    let mut builder = std::fs::DirBuilder::new();
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    loop {
+        let dir = std::env::temp_dir().join(format!(
+            "keygate-demo-{}-{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        match builder.create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Runs the demo until Ctrl-C. `port` is tried first; a busy port falls back to a free one.
 pub async fn run(port: u16) -> anyhow::Result<()> {
     let upstream = start_sample_upstream().await?;
@@ -96,8 +117,7 @@ pub async fn run(port: u16) -> anyhow::Result<()> {
     };
     let addr = listener.local_addr()?;
     let key = keys::mint(keys::DEFAULT_PREFIX);
-    let dir = std::env::temp_dir().join(format!("keygate-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    let dir = private_dir()?;
     let path: PathBuf = dir.join("gateway.toml");
     let text = format!(
         r#"# keygate demo config: edit it while the demo runs and watch it reload.

@@ -453,6 +453,23 @@ async fn demo_prints_a_working_key_and_commands() {
         .expect("a URL")
         .to_string();
     assert!(text.contains("curl"));
+    // Its config lives in a directory of its own, made for it, private.
+    let config = text
+        .lines()
+        .find_map(|l| l.strip_prefix("config: "))
+        .expect("the config's path");
+    let dir = std::path::Path::new(config.trim()).parent().unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "{}", dir.display());
+    }
+    let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+    let random = name.rsplit('-').next().unwrap();
+    assert!(
+        random.len() == 16 && random.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{name}"
+    );
     let c = http1_client();
     let got = get(&c, &format!("{base}/v1/guests"), &[("x-api-key", &key)]).await;
     assert_eq!(got.status, StatusCode::OK);

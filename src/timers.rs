@@ -18,7 +18,7 @@ use std::{
     future::Future,
     pin::Pin,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
     task::{Context, Poll},
@@ -140,6 +140,9 @@ pub struct Progress {
     start: Instant,
     /// Nanoseconds from `start` to the last progress.
     last: AtomicU64,
+    /// Whether the upload is waiting for the client's next bytes (nothing left to write): that
+    /// wait is the client's, bounded by the body's own idle timeout, not the upstream's.
+    client_turn: AtomicBool,
 }
 
 impl Progress {
@@ -148,7 +151,13 @@ impl Progress {
         Progress {
             start: Instant::from_std(start),
             last: AtomicU64::new(0),
+            client_turn: AtomicBool::new(false),
         }
+    }
+
+    /// Records whether the upload now waits for the client.
+    pub fn client_turn(&self, waiting: bool) {
+        self.client_turn.store(waiting, Ordering::Relaxed);
     }
 
     /// Records progress now.
@@ -188,9 +197,15 @@ impl<F: Future + Unpin> Future for Deadline<'_, F> {
             if Pin::new(&mut self.sleep).poll(cx).is_pending() {
                 return Poll::Pending;
             }
-            // Fired: moved on since it was set? Then the deadline moves with it.
-            let due = self.progress.last() + self.timeout;
-            if due <= Instant::now() {
+            // Fired: moved on since it was set, or waiting for the client's body (its own
+            // timeout's business)? Then the deadline moves.
+            let now = Instant::now();
+            let due = if self.progress.client_turn.load(Ordering::Relaxed) {
+                now + self.timeout
+            } else {
+                self.progress.last() + self.timeout
+            };
+            if due <= now {
                 return Poll::Ready(Err(Elapsed));
             }
             self.sleep.sleep().reset(due);

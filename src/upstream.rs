@@ -636,10 +636,16 @@ impl Exchange {
             Some(upload) => {
                 let before = (upload.written, upload.state);
                 let polled = upload.poll(&mut conn.io, cx);
-                // The head deadline counts from the upload's last step ([`Progress`]).
+                // The head deadline counts from the upload's last step ([`Progress`]), and
+                // not while the upload waits for the client's bytes.
                 if (upload.written, upload.state) != before {
                     progress.moved();
                 }
+                progress.client_turn(
+                    polled.is_pending()
+                        && upload.queue.is_empty()
+                        && upload.state == UploadState::Sending,
+                );
                 if let Poll::Ready(Err(e)) = polled {
                     return Poll::Ready(Err(UpstreamError::Body(e)));
                 }

@@ -627,6 +627,38 @@ async fn the_head_deadline_counts_from_the_end_of_the_upload() {
     );
 }
 
+/// A client that stalls its body past the upstream's head deadline gets 408 request_timeout
+/// when its own body timeout passes (4 s here), not a 504 blaming the upstream at 2 s: time
+/// spent waiting for the client's bytes is not the upstream's.
+#[tokio::test]
+async fn a_stalled_request_body_is_the_clients_timeout_not_the_upstreams() {
+    let up = raw_upstream(|_| ok()).await;
+    let gw = start_gateway(
+        &config_text(
+            &up.url(),
+            &key_entry("partner", KEY, "rate = \"1000/s\"\nburst = 1000"),
+        )
+        .replace(
+            "timeout = \"2s\"\n",
+            "timeout = \"2s\"\nbody_timeout = \"4s\"\n",
+        ),
+    )
+    .await;
+    let mut p = Partner::connect(&gw).await;
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nhost: keygate.test\r\nx-api-key: {KEY}\r\ncontent-length: 10\r\n\r\nabc"
+    );
+    p.w.s.write_all(head.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let head = tokio::time::timeout(Duration::from_secs(8), p.w.head())
+        .await
+        .expect("an answer in time")
+        .expect("an answer head");
+    let waited = started.elapsed();
+    assert_eq!(head.status(), 408, "{}", head.text);
+    assert!(waited >= Duration::from_millis(3900), "{waited:?}");
+}
+
 /// 2. A close-delimited answer (HTTP/1.1, neither Content-Length nor Transfer-Encoding, then
 ///    the upstream closes): the partner gets all of it, on a connection that stays usable, and
 ///    the next request goes on a new upstream connection.

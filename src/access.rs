@@ -1,5 +1,6 @@
 //! The access log line and the request metrics, written once per request when its response
-//! body is finished (or dropped: a client that goes away mid-body still gets its line).
+//! body is finished (or dropped: a client that goes away mid-body still gets its line; one that
+//! goes away before the response head gets status 499, see `proxy::Pending`).
 //!
 //! Bytes are counted on the way through: the request body's by its guard
 //! ([`GuardedBody`](crate::body::GuardedBody), whose [`BodyOutcome`] the record holds), the
@@ -77,7 +78,7 @@ pub struct AccessRecord {
 
 impl AccessRecord {
     /// Writes the access line and records the request metrics.
-    fn finish(&self, bytes_out: u64) {
+    pub fn finish(&self, bytes_out: u64) {
         let duration = self.start.elapsed();
         let key_id = self.key.as_ref().map(|k| &k.id);
         let counters = self.key.as_ref().map(|k| &k.counters);

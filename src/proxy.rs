@@ -191,25 +191,39 @@ struct Caller {
 }
 
 /// Handles one request end to end; never fails (errors become responses). The access line is
-/// written when the returned body is finished or dropped.
+/// written when the returned body is finished or dropped, or with status 499 when the client
+/// goes away before the response head ([`Pending`]).
 pub async fn handle(
     shared: &Shared,
     conn: &ConnInfo,
     req: Request<Incoming>,
 ) -> Response<LoggedBody<ResponseBody>> {
-    let start = Instant::now();
+    let mut pending = Pending {
+        shared,
+        conn,
+        start: Instant::now(),
+        request_id: request_id(req.headers()),
+        method: req.method().clone(),
+        uri: req.uri().clone(),
+        caller: Caller::default(),
+        answered: false,
+    };
     let live = shared.live.load_full();
-    let request_id = request_id(req.headers());
-    let method = req.method().clone();
-    let uri = req.uri().clone();
-
-    let mut caller = Caller::default();
-    let mut resp = match admit_and_forward(shared, &live, conn, req, &request_id, &mut caller).await
-    {
+    let result = admit_and_forward(
+        shared,
+        &live,
+        conn,
+        req,
+        &pending.request_id,
+        &mut pending.caller,
+    )
+    .await;
+    pending.answered = true;
+    let mut resp = match result {
         Ok(resp) => resp,
         Err(err) => {
             shared.metrics.refused(&err);
-            refuse(&err, &request_id)
+            refuse(&err, &pending.request_id)
         }
     };
     let headers = resp.headers_mut();
@@ -217,28 +231,63 @@ pub async fn handle(
     // ignores the flag): indexing a value that never repeats only churns both sides' tables,
     // evicting the stable fields. 58,646 → 56,936 instructions an h2 request
     // (`benches/load/instructions.sh --h2 --requests 40000`).
-    if let (Some(key), Some(mut ratelimit)) = (&caller.key, caller.ratelimit) {
+    if let (Some(key), Some(ratelimit)) = (&pending.caller.key, pending.caller.ratelimit.take()) {
+        let mut ratelimit = ratelimit;
         headers.insert(RATELIMIT_POLICY.clone(), key.policy_header.clone());
         ratelimit.set_sensitive(true);
         headers.insert(RATELIMIT.clone(), ratelimit);
     }
-    let mut id = request_id.clone();
+    let mut id = pending.request_id.clone();
     id.set_sensitive(true);
     headers.insert(X_REQUEST_ID.clone(), id);
 
-    let record = AccessRecord {
-        start,
-        request_id,
-        key: caller.key,
-        method,
-        uri,
-        status: resp.status().as_u16(),
-        upstream: caller.upstream,
-        bytes_in: caller.bytes_in,
-        client_ip: caller.client_ip.unwrap_or(conn.peer.ip()),
-        metrics: Arc::clone(&shared.metrics),
-    };
+    let record = pending.record(resp.status().as_u16());
     resp.map(|body| LoggedBody::new(body, record))
+}
+
+/// HTTP status logged for a request whose client went away before its response head (nginx's).
+pub const CLIENT_CLOSED: u16 = 499;
+
+/// A request being handled. When its future is dropped before the response head (hyper drops
+/// it when the client closes the connection or resets the stream), the access line and the
+/// request metrics are written with [`CLIENT_CLOSED`]: its rate and quota were charged, and
+/// the upstream may have worked on it.
+struct Pending<'a> {
+    shared: &'a Shared,
+    conn: &'a ConnInfo,
+    start: Instant,
+    request_id: HeaderValue,
+    method: Method,
+    uri: Uri,
+    caller: Caller,
+    answered: bool,
+}
+
+impl Pending<'_> {
+    /// The access record with `status`, taking what was gathered.
+    fn record(&mut self, status: u16) -> AccessRecord {
+        let caller = std::mem::take(&mut self.caller);
+        AccessRecord {
+            start: self.start,
+            request_id: std::mem::replace(&mut self.request_id, HeaderValue::from_static("-")),
+            key: caller.key,
+            method: std::mem::replace(&mut self.method, Method::GET),
+            uri: std::mem::take(&mut self.uri),
+            status,
+            upstream: caller.upstream,
+            bytes_in: caller.bytes_in,
+            client_ip: caller.client_ip.unwrap_or(self.conn.peer.ip()),
+            metrics: Arc::clone(&self.shared.metrics),
+        }
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.record(CLIENT_CLOSED).finish(0);
+        }
+    }
 }
 
 /// Phases 2 to 7; records the key and its rate-limit state in `caller` as soon as known.

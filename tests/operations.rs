@@ -878,6 +878,54 @@ fn tls_client_at(cert: &TestCert, at: std::time::SystemTime) -> TlsClient {
     hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(connector)
 }
 
+/// A client that goes away while its request waits on the upstream still gets an access line
+/// and a count, with nginx's 499: its key, its request id, the time it waited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_before_the_answer_is_logged_499() {
+    use tokio::io::AsyncWriteExt;
+    let up = start_upstream().await;
+    let keys = key_entry("alpha", ALPHA, "tenant = \"hotel-1042\"");
+    let text = ops_config(
+        &up.url(),
+        "",
+        "",
+        &format!("[log]\nformat = \"json\"\nlevel = \"info\"\n\n{keys}"),
+    );
+    let (_dir, path) = write_config(&text);
+    let proc = spawn_keygate_plain_env(&path, &[]);
+    let mut s = tokio::net::TcpStream::connect(proc.addr).await.unwrap();
+    let req = format!(
+        "GET /v1/slow?ms=2000 HTTP/1.1\r\nHost: x\r\nX-Api-Key: {ALPHA}\r\nX-Request-Id: gone-1\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(s);
+    assert!(
+        proc.wait_for_log("gone-1", Duration::from_secs(5)),
+        "{}",
+        proc.logs()
+    );
+    let logs = proc.logs();
+    let line = logs.lines().find(|l| l.contains("gone-1")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(v["status"], 499, "{line}");
+    assert_eq!(v["key_id"], "alpha", "{line}");
+    assert_eq!(v["path"], "/v1/slow", "{line}");
+    assert!(v["duration_ms"].as_f64().unwrap() >= 250.0, "{line}");
+    let m = get(
+        &http1_client(),
+        &format!("http://{}/metrics", proc.admin_addr()),
+        &[],
+    )
+    .await
+    .text();
+    assert_eq!(
+        value(&m, "keygate_requests_total{key_id=\"alpha\",class=\"4xx\"}"),
+        1.0,
+        "{m}"
+    );
+}
+
 /// `[log] format = "json"`: every line is one JSON object; access lines carry the fixed field
 /// names with the request's real values, and never the key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

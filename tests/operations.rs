@@ -878,12 +878,9 @@ fn tls_client_at(cert: &TestCert, at: std::time::SystemTime) -> TlsClient {
     hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(connector)
 }
 
-/// A client that goes away while its request waits on the upstream still gets an access line
-/// and a count, with nginx's 499: its key, its request id, the time it waited.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_leaves_before_the_answer_is_logged_499() {
-    use tokio::io::AsyncWriteExt;
-    let up = start_upstream().await;
+/// A keygate process in front of `up` logging json at info, with the key alpha (tenant
+/// hotel-1042) and the admin listener.
+fn json_logging_keygate(up: &Upstream) -> (tempfile::TempDir, Process) {
     let keys = key_entry("alpha", ALPHA, "tenant = \"hotel-1042\"");
     let text = ops_config(
         &up.url(),
@@ -891,8 +888,18 @@ async fn a_client_that_leaves_before_the_answer_is_logged_499() {
         "",
         &format!("[log]\nformat = \"json\"\nlevel = \"info\"\n\n{keys}"),
     );
-    let (_dir, path) = write_config(&text);
+    let (dir, path) = write_config(&text);
     let proc = spawn_keygate_plain_env(&path, &[]);
+    (dir, proc)
+}
+
+/// A client that goes away while its request waits on the upstream still gets an access line
+/// and a count, with nginx's 499: its key, its request id, the time it waited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_before_the_answer_is_logged_499() {
+    use tokio::io::AsyncWriteExt;
+    let up = start_upstream().await;
+    let (_dir, proc) = json_logging_keygate(&up);
     let mut s = tokio::net::TcpStream::connect(proc.addr).await.unwrap();
     let req = format!(
         "GET /v1/slow?ms=2000 HTTP/1.1\r\nHost: x\r\nX-Api-Key: {ALPHA}\r\nX-Request-Id: gone-1\r\n\r\n"
@@ -931,15 +938,7 @@ async fn a_client_that_leaves_before_the_answer_is_logged_499() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_log_lines_parse_and_carry_the_access_fields() {
     let up = start_upstream().await;
-    let keys = key_entry("alpha", ALPHA, "tenant = \"hotel-1042\"");
-    let text = ops_config(
-        &up.url(),
-        "",
-        "",
-        &format!("[log]\nformat = \"json\"\nlevel = \"info\"\n\n{keys}"),
-    );
-    let (_dir, path) = write_config(&text);
-    let proc = spawn_keygate_plain_env(&path, &[]);
+    let (_dir, proc) = json_logging_keygate(&up);
     let client = http1_client();
     let base = format!("http://{}", proc.addr);
 

@@ -27,9 +27,10 @@ use http::{HeaderValue, Method, Uri};
 use hyper::body::{Body, Frame, SizeHint};
 
 use crate::{
-    body::BodyOutcome,
+    body::{BodyError, BodyOutcome},
     keys::KeyEntry,
     metrics::{Metrics, UpstreamErrorKind},
+    upstream::UpstreamError,
 };
 
 /// The `tracing` target of access lines.
@@ -126,6 +127,7 @@ impl<B> LoggedBody<B> {
 impl<B> Body for LoggedBody<B>
 where
     B: Body + Unpin,
+    B::Error: AsRef<dyn std::error::Error + Send + Sync>,
 {
     type Data = B::Data;
     type Error = B::Error;
@@ -141,9 +143,10 @@ where
                     self.bytes_out += data.remaining() as u64;
                 }
             }
-            // Only a streamed upstream body can fail: the upstream broke off mid-response.
-            Poll::Ready(Some(Err(_))) => {
-                self.record.metrics.upstream_error(UpstreamErrorKind::Reset)
+            Poll::Ready(Some(Err(e))) => {
+                if let Some(kind) = upstream_fault(e.as_ref()) {
+                    self.record.metrics.upstream_error(kind);
+                }
             }
             _ => {}
         }
@@ -156,6 +159,23 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Whose fault a streamed response's failure is: the upstream's (it broke off, or stalled past
+/// `body_timeout`), or the client's, whose request body was still being sent beside the answer
+/// (too large, stalled, cut off): not an upstream error then.
+fn upstream_fault(
+    e: &(dyn std::error::Error + Send + Sync + 'static),
+) -> Option<UpstreamErrorKind> {
+    match e.downcast_ref::<BodyError>() {
+        Some(BodyError::Idle(_)) => Some(UpstreamErrorKind::Timeout),
+        Some(BodyError::Inner(inner)) => match inner.downcast_ref::<UpstreamError>() {
+            Some(UpstreamError::Body(_)) => None,
+            _ => Some(UpstreamErrorKind::Reset),
+        },
+        Some(BodyError::TooLarge { .. }) => None,
+        None => Some(UpstreamErrorKind::Reset),
     }
 }
 

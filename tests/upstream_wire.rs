@@ -659,6 +659,49 @@ async fn a_stalled_request_body_is_the_clients_timeout_not_the_upstreams() {
     assert!(waited >= Duration::from_millis(3900), "{waited:?}");
 }
 
+/// The upstream answers while the request body still streams, then the client's body passes
+/// its key's max_body: the answer is cut off, and that is counted as what it is, the client's
+/// body (the access line's status stays the upstream's), not an upstream reset.
+#[tokio::test]
+async fn a_client_body_failing_beside_a_streamed_answer_is_not_an_upstream_error() {
+    let up = raw_upstream(|_| {
+        vec![
+            write("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n"),
+            Step::ReadBody,
+        ]
+    })
+    .await;
+    let gw = start_gateway(&config_text(
+        &up.url(),
+        &key_entry("partner", KEY, "max_body = 1024"),
+    ))
+    .await;
+    let mut p = Partner::connect(&gw).await;
+    let head = format!(
+        "POST /echo HTTP/1.1\r\nhost: keygate.test\r\nx-api-key: {KEY}\r\n\
+         transfer-encoding: chunked\r\n\r\n200\r\n{}\r\n",
+        "a".repeat(512)
+    );
+    p.w.s.write_all(head.as_bytes()).await.unwrap();
+    let answer = tokio::time::timeout(LIMIT, p.w.head())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer.status(), 200, "{}", answer.text);
+    // Past the 1,024-byte limit: the body fails, the streamed answer with it.
+    let big = format!("1000\r\n{}\r\n", "b".repeat(4096));
+    let _ = p.w.s.write_all(big.as_bytes()).await;
+    let _ = tokio::time::timeout(LIMIT, p.w.rest_until_close()).await;
+    let shared = gw.gateway.shared();
+    let metrics = shared
+        .metrics
+        .encode(&shared.live.load().table, shared.limits.mode());
+    for kind in ["reset", "timeout"] {
+        let series = format!("keygate_upstream_errors_total{{kind=\"{kind}\"}}");
+        assert_eq!(sample(&metrics, &series), Some(0.0), "{series}\n{metrics}");
+    }
+}
+
 /// 2. A close-delimited answer (HTTP/1.1, neither Content-Length nor Transfer-Encoding, then
 ///    the upstream closes): the partner gets all of it, on a connection that stays usable, and
 ///    the next request goes on a new upstream connection.

@@ -448,37 +448,14 @@ mod tests {
     /// A certificate near its end is logged at start and again each day while keygate runs.
     #[tokio::test(start_paused = true)]
     async fn expiry_is_logged_at_start_and_once_a_day() {
-        use tracing_subscriber::fmt::MakeWriter;
-        #[derive(Clone, Default)]
-        struct Lines(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Lines {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        impl<'a> MakeWriter<'a> for Lines {
-            type Writer = Lines;
-            fn make_writer(&'a self) -> Lines {
-                self.clone()
-            }
-        }
-        let lines = Lines::default();
+        let lines = crate::telemetry::capture::LogSink::default();
         let _log = tracing::subscriber::set_default(
             tracing_subscriber::fmt()
                 .with_ansi(false)
                 .with_writer(lines.clone())
                 .finish(),
         );
-        let warnings = || {
-            String::from_utf8(lines.0.lock().unwrap().clone())
-                .unwrap()
-                .matches("(5 days left): renew it")
-                .count()
-        };
+        let warnings = || lines.text().matches("(5 days left): renew it").count();
 
         let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
         params.not_after = time::OffsetDateTime::now_utc() + time::Duration::hours(5 * 24 + 1);

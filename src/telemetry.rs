@@ -408,13 +408,47 @@ impl tracing::field::Visit for JsonVisitor<'_> {
     }
 }
 
+/// Log lines captured in memory, for the tests of this module and others (`certs`).
 #[cfg(test)]
-mod tests {
+pub(crate) mod capture {
     use std::sync::{Arc, Mutex};
 
+    /// Everything written through it (a `MakeWriter`: each writer appends to the same buffer).
+    #[derive(Clone, Default)]
+    pub struct LogSink(Arc<Mutex<Vec<u8>>>);
+
+    impl LogSink {
+        /// What was written so far.
+        pub fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    impl std::io::Write for LogSink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogSink {
+        type Writer = LogSink;
+        fn make_writer(&'a self) -> LogSink {
+            self.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
     use tracing_subscriber::layer::SubscriberExt;
 
-    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    use super::{capture::LogSink, *};
 
     /// Lines logged while `log` runs, through a subscriber with event format `format`.
     fn capture<F>(format: F, log: impl FnOnce()) -> Vec<String>
@@ -426,28 +460,14 @@ mod tests {
             + Sync
             + 'static,
     {
-        let out = Arc::new(Mutex::new(Vec::<u8>::new()));
-        let sink = Arc::clone(&out);
+        let sink = LogSink::default();
         let subscriber = tracing_subscriber::fmt()
             .with_ansi(false)
-            .with_writer(move || Sink(Arc::clone(&sink)))
+            .with_writer(sink.clone())
             .event_format(format)
             .finish();
         tracing::subscriber::with_default(subscriber, log);
-        let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
-        text.lines().map(str::to_string).collect()
-    }
-
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Sink {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
+        sink.text().lines().map(str::to_string).collect()
     }
 
     fn events() {

@@ -201,29 +201,25 @@ pub async fn handle(
     let mut pending = Pending {
         shared,
         conn,
-        start: Instant::now(),
-        request_id: request_id(req.headers()),
-        method: req.method().clone(),
-        uri: req.uri().clone(),
-        caller: Caller::default(),
-        answered: false,
+        gathered: Some(Gathered {
+            start: Instant::now(),
+            request_id: request_id(req.headers()),
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            caller: Caller::default(),
+        }),
     };
     let live = shared.live.load_full();
-    let result = admit_and_forward(
-        shared,
-        &live,
-        conn,
-        req,
-        &pending.request_id,
-        &mut pending.caller,
-    )
-    .await;
-    pending.answered = true;
+    let Gathered {
+        request_id, caller, ..
+    } = pending.gathered.as_mut().expect("taken only below");
+    let result = admit_and_forward(shared, &live, conn, req, request_id, caller).await;
+    let mut gathered = pending.gathered.take().expect("taken only here");
     let mut resp = match result {
         Ok(resp) => resp,
         Err(err) => {
             shared.metrics.refused(&err);
-            refuse(&err, &pending.request_id)
+            refuse(&err, &gathered.request_id)
         }
     };
     let headers = resp.headers_mut();
@@ -231,17 +227,17 @@ pub async fn handle(
     // ignores the flag): indexing a value that never repeats only churns both sides' tables,
     // evicting the stable fields. 58,646 → 56,936 instructions an h2 request
     // (`benches/load/instructions.sh --h2 --requests 40000`).
-    if let (Some(key), Some(ratelimit)) = (&pending.caller.key, pending.caller.ratelimit.take()) {
-        let mut ratelimit = ratelimit;
+    let caller = &mut gathered.caller;
+    if let (Some(key), Some(mut ratelimit)) = (&caller.key, caller.ratelimit.take()) {
         headers.insert(RATELIMIT_POLICY.clone(), key.policy_header.clone());
         ratelimit.set_sensitive(true);
         headers.insert(RATELIMIT.clone(), ratelimit);
     }
-    let mut id = pending.request_id.clone();
+    let mut id = gathered.request_id.clone();
     id.set_sensitive(true);
     headers.insert(X_REQUEST_ID.clone(), id);
 
-    let record = pending.record(resp.status().as_u16());
+    let record = gathered.record(shared, conn, resp.status().as_u16());
     resp.map(|body| LoggedBody::new(body, record))
 }
 
@@ -249,43 +245,49 @@ pub async fn handle(
 pub const CLIENT_CLOSED: u16 = 499;
 
 /// A request being handled. When its future is dropped before the response head (hyper drops
-/// it when the client closes the connection or resets the stream), the access line and the
-/// request metrics are written with [`CLIENT_CLOSED`]: its rate and quota were charged, and
-/// the upstream may have worked on it.
+/// it when the client closes the connection or resets the stream), what was gathered is still
+/// there, and the access line and the request metrics are written with [`CLIENT_CLOSED`]: its
+/// rate and quota were charged, and the upstream may have worked on it.
 struct Pending<'a> {
     shared: &'a Shared,
     conn: &'a ConnInfo,
+    /// Taken when the answer is ready.
+    gathered: Option<Gathered>,
+}
+
+/// What the access line needs, gathered along the request path.
+struct Gathered {
     start: Instant,
     request_id: HeaderValue,
     method: Method,
     uri: Uri,
     caller: Caller,
-    answered: bool,
 }
 
-impl Pending<'_> {
-    /// The access record with `status`, taking what was gathered.
-    fn record(&mut self, status: u16) -> AccessRecord {
-        let caller = std::mem::take(&mut self.caller);
+impl Gathered {
+    /// The access record with `status`.
+    fn record(self, shared: &Shared, conn: &ConnInfo, status: u16) -> AccessRecord {
         AccessRecord {
             start: self.start,
-            request_id: std::mem::replace(&mut self.request_id, HeaderValue::from_static("-")),
-            key: caller.key,
-            method: std::mem::replace(&mut self.method, Method::GET),
-            uri: std::mem::take(&mut self.uri),
+            request_id: self.request_id,
+            key: self.caller.key,
+            method: self.method,
+            uri: self.uri,
             status,
-            upstream: caller.upstream,
-            bytes_in: caller.bytes_in,
-            client_ip: caller.client_ip.unwrap_or(self.conn.peer.ip()),
-            metrics: Arc::clone(&self.shared.metrics),
+            upstream: self.caller.upstream,
+            bytes_in: self.caller.bytes_in,
+            client_ip: self.caller.client_ip.unwrap_or(conn.peer.ip()),
+            metrics: Arc::clone(&shared.metrics),
         }
     }
 }
 
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
-        if !self.answered {
-            self.record(CLIENT_CLOSED).finish(0);
+        if let Some(gathered) = self.gathered.take() {
+            gathered
+                .record(self.shared, self.conn, CLIENT_CLOSED)
+                .finish(0);
         }
     }
 }

@@ -269,6 +269,29 @@ async fn connections_beyond_max_connections_wait_and_those_in_are_served() {
     assert_eq!(status_of(&head), 200, "{head}");
 }
 
+/// A connection that has sent nothing yet does not hold a `max_connections` slot: the kernel
+/// keeps it until its first bytes arrive (`TCP_DEFER_ACCEPT`), so a client that sends its
+/// request is served at once beside a silent one, not after the silent one's `header_timeout`.
+/// Once the silent one speaks, it is served too.
+#[tokio::test]
+async fn a_connection_that_sends_nothing_holds_no_slot() {
+    let up = start_upstream().await;
+    let gw = gateway(&up, "max_connections = 1\nheader_timeout = \"5s\"", "", "").await;
+    let mut silent = TcpStream::connect(gw.addr()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let req =
+        format!("GET /v1/x HTTP/1.1\r\nHost: x\r\nX-Api-Key: {KEY}\r\nConnection: close\r\n\r\n");
+    let served = tokio::time::timeout(Duration::from_millis(600), raw(gw.addr(), req.as_bytes()))
+        .await
+        .expect("a request waited behind a connection that sent nothing");
+    assert_eq!(status_of(&served), 200, "{served}");
+    assert!(started.elapsed() < Duration::from_millis(600));
+    silent.write_all(req.as_bytes()).await.unwrap();
+    let resp = read_to_close(&mut silent, Duration::from_secs(5)).await;
+    assert_eq!(status_of(&resp), 200, "{resp}");
+}
+
 /// A burst of new connections while the gateway is at `max_connections` waits in the listen
 /// backlog, all of it: 300 connections complete their TCP handshake at once (with the standard
 /// library's backlog of 128 the rest would have their SYNs dropped and retried a second later),
@@ -277,8 +300,10 @@ async fn connections_beyond_max_connections_wait_and_those_in_are_served() {
 async fn a_burst_of_connections_waits_in_the_backlog_and_is_served() {
     let up = start_upstream().await;
     let gw = gateway(&up, "max_connections = 1", "", "").await;
-    let hold = TcpStream::connect(gw.addr()).await.unwrap();
-    // The accept loop has taken `hold` and now waits for its slot; 300 more queue.
+    let mut hold = TcpStream::connect(gw.addr()).await.unwrap();
+    // A head begun and not finished: the accept loop has taken `hold` (a connection that sent
+    // nothing would still be the kernel's) and now waits for its slot; 300 more queue.
+    hold.write_all(b"GET /v1/x HTTP/1.1\r\n").await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let started = Instant::now();
     let connects = (0..300).map(|_| {

@@ -97,10 +97,12 @@ impl Gateway {
     async fn start_on_live(listener: TcpListener, live: Live) -> anyhow::Result<Gateway> {
         let config = Arc::clone(&live.config);
         let certs = ConfiguredCerts::load(&config)?;
-        let acceptor = certs
-            .listener
-            .as_ref()
-            .map(|c| TlsAcceptor::from(tls::server_config_with_resolver(c.clone())));
+        let acceptor = match &certs.listener {
+            Some(c) => Some(TlsAcceptor::from(tls::server_config_with_resolver(
+                c.clone(),
+            )?)),
+            None => None,
+        };
         let local_addr = listener.local_addr()?;
         let client = upstream::client(&config.upstream, certs.upstream_client.clone());
         let admin_listen = config.admin.as_ref().map(|a| a.listen);

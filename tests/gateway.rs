@@ -506,6 +506,69 @@ async fn tls13_handshakes_leave_one_ticket_and_the_next_connection_resumes() {
     );
 }
 
+/// Any number of clients can resume: a client's session ticket still resumes after 300 other
+/// clients have each made a full handshake and got their own (the tickets are stateless;
+/// rustls's default cache of 256 sessions had lost the first by then).
+#[tokio::test]
+async fn a_client_resumes_after_300_others_got_tickets() {
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let up = start_upstream().await;
+    let cert = make_cert();
+    let gw = tls_gateway(&up, &cert).await;
+    let base = cert.client_config(
+        rustls::crypto::ring::default_provider(),
+        &rustls::version::TLS13,
+    );
+    // A client with its own session memory: one connection, its handshake kind (the answer
+    // may be the key's 429 by then; any answer will do).
+    let call = |store: Arc<rustls::client::ClientSessionMemoryCache>| {
+        let mut config = base.clone();
+        config.resumption = rustls::client::Resumption::store(store);
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let addr = gw.addr();
+        async move {
+            let request = format!(
+                "GET /v1/ok HTTP/1.1\r\nHost: localhost\r\nX-Api-Key: {KEY}\r\nConnection: close\r\n\r\n"
+            );
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+            let mut tls = connector.connect(name, tcp).await.unwrap();
+            tls.write_all(request.as_bytes()).await.unwrap();
+            let mut answer = Vec::new();
+            let _ = tls.read_to_end(&mut answer).await;
+            assert!(
+                answer.starts_with(b"HTTP/1.1 "),
+                "{}",
+                String::from_utf8_lossy(&answer)
+            );
+            tls.get_ref().1.handshake_kind()
+        }
+    };
+    let first = Arc::new(rustls::client::ClientSessionMemoryCache::new(4));
+    assert_eq!(call(first.clone()).await, Some(rustls::HandshakeKind::Full));
+    for batch in 0..30 {
+        let others = (0..10).map(|_| {
+            tokio::spawn(call(Arc::new(
+                rustls::client::ClientSessionMemoryCache::new(4),
+            )))
+        });
+        for other in others {
+            assert_eq!(
+                other.await.unwrap(),
+                Some(rustls::HandshakeKind::Full),
+                "batch {batch}"
+            );
+        }
+    }
+    assert_eq!(
+        call(first).await,
+        Some(rustls::HandshakeKind::Resumed),
+        "the first client's ticket no longer resumed after 300 other clients"
+    );
+}
+
 /// The listener picks the cipher suite in its own order, AES-128-GCM first (Mozilla's
 /// guidelines), whatever order the client lists them in: a client offering AES-256-GCM first
 /// (as rustls and OpenSSL clients do) gets TLS13_AES_128_GCM_SHA256 over TLS 1.3 and

@@ -253,9 +253,10 @@ level = "{'info' if access_log else 'warn'}"
 
 def nginx_gateway_conf(work, keys, up_port, plain_port, tls=None, access_log=False, workers=1):
     """nginx as the equivalent gateway: `map` over the keys, `limit_req` per key id, key header
-    removed, identity and forwarding headers added, keep-alive upstream; `tls` is
-    (port, cert, key) for a TLS listener beside the plain one; with `access_log`, access lines
-    to a file, buffered as an operator would (`buffer=64k flush=1s`)."""
+    removed, identity and forwarding headers added, keep-alive upstream; listeners `deferred`
+    (TCP_DEFER_ACCEPT, as keygate's); `tls` is (port, cert, key) for a TLS listener beside the
+    plain one; with `access_log`, access lines to a file, buffered as an operator would
+    (`buffer=64k flush=1s`)."""
     key_map = "\n".join(f'        "{k}" "partner-{i}";' for i, k in enumerate(keys))
     tenant_map = "\n".join(f'        "{k}" "hotel-{i % 50}";' for i, k in enumerate(keys))
     logging = (
@@ -283,7 +284,7 @@ def nginx_gateway_conf(work, keys, up_port, plain_port, tls=None, access_log=Fal
     if tls:
         tls_server = f"""
     server {{
-        listen 127.0.0.1:{tls[0]} ssl http2 backlog=4096;
+        listen 127.0.0.1:{tls[0]} ssl http2 backlog=4096 deferred;
         ssl_certificate {tls[1]};
         ssl_certificate_key {tls[2]};
         ssl_protocols TLSv1.2 TLSv1.3;
@@ -311,7 +312,7 @@ def nginx_gateway_conf(work, keys, up_port, plain_port, tls=None, access_log=Fal
         keepalive_requests 10000000;
     }}
     server {{
-        listen 127.0.0.1:{plain_port} backlog=4096;
+        listen 127.0.0.1:{plain_port} backlog=4096 deferred;
         location / {{
 {location}
         }}
@@ -323,7 +324,8 @@ def haproxy_conf(work, keys, up_port, plain_port, tls=None, access_log=False, wo
     """HAProxy as the equivalent gateway: `map` files over the keys, a stick table tracking
     each key id's request rate with a limit too high to trigger, key header removed, identity
     and forwarding headers added, a request id (a UUID) both ways, idle upstream connections
-    reused (`http-reuse always`); one thread. `tls` is (port, cert, key) for a TLS listener
+    reused (`http-reuse always`); binds with `defer-accept` (as keygate's listener); one
+    thread. `tls` is (port, cert, key) for a TLS listener
     beside the plain one (HAProxy takes the certificate and key in one PEM); with `access_log`,
     HTTP log lines to stdout, which the harness sends to a file."""
     with open(os.path.join(work, "keys.map"), "w") as f:
@@ -337,7 +339,7 @@ def haproxy_conf(work, keys, up_port, plain_port, tls=None, access_log=False, wo
             for part in tls[1:]:
                 with open(part) as f:
                     out.write(f.read())
-        tls_bind = f"\n    bind 127.0.0.1:{tls[0]} ssl crt {pem} ssl-min-ver TLSv1.2 alpn h2,http/1.1"
+        tls_bind = f"\n    bind 127.0.0.1:{tls[0]} defer-accept ssl crt {pem} ssl-min-ver TLSv1.2 alpn h2,http/1.1"
     logging = "    log stdout format raw local0\n    option httplog\n" if access_log else ""
     path = os.path.join(work, "haproxy.cfg")
     with open(path, "w") as f:
@@ -362,7 +364,7 @@ backend upstream
     server upstream 127.0.0.1:{up_port}
 
 frontend gateway
-    bind 127.0.0.1:{plain_port}{tls_bind}
+    bind 127.0.0.1:{plain_port} defer-accept{tls_bind}
     unique-id-format %[uuid()]
     unique-id-header X-Request-Id
     http-request set-var(txn.key_id) req.hdr(x-api-key),map({work}/keys.map)

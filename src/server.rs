@@ -391,6 +391,12 @@ async fn accept_loop(
             }
             drop(upgraded);
         });
+        // One connection per turn of the scheduler, as nginx's default `multi_accept off`:
+        // taking a burst of them at once (up to tokio's budget of 128) queues their handshakes
+        // ahead of requests that arrived meanwhile on connections already open. Measured per new
+        // TLS connection (interleaved 5 s runs, 64 connections): p99 lower in 12 rounds of 12,
+        // about 6%, req/s and CPU unchanged.
+        tokio::task::yield_now().await;
     }
     drop(listener);
     let grace = stop.borrow().unwrap_or_default();

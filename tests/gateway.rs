@@ -407,6 +407,26 @@ async fn tls_gateway(up: &Upstream, cert: &TestCert) -> TestGateway {
     start_gateway_in(dir, path).await
 }
 
+/// One `GET /v1/ok` over a new TLS connection made by `connector`, `Connection: close`: the
+/// answer as it came, and whether the handshake was full or resumed.
+async fn tls_get_ok(
+    connector: &tokio_rustls::TlsConnector,
+    addr: std::net::SocketAddr,
+) -> (String, Option<rustls::HandshakeKind>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request = format!(
+        "GET /v1/ok HTTP/1.1\r\nHost: localhost\r\nX-Api-Key: {KEY}\r\nConnection: close\r\n\r\n"
+    );
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tls.read_to_end(&mut answer).await;
+    let kind = tls.get_ref().1.handshake_kind();
+    (String::from_utf8_lossy(&answer).into_owned(), kind)
+}
+
 /// TLS 1.3 session resumption: each handshake leaves the client one session ticket (rustls
 /// would send two; each costs the client a session object, and a resuming client only needs
 /// one), and the next connection resumes with it.
@@ -416,7 +436,6 @@ async fn tls13_handshakes_leave_one_ticket_and_the_next_connection_resumes() {
         atomic::{AtomicUsize, Ordering},
         Arc,
     };
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// The client's session memory, counting the TLS 1.3 tickets the server sends.
     #[derive(Debug)]
@@ -474,23 +493,11 @@ async fn tls13_handshakes_leave_one_ticket_and_the_next_connection_resumes() {
     ));
     config.resumption = rustls::client::Resumption::store(store.clone());
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let request = format!(
-        "GET /v1/ok HTTP/1.1\r\nHost: localhost\r\nX-Api-Key: {KEY}\r\nConnection: close\r\n\r\n"
-    );
     let mut kinds = Vec::new();
     for round in 1..=2 {
-        let tcp = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
-        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-        let mut tls = connector.connect(name, tcp).await.unwrap();
-        tls.write_all(request.as_bytes()).await.unwrap();
-        let mut answer = Vec::new();
-        let _ = tls.read_to_end(&mut answer).await;
-        assert!(
-            answer.starts_with(b"HTTP/1.1 200"),
-            "{}",
-            String::from_utf8_lossy(&answer)
-        );
-        kinds.push(tls.get_ref().1.handshake_kind());
+        let (answer, kind) = tls_get_ok(&connector, gw.addr()).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        kinds.push(kind);
         assert_eq!(
             store.1.load(Ordering::SeqCst),
             round,
@@ -512,7 +519,6 @@ async fn tls13_handshakes_leave_one_ticket_and_the_next_connection_resumes() {
 #[tokio::test]
 async fn a_client_resumes_after_300_others_got_tickets() {
     use std::sync::Arc;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let up = start_upstream().await;
     let cert = make_cert();
@@ -529,21 +535,9 @@ async fn a_client_resumes_after_300_others_got_tickets() {
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         let addr = gw.addr();
         async move {
-            let request = format!(
-                "GET /v1/ok HTTP/1.1\r\nHost: localhost\r\nX-Api-Key: {KEY}\r\nConnection: close\r\n\r\n"
-            );
-            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-            let mut tls = connector.connect(name, tcp).await.unwrap();
-            tls.write_all(request.as_bytes()).await.unwrap();
-            let mut answer = Vec::new();
-            let _ = tls.read_to_end(&mut answer).await;
-            assert!(
-                answer.starts_with(b"HTTP/1.1 "),
-                "{}",
-                String::from_utf8_lossy(&answer)
-            );
-            tls.get_ref().1.handshake_kind()
+            let (answer, kind) = tls_get_ok(&connector, addr).await;
+            assert!(answer.starts_with("HTTP/1.1 "), "{answer}");
+            kind
         }
     };
     let first = Arc::new(rustls::client::ClientSessionMemoryCache::new(4));

@@ -270,8 +270,9 @@ async fn connections_beyond_max_connections_wait_and_those_in_are_served() {
 }
 
 /// A connection that has sent nothing yet does not hold a `max_connections` slot: the kernel
-/// keeps it until its first bytes arrive (`TCP_DEFER_ACCEPT`), so a client that sends its
-/// request is served at once beside a silent one, not after the silent one's `header_timeout`.
+/// keeps it until its first bytes arrive or about a second has passed (`TCP_DEFER_ACCEPT`), so
+/// a client that sends its request is served at once beside a silent one, not after the silent
+/// one's `header_timeout`.
 /// Once the silent one speaks, it is served too.
 #[tokio::test]
 async fn a_connection_that_sends_nothing_holds_no_slot() {

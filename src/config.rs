@@ -727,11 +727,7 @@ impl Config {
             burst: default_burst,
         };
         if !limits.fits() {
-            return Err(match (&raw.limits.burst, &raw.limits.rate) {
-                (Some(b), _) => src.at(b, SPAN_TOO_LONG),
-                (None, Some(r)) => src.at(r, SPAN_TOO_LONG),
-                (None, None) => unreachable!("the defaults fit"),
-            });
+            return Err(span_too_long(&src, &raw.limits.burst, &raw.limits.rate));
         }
 
         let limit_store = parse_limit_store(&src, &raw.limits)?;
@@ -1082,11 +1078,7 @@ impl<'a> KeysValidator<'a> {
             None => self.limits.burst,
         };
         if !(RateLimit { count, per, burst }).fits() {
-            return Err(match (&k.burst, &k.rate) {
-                (Some(b), _) => src.at(b, SPAN_TOO_LONG),
-                (None, Some(r)) => src.at(r, SPAN_TOO_LONG),
-                (None, None) => unreachable!("[limits] was checked"),
-            });
+            return Err(span_too_long(src, &k.burst, &k.rate));
         }
         let expires = parse_datetime(src, &k.expires)?;
         let scopes = match &k.scopes {
@@ -1190,9 +1182,21 @@ fn parse_limit_store(
     }
 }
 
-/// Why a rate and burst cannot be used together (see [`RateLimit::fits`]).
-const SPAN_TOO_LONG: &str =
-    "rate and burst together span more than 500 years (the time per request times the burst); lower the burst or raise the rate";
+/// A rate and burst that cannot be used together (see [`RateLimit::fits`]), reported at the
+/// burst if it was written, else at the rate: the defaults fit, and a key's fields fall back to
+/// `[limits]`, which was checked first, so one of the two was written.
+fn span_too_long(
+    src: &Source<'_>,
+    burst: &Option<Spanned<i64>>,
+    rate: &Option<Spanned<String>>,
+) -> ConfigError {
+    const WHY: &str = "rate and burst together span more than 500 years (the time per request times the burst); lower the burst or raise the rate";
+    match (burst, rate) {
+        (Some(b), _) => src.at(b, WHY),
+        (None, Some(r)) => src.at(r, WHY),
+        (None, None) => unreachable!("the defaults fit and [limits] is checked before the keys"),
+    }
+}
 
 fn parse_burst(src: &Source<'_>, b: &Spanned<i64>) -> Result<NonZeroU32, ConfigError> {
     u32::try_from(*b.get_ref())

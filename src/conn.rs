@@ -9,9 +9,10 @@
 //! applies between requests, since hyper's header timer also runs while a connection waits for
 //! its next request.
 //!
-//! On HTTP/2 (told by its preface) bytes are not activity, requests are: PINGs, SETTINGS or a
-//! preface sent a byte at a time would otherwise hold a connection (and its `max_connections`
-//! slot) for ever without a request, as Envoy's idle timeout counts streams, not frames.
+//! On HTTP/2 (told by its preface, however its bytes were split: the [`FramingScreen`] joins
+//! them) bytes are not activity, requests are: PINGs or SETTINGS would otherwise hold a
+//! connection (and its `max_connections` slot) for ever without a request, as Envoy's idle
+//! timeout counts streams, not frames.
 //!
 //! A write that waits for the client to take bytes fails after `idle_timeout` without
 //! progress (nginx's `send_timeout`): a client that stops reading a response, or an upgraded
@@ -95,11 +96,9 @@ pub struct ClientIo<T> {
     registered: Option<Waker>,
     last_active: Instant,
     in_flight: InFlight,
+    /// Also tells an HTTP/2 connection by its preface: its bytes are not activity, its requests
+    /// are (see the module doc).
     screen: Option<FramingScreen>,
-    /// Whether anything has been read yet (the first read tells HTTP/2 by its preface).
-    started: bool,
-    /// An HTTP/2 connection: its bytes are not activity, its requests are (see the module doc).
-    h2: bool,
     /// Requests started as of the timer's last look.
     requests_seen: usize,
     /// Set while a write waits for the client to take bytes: it fails at this deadline.
@@ -119,8 +118,6 @@ impl<T> ClientIo<T> {
             last_active: now,
             in_flight,
             screen: None,
-            started: false,
-            h2: false,
             requests_seen: 0,
             write_stall: None,
             stalled: false,
@@ -135,6 +132,10 @@ impl<T> ClientIo<T> {
 
     fn touch(&mut self) {
         self.last_active = Instant::now();
+    }
+
+    fn is_h2(&self) -> bool {
+        self.screen.as_ref().is_some_and(FramingScreen::is_h2)
     }
 
     /// Whether the connection has been idle for `idle` with no request in flight; re-arms the
@@ -177,15 +178,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for ClientIo<T> {
             Poll::Ready(res) => {
                 if buf.filled().len() > before {
                     let read = &buf.filled()[before..];
-                    if !this.started {
-                        this.started = true;
-                        this.h2 = read.starts_with(b"PRI * HTTP/2.0");
-                    }
-                    if !this.h2 {
-                        this.touch();
-                    }
                     if let Some(screen) = &mut this.screen {
                         screen.scan(read);
+                    }
+                    if !this.is_h2() {
+                        this.touch();
                     }
                 }
                 Poll::Ready(res)
@@ -211,21 +208,27 @@ impl<T> ClientIo<T> {
     ) -> Poll<io::Result<usize>> {
         match res {
             Poll::Ready(Ok(n)) if n > 0 => {
-                if !self.h2 {
+                if !self.is_h2() {
                     self.touch();
                 }
                 self.stalled = false;
                 res
             }
             Poll::Pending => {
-                let deadline = Instant::now() + self.idle;
-                let timer = self
-                    .write_stall
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
                 if !self.stalled {
                     self.stalled = true;
-                    timer.as_mut().reset(deadline);
+                    let deadline = Instant::now() + self.idle;
+                    match &mut self.write_stall {
+                        Some(timer) => timer.as_mut().reset(deadline),
+                        None => {
+                            self.write_stall = Some(Box::pin(tokio::time::sleep_until(deadline)))
+                        }
+                    }
                 }
+                let timer = self
+                    .write_stall
+                    .as_mut()
+                    .expect("armed when the stall began");
                 if timer.as_mut().poll(cx).is_ready() {
                     tracing::debug!(
                         "closing a connection whose client took nothing for {:?}",

@@ -137,6 +137,8 @@ pub struct FramingScreen {
     partial: Vec<u8>,
     /// The longest head worth following; hyper refuses longer ones (`431`).
     max_head: usize,
+    /// The connection opened with the HTTP/2 preface (however its bytes were split).
+    h2: bool,
 }
 
 impl FramingScreen {
@@ -147,7 +149,13 @@ impl FramingScreen {
             state: State::Head,
             partial: Vec::new(),
             max_head,
+            h2: false,
         }
+    }
+
+    /// Whether the connection is HTTP/2: its preface has arrived whole.
+    pub fn is_h2(&self) -> bool {
+        self.h2
     }
 
     /// Follows `data`, the next bytes the client sent.
@@ -235,6 +243,7 @@ impl FramingScreen {
     fn finish_head(&mut self, head: &[u8], framing: BodyFraming) {
         if head.starts_with(b"PRI * HTTP/2.0\r\n") {
             // The HTTP/2 connection preface: not HTTP/1 from here on.
+            self.h2 = true;
             return self.give_up();
         }
         let verdict = match framing {

@@ -238,6 +238,41 @@ async fn a_client_that_stops_reading_or_only_pings_gives_its_slot_back() {
     );
 }
 
+/// An HTTP/2 connection whose preface arrived in pieces is still told as HTTP/2: its PINGs are
+/// not activity, and without a request it is closed after `idle_timeout`.
+#[tokio::test]
+async fn pings_after_a_preface_sent_in_pieces_do_not_keep_a_connection() {
+    let up = start_upstream().await;
+    let gw = gateway(
+        &up,
+        "idle_timeout = \"500ms\"\nheader_timeout = \"30s\"",
+        "",
+        "",
+    )
+    .await;
+    let (mut rd, mut wr) = TcpStream::connect(gw.addr()).await.unwrap().into_split();
+    // Takes the server's frames in; ends when the server closes.
+    let closed = tokio::spawn(async move {
+        let mut buf = [0u8; 4096];
+        while let Ok(1..) = rd.read(&mut buf).await {}
+    });
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    for part in [&preface[..1], &preface[1..]] {
+        wr.write_all(part).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wr.write_all(&h2_frame(0x4, 0, 0, &[])).await.unwrap(); // SETTINGS
+    let started = Instant::now();
+    while !closed.is_finished() && started.elapsed() < Duration::from_secs(4) {
+        let _ = wr.write_all(&h2_frame(0x6, 0, 0, &[0u8; 8])).await; // PING
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        closed.is_finished(),
+        "a connection sending only PINGs was kept 4 s past a 500 ms idle_timeout"
+    );
+}
+
 /// `[server] max_connections`: beyond it a connection waits; those already in are served.
 #[tokio::test]
 async fn connections_beyond_max_connections_wait_and_those_in_are_served() {

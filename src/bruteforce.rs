@@ -123,11 +123,8 @@ impl<C: Clock + Clone> FailureGuard<C> {
 /// subscriber or host is given, which it can rotate through at will; as Cloudflare's and
 /// Fastly's rate limits group IPv6).
 fn subscriber(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
-        },
+    match crate::client_ip::canonical(ip) {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
         v4 => v4,
     }
 }

@@ -67,7 +67,7 @@ impl Cidr {
 }
 
 /// `::ffff:a.b.c.d` as `a.b.c.d`; other addresses unchanged.
-fn canonical(ip: IpAddr) -> IpAddr {
+pub(crate) fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
@@ -152,7 +152,8 @@ impl TrustedProxies {
     }
 }
 
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// `X-Forwarded-For`, read here and extended on the way upstream ([`crate::proxy`]).
+pub(crate) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// The hops of `header`, left to right; `None` for a hop that is not an address (`unknown`,
 /// an obfuscated name, garbage).
@@ -167,10 +168,10 @@ fn forwarded_chain(headers: &HeaderMap, header: ClientIpHeader) -> Vec<Option<Ip
             .map(move |hop| std::str::from_utf8(hop).unwrap_or(unreadable))
     };
     match header {
-        ClientIpHeader::XForwardedFor => elements(X_FORWARDED_FOR, "?")
+        ClientIpHeader::XForwardedFor => elements(&X_FORWARDED_FOR, "?")
             .map(|hop| parse_hop(hop.trim()))
             .collect(),
-        ClientIpHeader::Forwarded => elements(http::header::FORWARDED, "for=?")
+        ClientIpHeader::Forwarded => elements(&http::header::FORWARDED, "for=?")
             .filter_map(|element| {
                 element.split(';').find_map(|pair| {
                     let (k, v) = pair.trim().split_once('=')?;

@@ -50,6 +50,7 @@ use crate::{
     access::{AccessRecord, LoggedBody},
     body::{BodyOutcome, GuardedBody},
     bruteforce::FailureGuard,
+    client_ip::X_FORWARDED_FOR,
     config::Config,
     error::GatewayError,
     framing::Framing,
@@ -76,7 +77,6 @@ pub static X_KEYGATE_KEY_ID: HeaderName = HeaderName::from_static("x-keygate-key
 pub static X_KEYGATE_TENANT: HeaderName = HeaderName::from_static("x-keygate-tenant");
 /// `X-Keygate-Signature`: `t=<unix seconds>,v2=<hex>`, see [`crate::identity`].
 pub static X_KEYGATE_SIGNATURE: HeaderName = HeaderName::from_static("x-keygate-signature");
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");

@@ -413,8 +413,8 @@ fn trim(v: &[u8]) -> &[u8] {
 
 /// A Content-Length value as hyper reads it: digits only, any number of leading zeros, `None`
 /// past `u64`. (Refusing a long run of zeros that hyper accepts would end the screen for the
-/// connection while hyper went on.)
-fn decimal(v: &[u8]) -> Option<u64> {
+/// connection while hyper went on.) The upstream hop reads its answers' lengths with it too.
+pub(crate) fn decimal(v: &[u8]) -> Option<u64> {
     if v.is_empty() {
         return None;
     }

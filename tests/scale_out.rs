@@ -598,9 +598,25 @@ async fn shared_limits_answer_with_the_same_fields_as_in_process() {
         let second = get(&c, &url, &[("x-api-key", PROBE_KEY)]).await;
         seen.push([first, second].map(|g| g.header("ratelimit").map(str::to_string)));
     }
-    assert_eq!(seen[0], seen[1], "in process vs Redis");
-    let second = seen[1][1].as_deref().unwrap_or_default();
-    assert!(second.ends_with("\"quota\";r=1;t=2399"), "{second}");
+    // The second answer's `t` is 2399 while the two requests reach the gateway less than 2 s
+    // apart; a loaded machine may stretch that, so 2397-2399 (never the 2400 of whole
+    // requests), and the two instances are compared without it.
+    let split = |answer: &Option<String>| {
+        let text = answer.as_deref().unwrap_or_default();
+        let (rest, t) = text.rsplit_once(";t=").unwrap_or((text, ""));
+        (rest.to_string(), t.parse::<u32>().unwrap_or(0))
+    };
+    assert_eq!(seen[0][0], seen[1][0], "in process vs Redis, first answer");
+    let (local_second, local_t) = split(&seen[0][1]);
+    let (shared_second, shared_t) = split(&seen[1][1]);
+    assert_eq!(
+        local_second, shared_second,
+        "in process vs Redis, second answer"
+    );
+    assert!(shared_second.ends_with("\"quota\";r=1"), "{shared_second}");
+    for t in [local_t, shared_t] {
+        assert!((2397..=2399).contains(&t), "{seen:?}");
+    }
 }
 
 /// An instance started while Redis is unreachable serves with its own limiter and switches to

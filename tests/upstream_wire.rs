@@ -691,7 +691,14 @@ async fn a_client_body_failing_beside_a_streamed_answer_is_not_an_upstream_error
     // Past the 1,024-byte limit: the body fails, the streamed answer with it.
     let big = format!("1000\r\n{}\r\n", "b".repeat(4096));
     let _ = p.w.s.write_all(big.as_bytes()).await;
-    let _ = tokio::time::timeout(LIMIT, p.w.rest_until_close()).await;
+    let rest = tokio::time::timeout(LIMIT, p.w.rest_until_close())
+        .await
+        .expect("the streamed answer was not cut off");
+    assert!(
+        !rest.ends_with(b"0\r\n\r\n"),
+        "the answer ended whole: {}",
+        String::from_utf8_lossy(&rest)
+    );
     let shared = gw.gateway.shared();
     let metrics = shared
         .metrics

@@ -197,16 +197,12 @@ async fn a_client_that_stops_reading_or_only_pings_gives_its_slot_back() {
     )
     .await;
     let served_next = || async {
-        let mut s = TcpStream::connect(gw.addr()).await.unwrap();
         let req = format!("GET /v1/x HTTP/1.1\r\nHost: x\r\nX-Api-Key: {KEY}\r\n\r\n");
-        s.write_all(req.as_bytes()).await.unwrap();
-        let mut buf = [0u8; 12];
-        let started = Instant::now();
-        let read = tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf)).await;
-        (
-            read.is_ok() && buf.starts_with(b"HTTP/1.1 200"),
-            started.elapsed(),
-        )
+        let resp = raw(gw.addr(), req.as_bytes()).await;
+        assert!(
+            resp.starts_with("HTTP/1.1 200"),
+            "the next connection was not served within 5 s: {resp:?}"
+        );
     };
 
     // Stops reading 64 MiB, with a byte pipelined behind the request.
@@ -215,11 +211,7 @@ async fn a_client_that_stops_reading_or_only_pings_gives_its_slot_back() {
         format!("GET /v1/download?bytes=67108864 HTTP/1.1\r\nHost: x\r\nX-Api-Key: {KEY}\r\n\r\nG");
     stalled.write_all(req.as_bytes()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let (served, waited) = served_next().await;
-    assert!(
-        served,
-        "the next connection waited {waited:?} and was not served"
-    );
+    served_next().await;
     drop(stalled);
 
     // Pings every 100 ms after one request, over HTTP/2 (h2c).
@@ -231,11 +223,7 @@ async fn a_client_that_stops_reading_or_only_pings_gives_its_slot_back() {
         .build_http::<TestBody>();
     let got = get(&pinging, &gw.url("/v1/x"), &[("x-api-key", KEY)]).await;
     assert_eq!(got.status, StatusCode::OK);
-    let (served, waited) = served_next().await;
-    assert!(
-        served,
-        "the next connection waited {waited:?} and was not served"
-    );
+    served_next().await;
 }
 
 /// An HTTP/2 connection whose preface arrived in pieces is still told as HTTP/2: its PINGs are

@@ -43,7 +43,7 @@ use crate::{
     config::{Config, TlsFiles},
     metrics::Metrics,
     tls::{self, TlsError},
-    watch::ChangeFeed,
+    watch::{ChangeFeed, FilesRead},
 };
 
 /// How long to wait after a change before reading: renewals write the certificate and the key
@@ -64,6 +64,8 @@ pub struct CertStore {
     current: ArcSwap<CertifiedKey>,
     /// What the certificate is for, as the log lines name it.
     role: CertRole,
+    /// The files as they were just before the first load.
+    read: FilesRead,
 }
 
 /// Which side of keygate a [`CertStore`] serves.
@@ -153,11 +155,13 @@ impl ResolvesClientCert for CertStore {
 impl CertStore {
     /// Loads the configured pair; fails when it cannot be used.
     pub fn load(files: &TlsFiles, role: CertRole) -> Result<Arc<CertStore>, TlsError> {
+        let read = stamped(files);
         let pair = load_pair(files)?;
         Ok(Arc::new(CertStore {
             files: files.clone(),
             current: ArcSwap::from_pointee(pair),
             role,
+            read,
         }))
     }
 
@@ -206,10 +210,8 @@ impl CertStore {
     ) -> anyhow::Result<()> {
         let cert = std::path::absolute(&self.files.cert)?;
         let key = std::path::absolute(&self.files.key)?;
-        // Any change in the directories may be a renewal (symlink swaps name other paths);
-        // the bytes comparison below makes unrelated changes free.
         let files = [cert.clone(), key.clone()];
-        let mut feed = ChangeFeed::start(&files, |_| true, None, DEBOUNCE, stop.clone())?;
+        let mut feed = ChangeFeed::start(&files, None, DEBOUNCE, stop.clone())?;
         let store = Arc::clone(self);
         let what = self.role.name();
         self.report_expiry(&metrics);
@@ -226,13 +228,10 @@ impl CertStore {
         });
         let mut stop = stop;
         tokio::spawn(async move {
-            let mut last_seen = read_both(&store.files);
-            while feed.next(&mut stop).await {
-                let seen = read_both(&store.files);
-                if seen == last_seen {
-                    continue;
-                }
-                last_seen = seen;
+            // Stamped before the first load: a renewal between that load and the watch counts.
+            let mut seen = store.read.clone();
+            while let Some(now) = feed.changed_since(&seen, &mut stop).await {
+                seen = now;
                 let reloading = Arc::clone(&store);
                 let result = tokio::task::spawn_blocking(move || reloading.reload()).await;
                 match result {
@@ -405,12 +404,12 @@ fn not_after(der: &[u8]) -> Option<SystemTime> {
     Some(UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0)))
 }
 
-/// The raw bytes of both files (`None` for one that cannot be read), to notice real changes.
-fn read_both(files: &TlsFiles) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
-    (
-        std::fs::read(&files.cert).ok(),
-        std::fs::read(&files.key).ok(),
-    )
+/// The pair's files stamped, about to be read.
+fn stamped(files: &TlsFiles) -> FilesRead {
+    let mut read = FilesRead::default();
+    read.stamp(&files.cert);
+    read.stamp(&files.key);
+    read
 }
 
 /// Reads and checks a certificate chain and its key; a mismatched pair is refused.
@@ -474,6 +473,29 @@ mod tests {
         assert_eq!(warnings(), 2);
         tokio::time::sleep(EXPIRY_RECHECK).await;
         assert_eq!(warnings(), 3);
+        stop_tx.send(Some(Duration::ZERO)).unwrap();
+    }
+
+    /// A renewal written after the pair was loaded but before its watch started has no event
+    /// of its own: the watch finds it at once and serves it.
+    #[tokio::test]
+    async fn a_renewal_before_the_watch_started_is_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let b = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let files = write_pair(dir.path(), &a.cert.pem(), &a.signing_key.serialize_pem());
+        let store = CertStore::load(&files, CertRole::Listener).unwrap();
+        write_pair(dir.path(), &b.cert.pem(), &b.signing_key.serialize_pem());
+        let (stop_tx, stop) = watch::channel(None);
+        store.spawn_watcher(Arc::new(Metrics::new()), stop).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while store.current().cert[0].as_ref() != b.cert.der().as_ref() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the renewal was not picked up"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         stop_tx.send(Some(Duration::ZERO)).unwrap();
     }
 

@@ -54,6 +54,7 @@ use crate::{
     quota::QuotaLimit,
     scope::Scope,
     store::{redis::StoreUrl, OnStoreError, StoreConfig},
+    watch::FilesRead,
 };
 
 mod fast;
@@ -95,6 +96,9 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// `[log]`.
     pub log: LogConfig,
+    /// The files this was read from (this config's, its keys file), each stamped just before
+    /// it was read: what the reload watch compares against. Empty for text not read from disk.
+    pub files_read: FilesRead,
 }
 
 /// `[admin]`: where `/healthz`, `/readyz` and `/metrics` are served (no API key needed).
@@ -498,16 +502,20 @@ pub fn datetime_to_system_time(dt: &toml::value::Datetime) -> Result<SystemTime,
 impl Config {
     /// Reads and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = read(path, "config")?;
-        Config::parse(path, &text)
+        let mut keys = KeyVec::default();
+        let mut config = Config::load_into(path, &mut keys)?;
+        config.keys = keys.keys;
+        Ok(config)
     }
 
     /// Like [`load`](Self::load), but each validated key goes to `keys` as it is read instead
     /// of into [`Config::keys`], which stays empty: a reload streams a large key file straight
     /// into the new table ([`crate::keys::KeyTableBuilder`]).
     pub fn load_into(path: &Path, keys: &mut dyn KeySink) -> Result<Config, ConfigError> {
+        let mut files_read = FilesRead::default();
+        files_read.stamp(path);
         let text = read(path, "config")?;
-        Config::parse_into(path, &text, None, keys)
+        Config::parse_into(path, &text, None, keys, Some(files_read))
     }
 
     /// Validates `text` as the contents of the file at `path` (reading `keys_file` when set).
@@ -541,7 +549,7 @@ impl Config {
         keys_text: Option<&str>,
     ) -> Result<Config, ConfigError> {
         let mut keys = KeyVec::default();
-        let mut config = Config::parse_into(path, text, keys_text, &mut keys)?;
+        let mut config = Config::parse_into(path, text, keys_text, &mut keys, None)?;
         config.keys = keys.keys;
         Ok(config)
     }
@@ -551,6 +559,8 @@ impl Config {
         text: &str,
         keys_text: Option<&str>,
         sink: &mut dyn KeySink,
+        // The files read so far (the config's) when it came from disk: the keys file joins them.
+        mut files_read: Option<FilesRead>,
     ) -> Result<Config, ConfigError> {
         let src = Source { file: path, text };
         let raw = match fast::split(text) {
@@ -750,6 +760,9 @@ impl Config {
                         ),
                     ));
                 }
+                if let (None, Some(read)) = (keys_text, &mut files_read) {
+                    read.stamp(file);
+                }
                 // A keys file on disk is streamed (`fast::KeysFile`); read whole and parsed
                 // again only when that fails, for the error and its line.
                 let streamed =
@@ -801,6 +814,7 @@ impl Config {
             keys: Vec::new(),
             admin,
             log,
+            files_read: files_read.unwrap_or_default(),
         })
     }
 }

@@ -2,15 +2,20 @@
 //!
 //! The watcher observes the config file's directory (editors and config management replace a
 //! file by rename, which a watch on the file itself would miss), and likewise `[auth] keys_file`
-//! when one is set (the one named at start; a changed `keys_file` is watched after a restart,
-//! SIGHUP reloads it meanwhile). Events are debounced for a few
-//! milliseconds, then the file is parsed off the request path, on a thread of its own at a
-//! lower priority (`nice` 19 on Linux), so a large key table never takes CPU the request path
-//! needs. A valid file
-//! becomes a new [`Live`] that carries over the limiters of ids that stay, stored with one atomic
-//! swap; a broken one is logged once with `file:line:col` and the running state is kept.
+//! when one is set (the one the running config names: a reload that names another is followed),
+//! and for a symlinked file the directory of the file it names too. An event there reloads only
+//! when the files read last changed since ([`crate::watch::FilesRead`]). Events are debounced
+//! for a few milliseconds, then the file is parsed off the request path, on a thread of its own
+//! at a lower priority (`nice` 19 on Linux), so a large key table never takes CPU the request
+//! path needs. A valid file becomes a new [`Live`] that carries over the limiters of ids that
+//! stay, stored with one atomic swap; a broken one is logged once with `file:line:col` and the
+//! running state is kept.
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use tokio::sync::watch;
 
@@ -18,7 +23,7 @@ use crate::{
     config::{Config, ConfigError, ServerConfig},
     keys::KeyTableBuilder,
     proxy::{Live, Shared},
-    watch::ChangeFeed,
+    watch::{ChangeFeed, FilesRead},
 };
 
 /// How long to wait after a change before reading, so a burst of events is one reload.
@@ -102,54 +107,79 @@ fn drop_off_the_request_path(replaced: Arc<Live>) {
 }
 
 /// Starts the watcher and the SIGHUP handler; both stop when `stop` turns true.
+///
+/// A file event reloads only when the files read last ([`FilesRead`]) have changed since, so
+/// other files beside them cost a `stat`; SIGHUP always reloads. Files changed between the
+/// start-up read and this watch (a `keys revoke` right after a restart) are reloaded at once.
 pub fn spawn(shared: Arc<Shared>, stop: watch::Receiver<Option<Duration>>) -> anyhow::Result<()> {
     let live = shared.live.load_full();
     let path = std::path::absolute(&live.config.path)?;
-    let mut targets = vec![path.clone()];
-    if let Some(keys_file) = &live.config.auth.keys_file {
-        targets.push(std::path::absolute(keys_file)?);
-    }
-    let watched = targets.clone();
+    let mut seen = live.config.files_read.clone();
+    drop(live);
     let mut feed = ChangeFeed::start(
-        &watched,
-        move |changed| targets.iter().any(|t| t == changed),
+        &watched(&path, &seen),
         Some("SIGHUP: reloading the config"),
         DEBOUNCE,
         stop.clone(),
     )?;
     let mut stop = stop;
     tokio::spawn(async move {
-        while feed.next(&mut stop).await {
-            let result = {
-                let shared = Arc::clone(&shared);
-                let path = path.clone();
-                let (done, result) = tokio::sync::oneshot::channel();
-                let spawned = std::thread::Builder::new()
-                    .name("keygate-reload".into())
-                    .spawn(move || {
-                        lower_priority();
-                        let _ = done.send(reload_now(&shared, &path));
-                    });
-                match spawned {
-                    Ok(_) => result
-                        .await
-                        .map_err(|_| "the reload thread panicked".to_string()),
-                    Err(e) => Err(format!("cannot start the reload thread: {e}")),
+        while let Some(now) = feed.changed_since(&seen, &mut stop).await {
+            seen = match reload_off_the_request_path(&shared, &path).await {
+                Some(read) => {
+                    feed.follow(&watched(&path, &read));
+                    read
                 }
+                // Broken: tried again once the files change again (or on SIGHUP).
+                None => now,
             };
-            shared.metrics.config_reload(matches!(result, Ok(Ok(_))));
-            match result {
-                Ok(Ok(keys)) => tracing::info!(keys, "config reloaded"),
-                Ok(Err(err)) => {
-                    tracing::error!("config reload failed, keeping the running config: {err}")
-                }
-                Err(e) => {
-                    tracing::error!("config reload failed, keeping the running config: {e}")
-                }
-            }
         }
     });
     Ok(())
+}
+
+/// The files to watch: the config's and those it was read with (its keys file).
+fn watched(config: &Path, read: &FilesRead) -> Vec<PathBuf> {
+    let mut files = vec![config.to_path_buf()];
+    files.extend(read.paths());
+    files
+}
+
+/// [`reload_now`] on a thread of its own at a lower priority, logged and counted; the files
+/// the new config was read from when it was swapped in.
+async fn reload_off_the_request_path(shared: &Arc<Shared>, path: &Path) -> Option<FilesRead> {
+    let result = {
+        let shared = Arc::clone(shared);
+        let path = path.to_path_buf();
+        let (done, result) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("keygate-reload".into())
+            .spawn(move || {
+                lower_priority();
+                let _ = done.send(reload_now(&shared, &path));
+            });
+        match spawned {
+            Ok(_) => result
+                .await
+                .map_err(|_| "the reload thread panicked".to_string()),
+            Err(e) => Err(format!("cannot start the reload thread: {e}")),
+        }
+    };
+    shared.metrics.config_reload(matches!(result, Ok(Ok(_))));
+    match result {
+        Ok(Ok(keys)) => {
+            tracing::info!(keys, "config reloaded");
+            Some(shared.live.load().config.files_read.clone())
+        }
+        Ok(Err(err)) => {
+            tracing::error!("config reload failed, keeping the running config: {err}");
+            None
+        }
+        Err(e) => {
+            tracing::error!("config reload failed, keeping the running config: {e}");
+            None
+        }
+    }
 }
 
 /// Whether `[server]` fields read once at start differ: all but `trusted_proxies` (read live by

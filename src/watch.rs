@@ -18,41 +18,111 @@ use std::{
 
 use tokio::sync::{mpsc, watch};
 
+/// What a file was like when it was read, to tell later whether it changed: a rename over it
+/// gives another inode, an edit in place another length or change time. Symlinks are followed,
+/// so a link swapped to another file (Kubernetes' `..data`, certbot's `live/`) is a change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    #[cfg(unix)]
+    inode: (u64, u64),
+    len: u64,
+    #[cfg(unix)]
+    changed: (i64, i64),
+    modified: Option<std::time::SystemTime>,
+}
+
+impl Stamp {
+    /// `path`'s stamp now; `None` when it cannot be read (missing, no permission).
+    pub fn of(path: &Path) -> Option<Stamp> {
+        let meta = std::fs::metadata(path).ok()?;
+        #[cfg(unix)]
+        use std::os::unix::fs::MetadataExt;
+        Some(Stamp {
+            #[cfg(unix)]
+            inode: (meta.dev(), meta.ino()),
+            len: meta.len(),
+            #[cfg(unix)]
+            changed: (meta.ctime(), meta.ctime_nsec()),
+            modified: meta.modified().ok(),
+        })
+    }
+}
+
+/// The files a state was read from, each stamped just before it was read: a change that lands
+/// while reading shows as a change afterwards, never the other way round.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FilesRead(Vec<(PathBuf, Option<Stamp>)>);
+
+impl FilesRead {
+    /// Stamps `path`, about to be read.
+    pub fn stamp(&mut self, path: &Path) {
+        self.0.push((path.to_path_buf(), Stamp::of(path)));
+    }
+
+    /// The same files stamped now.
+    pub fn now(&self) -> FilesRead {
+        FilesRead(
+            self.0
+                .iter()
+                .map(|(p, _)| (p.clone(), Stamp::of(p)))
+                .collect(),
+        )
+    }
+
+    /// Whether no file was stamped (a state not read from disk).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The files' paths.
+    pub fn paths(&self) -> Vec<PathBuf> {
+        self.0.iter().map(|(p, _)| p.clone()).collect()
+    }
+}
+
+/// What set off a [`ChangeFeed`] report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// Something changed in a watched directory (or events were lost): worth a look at the
+    /// files' [`FilesRead`] stamps before reading them again.
+    Files,
+    /// SIGHUP: the operator asks for a reload, whatever the stamps say.
+    Signal,
+}
+
 /// Change notifications for a set of files; dropping it stops the watch.
+///
+/// A file is watched through its directory and, when it is a symlink, through the directory of
+/// the file it names too; any change in those directories is reported, since a symlink swap
+/// names another path than the file's (Kubernetes swaps `..data`). Callers compare stamps, so an
+/// unrelated file beside the config costs a `stat`, not a reload.
 pub struct ChangeFeed {
-    rx: mpsc::UnboundedReceiver<()>,
+    rx: mpsc::UnboundedReceiver<Change>,
     debounce: Duration,
-    _watch: DirWatch,
+    files: Vec<PathBuf>,
+    watch: DirWatch,
+    /// Whether [`changed_since`](Self::changed_since) has looked once without an event.
+    looked: bool,
 }
 
 impl ChangeFeed {
-    /// Watches the directories of `files`; a change to a path in them passes when `relevant`
-    /// says so. SIGHUP also counts as a change (logged with `hup_note` when given) until `stop`
-    /// is set. A change is reported once the burst it belongs to has been quiet for `debounce`.
+    /// Watches the directories of `files`. SIGHUP also counts as a change (logged with
+    /// `hup_note` when given) until `stop` is set. A change is reported once the burst it
+    /// belongs to has been quiet for `debounce`.
     pub fn start(
         files: &[PathBuf],
-        relevant: impl Fn(&Path) -> bool + Send + 'static,
         hup_note: Option<&'static str>,
         debounce: Duration,
         stop: watch::Receiver<Option<Duration>>,
     ) -> anyhow::Result<ChangeFeed> {
-        let mut dirs: Vec<PathBuf> = files
-            .iter()
-            .map(|f| {
-                f.parent()
-                    .map_or_else(|| PathBuf::from("/"), Path::to_path_buf)
-            })
-            .collect();
-        dirs.sort();
-        dirs.dedup();
-        let (tx, rx) = mpsc::unbounded_channel::<()>();
+        let (tx, rx) = mpsc::unbounded_channel::<Change>();
         let event_tx = tx.clone();
-        // `None`: events were lost, so any file may have changed.
-        let watch = DirWatch::start(&dirs, move |path: Option<&Path>| {
-            if path.map_or(true, &relevant) {
-                let _ = event_tx.send(());
-            }
+        let mut watch = DirWatch::start(move || {
+            let _ = event_tx.send(Change::Files);
         })?;
+        for dir in directories(files) {
+            watch.add(&dir)?;
+        }
         #[cfg(unix)]
         {
             let mut stop = stop;
@@ -64,7 +134,7 @@ impl ChangeFeed {
                             if let Some(note) = hup_note {
                                 tracing::info!("{note}");
                             }
-                            let _ = tx.send(());
+                            let _ = tx.send(Change::Signal);
                         }
                         _ = stop.wait_for(Option::is_some) => break,
                     }
@@ -74,27 +144,99 @@ impl ChangeFeed {
         Ok(ChangeFeed {
             rx,
             debounce,
-            _watch: watch,
+            files: files.to_vec(),
+            watch,
+            looked: false,
         })
     }
 
-    /// Waits for the next change and lets the burst it belongs to settle; `false` once `stop`
-    /// is set.
-    pub async fn next(&mut self, stop: &mut watch::Receiver<Option<Duration>>) -> bool {
-        tokio::select! {
-            Some(()) = self.rx.recv() => {}
-            _ = stop.wait_for(Option::is_some) => return false,
+    /// Waits until the files stamped in `seen` differ from it, or for SIGHUP, and returns them
+    /// stamped again (before they are read again); `None` once `stop` is set. The first call
+    /// looks at once: a change between the read and the start of the watch sent no event.
+    /// Without stamps (nothing read from disk) every event counts.
+    pub async fn changed_since(
+        &mut self,
+        seen: &FilesRead,
+        stop: &mut watch::Receiver<Option<Duration>>,
+    ) -> Option<FilesRead> {
+        loop {
+            let cause = if !self.looked && !seen.is_empty() {
+                Change::Files
+            } else {
+                self.next(stop).await?
+            };
+            self.looked = true;
+            let now = seen.now();
+            if cause == Change::Signal || seen.is_empty() || now != *seen {
+                return Some(now);
+            }
         }
-        tokio::time::sleep(self.debounce).await;
-        while self.rx.try_recv().is_ok() {}
-        true
     }
+
+    /// From now on watches `files` (as well): a reloaded config may name another keys file.
+    pub fn follow(&mut self, files: &[PathBuf]) {
+        self.files = files.to_vec();
+        self.watch_targets();
+    }
+
+    /// Adds the directories the files' symlinks point into now (a link may have been swapped
+    /// to a new directory); directories already watched are left as they are.
+    fn watch_targets(&mut self) {
+        for dir in directories(&self.files) {
+            if let Err(e) = self.watch.add(&dir) {
+                tracing::debug!(dir = %dir.display(), "cannot watch: {e}");
+            }
+        }
+    }
+
+    /// Waits for the next change and lets the burst it belongs to settle; `None` once `stop`
+    /// is set. A burst with a SIGHUP in it is a [`Change::Signal`].
+    pub async fn next(&mut self, stop: &mut watch::Receiver<Option<Duration>>) -> Option<Change> {
+        let mut change = tokio::select! {
+            Some(change) = self.rx.recv() => change,
+            _ = stop.wait_for(Option::is_some) => return None,
+        };
+        tokio::time::sleep(self.debounce).await;
+        while let Ok(more) = self.rx.try_recv() {
+            if more == Change::Signal {
+                change = Change::Signal;
+            }
+        }
+        self.watch_targets();
+        Some(change)
+    }
+}
+
+/// The directories to watch for `files`: each one's own and, for a symlink, that of the file
+/// it resolves to.
+fn directories(files: &[PathBuf]) -> Vec<PathBuf> {
+    let parent = |f: &Path| {
+        f.parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+    };
+    let mut dirs: Vec<PathBuf> = files
+        .iter()
+        .flat_map(|f| {
+            [
+                Some(parent(f)),
+                std::fs::canonicalize(f).ok().map(|r| parent(&r)),
+            ]
+        })
+        .flatten()
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    dirs
 }
 
 /// The inotify watch on the directories: a task on the runtime reading its events, ended when
 /// this is dropped.
 #[cfg(target_os = "linux")]
-struct DirWatch(tokio::task::JoinHandle<()>);
+struct DirWatch {
+    watches: inotify::Watches,
+    task: tokio::task::JoinHandle<()>,
+}
 
 #[cfg(target_os = "linux")]
 impl DirWatch {
@@ -106,44 +248,39 @@ impl DirWatch {
         .union(inotify::WatchMask::DELETE)
         .union(inotify::WatchMask::ATTRIB);
 
-    /// Watches `dirs`; `changed` gets the path of each entry an event names, or `None` when
-    /// events were lost (the kernel's queue overflowed).
-    fn start(
-        dirs: &[PathBuf],
-        changed: impl Fn(Option<&Path>) + Send + 'static,
-    ) -> anyhow::Result<Self> {
+    /// Starts reading events; `changed` is called for each (and when events were lost: the
+    /// kernel's queue overflowed, so anything may have changed).
+    fn start(changed: impl Fn() + Send + 'static) -> anyhow::Result<Self> {
         use futures_util::StreamExt;
         let inotify = inotify::Inotify::init()?;
-        let mut watched = std::collections::HashMap::new();
-        for dir in dirs {
-            watched.insert(inotify.watches().add(dir, Self::MASK)?, dir.clone());
-        }
         let mut events = inotify.into_event_stream(vec![0u8; 4096])?;
-        Ok(DirWatch(tokio::spawn(async move {
+        let watches = events.watches();
+        let task = tokio::spawn(async move {
             while let Some(event) = events.next().await {
                 match event {
-                    Ok(event) if event.mask.contains(inotify::EventMask::Q_OVERFLOW) => {
-                        changed(None);
-                    }
-                    Ok(event) => {
-                        if let (Some(dir), Some(name)) = (watched.get(&event.wd), &event.name) {
-                            changed(Some(&dir.join(name)));
-                        }
-                    }
+                    // A watched directory went away (removed, unmounted): nothing in it changed.
+                    Ok(event) if event.mask == inotify::EventMask::IGNORED => {}
+                    Ok(_) => changed(),
                     Err(e) => {
                         tracing::error!("file watch ended, SIGHUP still reloads: {e}");
                         break;
                     }
                 }
             }
-        })))
+        });
+        Ok(DirWatch { watches, task })
+    }
+
+    /// Watches `dir` too (again is a no-op: the kernel keeps one watch per directory).
+    fn add(&mut self, dir: &Path) -> std::io::Result<()> {
+        self.watches.add(dir, Self::MASK).map(drop)
     }
 }
 
 #[cfg(target_os = "linux")]
 impl Drop for DirWatch {
     fn drop(&mut self) {
-        self.0.abort();
+        self.task.abort();
     }
 }
 
@@ -153,23 +290,20 @@ struct DirWatch(notify::RecommendedWatcher);
 
 #[cfg(not(target_os = "linux"))]
 impl DirWatch {
-    fn start(
-        dirs: &[PathBuf],
-        changed: impl Fn(Option<&Path>) + Send + 'static,
-    ) -> anyhow::Result<Self> {
-        use notify::Watcher;
-        let mut watcher =
+    fn start(changed: impl Fn() + Send + 'static) -> anyhow::Result<Self> {
+        let watcher =
             notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
-                Ok(event) if event.need_rescan() => changed(None),
-                Ok(event) if !event.kind.is_access() => {
-                    event.paths.iter().for_each(|p| changed(Some(p)))
-                }
+                Ok(event) if event.need_rescan() || !event.kind.is_access() => changed(),
                 _ => {}
             })?;
-        for dir in dirs {
-            watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
-        }
         Ok(DirWatch(watcher))
+    }
+
+    fn add(&mut self, dir: &Path) -> std::io::Result<()> {
+        use notify::Watcher;
+        self.0
+            .watch(dir, notify::RecursiveMode::NonRecursive)
+            .map_err(std::io::Error::other)
     }
 }
 
@@ -178,25 +312,17 @@ mod tests {
     use super::*;
     #[cfg(unix)]
     use std::io::Write;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
     type Stop = (
         watch::Sender<Option<Duration>>,
         watch::Receiver<Option<Duration>>,
     );
 
-    /// A feed on `target` (20 ms debounce) whose filter passes `target` and counts in `seen`
-    /// every path it is asked about; with the stop channel it watches.
-    #[cfg(unix)]
-    fn watch_file(target: &Path, seen: std::sync::Arc<AtomicUsize>) -> (ChangeFeed, Stop) {
+    /// A feed on `target` (20 ms debounce), with the stop channel it watches.
+    fn watch_file(target: &Path) -> (ChangeFeed, Stop) {
         let (stop_tx, stop) = watch::channel(None);
-        let wanted = target.to_path_buf();
         let feed = ChangeFeed::start(
             &[target.to_path_buf()],
-            move |p| {
-                seen.fetch_add(1, Ordering::SeqCst);
-                p == wanted
-            },
             None,
             Duration::from_millis(20),
             stop.clone(),
@@ -206,7 +332,6 @@ mod tests {
     }
 
     /// A fresh directory (kept while the first value lives) with `gateway.toml` in it.
-    #[cfg(unix)]
     fn config_dir() -> (tempfile::TempDir, PathBuf, PathBuf) {
         let tmp = tempfile::tempdir().unwrap();
         let dir = std::path::absolute(tmp.path()).unwrap();
@@ -215,8 +340,13 @@ mod tests {
         (tmp, dir, target)
     }
 
-    /// Whether the feed reports a change within `within`.
-    #[cfg(unix)]
+    fn stamped(path: &Path) -> FilesRead {
+        let mut read = FilesRead::default();
+        read.stamp(path);
+        read
+    }
+
+    /// Whether the feed reports any event within `within`.
     async fn reports(
         feed: &mut ChangeFeed,
         stop: &mut watch::Receiver<Option<Duration>>,
@@ -224,44 +354,69 @@ mod tests {
     ) -> bool {
         tokio::time::timeout(within, feed.next(stop))
             .await
-            .unwrap_or(false)
+            .ok()
+            .flatten()
+            .is_some()
     }
 
+    /// Whether the file stamped in `seen` is reported changed within `within`; `seen` becomes
+    /// the new stamp when it is.
+    async fn changed(
+        feed: &mut ChangeFeed,
+        stop: &mut watch::Receiver<Option<Duration>>,
+        seen: &mut FilesRead,
+        within: Duration,
+    ) -> bool {
+        match tokio::time::timeout(within, feed.changed_since(seen, stop)).await {
+            Ok(Some(now)) => {
+                *seen = now;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    const QUIET: Duration = Duration::from_millis(300);
+    const SOON: Duration = Duration::from_secs(5);
+
     #[cfg(unix)]
-    /// Every way a file is replaced or touched is reported; lines appended to another file in
-    /// the directory, flushed one by one, do not even reach the filter (no wake-up per line).
+    /// Every way a file is replaced or touched is a change; lines appended to another file in
+    /// the directory, flushed one by one, wake nothing, and a new file beside it is no change.
     #[tokio::test]
     async fn changes_are_reported_and_appends_beside_them_wake_nothing() {
         let (_tmp, dir, target) = config_dir();
         // A log beside the config, open before the watch starts.
         let mut log = std::fs::File::create(dir.join("keygate.log")).unwrap();
-        let seen = std::sync::Arc::new(AtomicUsize::new(0));
-        let (mut feed, (_stop_tx, mut stop)) = watch_file(&target, std::sync::Arc::clone(&seen));
-        let quiet = Duration::from_millis(300);
-        let soon = Duration::from_secs(5);
+        let (mut feed, (_stop_tx, mut stop)) = watch_file(&target);
+        let mut seen = stamped(&target);
+        assert!(
+            !changed(&mut feed, &mut stop, &mut seen, QUIET).await,
+            "nothing changed yet"
+        );
 
         for i in 0..2000 {
             writeln!(log, "line {i}").unwrap();
             log.flush().unwrap();
         }
         assert!(
-            !reports(&mut feed, &mut stop, quiet).await,
-            "appends reported"
+            !reports(&mut feed, &mut stop, QUIET).await,
+            "appends woke the feed"
         );
-        let seen_while_appending = seen.load(Ordering::SeqCst);
-        assert_eq!(seen_while_appending, 0, "events for appended lines");
         drop(log);
 
         // Written in place (closed after writing).
-        std::fs::write(&target, "b").unwrap();
+        std::fs::write(&target, "bb").unwrap();
         assert!(
-            reports(&mut feed, &mut stop, soon).await,
+            changed(&mut feed, &mut stop, &mut seen, SOON).await,
             "in-place write missed"
         );
         // Renamed over it.
         std::fs::write(dir.join("gateway.toml.new"), "c").unwrap();
         std::fs::rename(dir.join("gateway.toml.new"), &target).unwrap();
-        assert!(reports(&mut feed, &mut stop, soon).await, "rename missed");
+        assert!(
+            changed(&mut feed, &mut stop, &mut seen, SOON).await,
+            "rename missed"
+        );
         // Touched (both times set, as `touch` does, here without opening it for writing).
         let epoch = std::time::SystemTime::UNIX_EPOCH;
         let times = std::fs::FileTimes::new()
@@ -271,43 +426,118 @@ mod tests {
             .unwrap()
             .set_times(times)
             .unwrap();
-        assert!(reports(&mut feed, &mut stop, soon).await, "touch missed");
+        assert!(
+            changed(&mut feed, &mut stop, &mut seen, SOON).await,
+            "touch missed"
+        );
         // A symlink swapped in by rename (certbot, Kubernetes mounts).
         std::fs::write(dir.join("v2.toml"), "d").unwrap();
         std::os::unix::fs::symlink(dir.join("v2.toml"), dir.join("link.tmp")).unwrap();
         std::fs::rename(dir.join("link.tmp"), &target).unwrap();
         assert!(
-            reports(&mut feed, &mut stop, soon).await,
+            changed(&mut feed, &mut stop, &mut seen, SOON).await,
             "symlink swap missed"
         );
         // Removed.
         std::fs::remove_file(&target).unwrap();
-        assert!(reports(&mut feed, &mut stop, soon).await, "removal missed");
-        // Other files: nothing.
+        assert!(
+            changed(&mut feed, &mut stop, &mut seen, SOON).await,
+            "removal missed"
+        );
+        // Other files: an event, but no change.
         std::fs::write(dir.join("other.toml"), "e").unwrap();
         assert!(
-            !reports(&mut feed, &mut stop, quiet).await,
-            "another file reported"
+            !changed(&mut feed, &mut stop, &mut seen, QUIET).await,
+            "another file taken for a change"
+        );
+    }
+
+    #[cfg(unix)]
+    /// A file that is a symlink into another directory changes where it lives, and in
+    /// Kubernetes' way (files in a `..2026_…` directory, reached through a `..data` link that is
+    /// swapped for a new directory's): both are changes.
+    #[tokio::test]
+    async fn a_symlinked_file_is_followed_where_it_lives() {
+        use std::os::unix::fs::symlink;
+        let tmp = tempfile::tempdir().unwrap();
+        let root = std::path::absolute(tmp.path()).unwrap();
+        let (conf, real) = (root.join("etc"), root.join("srv"));
+        std::fs::create_dir_all(&conf).unwrap();
+        std::fs::create_dir_all(&real).unwrap();
+        std::fs::write(real.join("keys.toml"), "a").unwrap();
+        let target = conf.join("keys.toml");
+        symlink(real.join("keys.toml"), &target).unwrap();
+        let (mut feed, (_stop_tx, mut stop)) = watch_file(&target);
+        let mut seen = stamped(&target);
+
+        // Replaced where it lives, by rename (as `keygate keys` writes it).
+        std::fs::write(real.join("keys.toml.new"), "bb").unwrap();
+        std::fs::rename(real.join("keys.toml.new"), real.join("keys.toml")).unwrap();
+        assert!(
+            changed(&mut feed, &mut stop, &mut seen, SOON).await,
+            "an edit of the file the link names was missed"
+        );
+
+        // Kubernetes: keys.toml -> ..data/keys.toml, ..data -> ..v1; an update writes ..v2 and
+        // renames a new ..data link over the old one.
+        let k8s = root.join("k8s");
+        std::fs::create_dir_all(k8s.join("..v1")).unwrap();
+        std::fs::write(k8s.join("..v1/keys.toml"), "v1").unwrap();
+        symlink("..v1", k8s.join("..data")).unwrap();
+        symlink("..data/keys.toml", k8s.join("keys.toml")).unwrap();
+        let target = k8s.join("keys.toml");
+        let (mut feed, (_stop_tx2, mut stop)) = watch_file(&target);
+        let mut seen = stamped(&target);
+        std::fs::create_dir_all(k8s.join("..v2")).unwrap();
+        std::fs::write(k8s.join("..v2/keys.toml"), "v2").unwrap();
+        symlink("..v2", k8s.join("..data_tmp")).unwrap();
+        std::fs::rename(k8s.join("..data_tmp"), k8s.join("..data")).unwrap();
+        assert!(
+            changed(&mut feed, &mut stop, &mut seen, SOON).await,
+            "the ..data swap was missed"
+        );
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "v2");
+    }
+
+    /// A change made after the file was read but before the watch started has no event: the
+    /// first look finds it by the stamps.
+    #[tokio::test]
+    async fn a_change_before_the_watch_started_is_found_at_once() {
+        let (_tmp, dir, target) = config_dir();
+        let mut seen = stamped(&target);
+        std::fs::write(dir.join("gateway.toml.new"), "changed").unwrap();
+        std::fs::rename(dir.join("gateway.toml.new"), &target).unwrap();
+        let (mut feed, (_stop_tx, mut stop)) = watch_file(&target);
+        assert!(
+            changed(&mut feed, &mut stop, &mut seen, QUIET).await,
+            "the change before the watch was missed"
+        );
+        assert!(
+            !changed(&mut feed, &mut stop, &mut seen, QUIET).await,
+            "reported twice"
         );
     }
 
     /// When the kernel drops events (its queue for the watch overflowed while keygate was busy),
-    /// a change is assumed: the file may have been among them.
+    /// the file's own event may be among them: its stamps still show the change.
     #[cfg(target_os = "linux")]
     #[tokio::test]
-    async fn lost_events_count_as_a_change() {
+    async fn a_change_lost_in_an_overflow_is_still_found() {
         let (_tmp, dir, target) = config_dir();
-        let (mut feed, (_stop_tx, mut stop)) = watch_file(&target, Default::default());
+        let (mut feed, (_stop_tx, mut stop)) = watch_file(&target);
+        let mut seen = stamped(&target);
+        assert!(!changed(&mut feed, &mut stop, &mut seen, QUIET).await);
         // More events than the queue holds, made without yielding to the runtime (this test's
-        // only thread), so none are read meanwhile; none of them names the watched file.
+        // only thread), so none are read meanwhile; the change to the file comes last.
         let queue: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
             .map_or(16384, |s| s.trim().parse().unwrap());
         for i in 0..queue + 100 {
             std::fs::File::create(dir.join(format!("other-{i}"))).unwrap();
         }
+        std::fs::write(&target, "changed").unwrap();
         assert!(
-            reports(&mut feed, &mut stop, Duration::from_secs(5)).await,
-            "the overflow was not taken as a change"
+            changed(&mut feed, &mut stop, &mut seen, SOON).await,
+            "the change was lost with the events"
         );
     }
 }

@@ -797,6 +797,79 @@ async fn a_separate_keys_file_is_edited_and_watched() {
     assert!(until_status(&c, &gw, &key, StatusCode::UNAUTHORIZED, SECOND).await);
 }
 
+/// A keys file that is a symlink into another directory (config management, a Kubernetes
+/// mount): `keys` edits the file it names, there, and the running gateway still sees the edit.
+/// So does a gateway whose link is moved to a file in a third directory.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_symlinked_keys_file_is_watched_where_it_lives() {
+    let up = start_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (conf, real) = (dir.path().join("etc"), dir.path().join("srv"));
+    std::fs::create_dir_all(&conf).unwrap();
+    std::fs::create_dir_all(&real).unwrap();
+    std::fs::write(real.join("keys.toml"), "").unwrap();
+    std::os::unix::fs::symlink(real.join("keys.toml"), conf.join("keys.toml")).unwrap();
+    let path = conf.join("gateway.toml");
+    std::fs::write(
+        &path,
+        config_text(&up.url(), "[auth]\nkeys_file = \"keys.toml\"\n"),
+    )
+    .unwrap();
+    let gw = start_gateway_in(dir, path).await;
+    let c = http1_client();
+
+    let key = minted(&gw.path, &["new", "--id", "partner"]);
+    assert!(until_status(&c, &gw, &key, StatusCode::OK, SECOND).await);
+    ok(keys_cmd(&gw.path, &["revoke", "partner"]));
+    assert!(
+        until_status(&c, &gw, &key, StatusCode::UNAUTHORIZED, SECOND).await,
+        "a revoke through the symlink was not applied"
+    );
+
+    // The link now names a file elsewhere: its edits count too.
+    let moved = gw.dir.path().join("moved");
+    std::fs::create_dir_all(&moved).unwrap();
+    std::fs::write(moved.join("keys.toml"), "").unwrap();
+    let link_tmp = conf.join("keys.toml.link");
+    std::os::unix::fs::symlink(moved.join("keys.toml"), &link_tmp).unwrap();
+    std::fs::rename(&link_tmp, conf.join("keys.toml")).unwrap();
+    let key = minted(&gw.path, &["new", "--id", "moved"]);
+    assert!(
+        std::fs::read_to_string(moved.join("keys.toml"))
+            .unwrap()
+            .contains("id = \"moved\""),
+        "the key went elsewhere"
+    );
+    assert!(
+        until_status(&c, &gw, &key, StatusCode::OK, SECOND).await,
+        "a key added where the moved link points was not loaded"
+    );
+}
+
+/// A key revoked between the gateway's start-up read and the start of its file watch (a
+/// `keys revoke` right after a restart, while a large key file loads) is refused all the same.
+#[tokio::test]
+async fn a_revoke_while_the_gateway_starts_is_not_lost() {
+    let up = start_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, config_text(&up.url(), "")).unwrap();
+    let key = minted(&path, &["new", "--id", "leaky"]);
+    // Read as the gateway reads it at start...
+    let config = Config::load(&path).unwrap();
+    // ...revoked before its watch exists...
+    ok(keys_cmd(&path, &["revoke", "leaky"]));
+    // ...and then the gateway starts serving what it read.
+    let gateway = keygate::server::Gateway::start(config).await.unwrap();
+    let gw = TestGateway { gateway, dir, path };
+    let c = http1_client();
+    assert!(
+        until_status(&c, &gw, &key, StatusCode::UNAUTHORIZED, SECOND).await,
+        "the key revoked during start-up was still admitted"
+    );
+}
+
 /// Bad input changes nothing: a flag that does not parse, a config that is already broken.
 #[tokio::test]
 async fn refused_edits_leave_the_file_as_it_was() {

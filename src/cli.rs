@@ -166,6 +166,7 @@ fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 fn serve(path: PathBuf) -> anyhow::Result<ExitCode> {
+    survive_hup_while_starting();
     // The keys go straight into the table as they are read, as on a reload: no vector of a
     // million parsed keys (256 bytes each) beside it while starting.
     let mut table = KeyTableBuilder::new(None);
@@ -180,7 +181,8 @@ fn serve(path: PathBuf) -> anyhow::Result<ExitCode> {
     let config = Arc::clone(&live.config);
     let _log = telemetry::init_with(&config.log);
     let grace = config.server.shutdown_timeout;
-    runtime(config.server.workers)?.block_on(async move {
+    let runtime = runtime(config.server.workers)?;
+    let code = runtime.block_on(async move {
         // Handlers first: a signal that arrives while starting must not kill the process.
         let mut signals = Signals::new()?;
         let gateway = Gateway::start_live(live).await?;
@@ -191,7 +193,33 @@ fn serve(path: PathBuf) -> anyhow::Result<ExitCode> {
             () = signals.recv() => tracing::warn!("second signal: exiting without waiting"),
         }
         Ok(ExitCode::SUCCESS)
-    })
+    });
+    // Before the log writer goes: the requests still in flight after the grace (or a second
+    // signal) end as the runtime drops them, and their access lines are written then.
+    drop(runtime);
+    code
+}
+
+/// SIGHUP's default action ends the process, and the reload watch that listens for it starts
+/// only once the key file is loaded (seconds for a million keys): a `systemctl reload` right
+/// after a start would stop the gateway, which systemd takes for a clean exit and does not
+/// restart. Listening once replaces that action for the rest of the process (tokio's handler
+/// stays installed); the watch, once started, finds any file changed meanwhile by its stamps.
+fn survive_hup_while_starting() {
+    #[cfg(unix)]
+    {
+        let listened = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .and_then(|rt| {
+                rt.block_on(async {
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                })
+            });
+        if let Err(e) = listened {
+            eprintln!("cannot listen for SIGHUP, which ends keygate until it has started: {e}");
+        }
+    }
 }
 
 /// SIGTERM and SIGINT, listened for from creation on.

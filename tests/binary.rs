@@ -145,6 +145,64 @@ async fn an_ip_address_as_sni_puts_nothing_in_the_log() {
     assert!(!logs.contains("WARN"), "{logs}");
 }
 
+/// A SIGHUP (`systemctl reload`) that lands while keygate is still loading its keys does not
+/// end it: it starts, serves, and reloads on the next SIGHUP as usual.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_sighup_while_starting_does_not_end_keygate() {
+    let up = start_upstream().await;
+    // Enough keys that loading them takes a while.
+    let mut keys = key_entry("a", KEY, "");
+    for i in 0..200_000 {
+        keys.push_str(&key_entry(&format!("k{i}"), &format!("key-{i}"), ""));
+    }
+    let (dir, path) = gateway_dir(&config_text(
+        &up.url(),
+        "[auth]\nkeys_file = \"keys.toml\"\n",
+    ));
+    std::fs::write(dir.path().join("keys.toml"), keys).unwrap();
+    let mut child = Command::new(keygate_bin())
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    let hup = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let mut seen = String::new();
+    let listening = loop {
+        match lines.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => {
+                seen.push_str(&line);
+                seen.push('\n');
+                if line.contains("listening on") {
+                    break true;
+                }
+            }
+            Err(_) => break false,
+        }
+    };
+    let status = child.try_wait().unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        listening && status.is_none(),
+        "keygate did not survive the SIGHUP (exit {status:?}): {seen}"
+    );
+}
+
 /// Reload through the binary: SIGHUP reloads, a broken file logs one error with
 /// file:line:col and keeps serving the old table.
 #[tokio::test]

@@ -444,6 +444,20 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// The longest timeout or interval the config takes: far beyond any sensible one, and short
+/// enough that a deadline `now + d` never overflows the clock (an `idle_timeout` of
+/// `300000000000y` parsed, then panicked on every connection).
+pub const MAX_CONFIG_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// [`parse_duration`] for a config field: also refuses more than [`MAX_CONFIG_DURATION`].
+fn parse_config_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d > MAX_CONFIG_DURATION {
+        return Err(format!("duration {s:?} is longer than 10 years"));
+    }
+    Ok(d)
+}
+
 /// Parses a size: whole bytes, or a number with `B`, `KiB`, `MiB`, `GiB` (or `KB`, `MB`, `GB`,
 /// 1000-based); zero is refused.
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -600,12 +614,12 @@ impl Config {
         };
 
         let shutdown_timeout = match &raw.server.shutdown_timeout {
-            Some(d) => parse_duration(d.get_ref()).map_err(|m| src.at(d, m))?,
+            Some(d) => parse_config_duration(d.get_ref()).map_err(|m| src.at(d, m))?,
             None => Duration::from_secs(30),
         };
         let server = &raw.server;
         let duration = |v: &Option<Spanned<String>>, default: Duration| match v {
-            Some(d) => parse_duration(d.get_ref()).map_err(|m| src.at(d, m)),
+            Some(d) => parse_config_duration(d.get_ref()).map_err(|m| src.at(d, m)),
             None => Ok(default),
         };
         let int = |v: &Option<Spanned<i64>>,
@@ -1295,6 +1309,14 @@ fn parse_upstream(src: &Source<'_>, raw: &RawUpstream) -> Result<UpstreamConfig,
         .authority()
         .cloned()
         .ok_or_else(|| src.at(&raw.url, "url needs a host"))?;
+    // `user:password@host` would go out in every `Host` field and print in `keygate check`,
+    // and no credentials would be sent: refused, without echoing it.
+    if authority.as_str().contains('@') {
+        return Err(src.at(
+            &raw.url,
+            "url cannot hold a user or password (`user:password@`): keygate would not send them",
+        ));
+    }
     if uri.query().is_some() {
         return Err(src.at(&raw.url, "url cannot have a query string"));
     }
@@ -1302,7 +1324,7 @@ fn parse_upstream(src: &Source<'_>, raw: &RawUpstream) -> Result<UpstreamConfig,
     // Files named in [upstream] are relative to the config file.
     let base = src.file.parent().unwrap_or(Path::new("."));
     let duration = |v: &Option<Spanned<String>>, default: Duration| match v {
-        Some(d) => parse_duration(d.get_ref()).map_err(|m| src.at(d, m)),
+        Some(d) => parse_config_duration(d.get_ref()).map_err(|m| src.at(d, m)),
         None => Ok(default),
     };
     let identity = match (&raw.identity_secret, &raw.identity_secret_file) {
@@ -1477,6 +1499,18 @@ mod tests {
             (minimal("[limits]\nrate = \"10/fortnight\"\n"), "unit"),
             (minimal("[limits]\nburst = 0\n"), "burst"),
             (
+                "[server]\nlisten = \"127.0.0.1:0\"\n[upstream]\nurl = \"https://svc:s3cret@api.internal\"\n".to_string(),
+                "user or password",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:0\"\nidle_timeout = \"300000000000y\"\n[upstream]\nurl = \"http://x\"\n".to_string(),
+                "longer than 10 years",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:0\"\n[upstream]\nurl = \"http://x\"\ntimeout = \"3651days\"\n".to_string(),
+                "longer than 10 years",
+            ),
+            (
                 minimal("[limits]\nrate = \"1/h\"\nburst = 6000000\n"),
                 "500 years",
             ),
@@ -1514,6 +1548,7 @@ mod tests {
             let err = parse(&text).expect_err(&text).to_string();
             assert!(err.starts_with("gw.toml:"), "{err}");
             assert!(err.contains(needle), "{err} should mention {needle}");
+            assert!(!err.contains("s3cret"), "a password echoed: {err}");
         }
     }
 

@@ -59,8 +59,12 @@ pub enum EditError {
 /// The file holding `[[keys]]` for a config, and how to change it safely.
 #[derive(Debug, Clone)]
 pub struct KeyStore {
+    /// The config as named: validated there, so its relative paths (`identity_secret_file`,
+    /// `ca_file`) resolve as the gateway resolves them, whatever symlink it is.
     config: PathBuf,
     store: PathBuf,
+    /// Whether the keys live in the config file itself.
+    inline: bool,
 }
 
 /// The first lines of a keys file that `keygate keys new` creates.
@@ -74,20 +78,17 @@ impl KeyStore {
         // A symlinked store is edited where it lives: the link stays, the file it names is
         // replaced, and every editor locks beside that file whichever path it was given.
         let real = |p: &Path| fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        let store = real(&store);
         Ok(KeyStore {
-            config: real(config),
-            store: real(&store),
+            config: config.to_path_buf(),
+            inline: store == real(config),
+            store,
         })
     }
 
     /// The file the keys are in.
     pub fn path(&self) -> &Path {
         &self.store
-    }
-
-    /// Whether the keys live in the config file itself.
-    fn inline(&self) -> bool {
-        self.store == self.config
     }
 
     /// Applies `change` to the store under the lock, validates, and writes atomically.
@@ -100,7 +101,7 @@ impl KeyStore {
         let _lock = self.lock()?;
         let text = match fs::read_to_string(&self.store) {
             Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound && !self.inline() => {
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !self.inline => {
                 NEW_KEYS_FILE.to_string()
             }
             Err(source) => {
@@ -127,7 +128,7 @@ impl KeyStore {
 
     /// Validates the whole config with `store_text` as the key store's contents.
     fn validate(&self, store_text: &str) -> Result<Config, ConfigError> {
-        if self.inline() {
+        if self.inline {
             Config::parse(&self.config, store_text)
         } else {
             let main = fs::read_to_string(&self.config).map_err(|e| ConfigError {
@@ -149,12 +150,26 @@ impl KeyStore {
             path: path.clone(),
             source,
         };
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io_err)?;
+        // Opened for reading (a lock needs no more): a lock file that root made stays usable by
+        // the store's owner. Made anew, it takes the store's (or config's) mode and owner, as
+        // the store itself does.
+        let file = match File::open(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let file = OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&path)
+                    .map_err(io_err)?;
+                if let Ok(meta) = fs::metadata(&self.store).or_else(|_| fs::metadata(&self.config))
+                {
+                    file.set_permissions(meta.permissions()).map_err(io_err)?;
+                    keep_owner(&file, &meta).map_err(io_err)?;
+                }
+                file
+            }
+            opened => opened.map_err(io_err)?,
+        };
         fs4::FileExt::lock(&file).map_err(io_err)?;
         Ok(file)
     }

@@ -847,6 +847,32 @@ async fn a_symlinked_keys_file_is_watched_where_it_lives() {
     );
 }
 
+/// A config that is a symlink into another directory resolves its relative files (here
+/// `identity_secret_file`) beside the link, for `keygate keys` as for the gateway: the edit is
+/// not refused for a file the gateway finds.
+#[cfg(unix)]
+#[test]
+fn keys_edits_resolve_a_symlinked_configs_files_as_the_gateway_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let (etc, releases) = (dir.path().join("etc"), dir.path().join("releases/v3"));
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::create_dir_all(&releases).unwrap();
+    let text = config_text("http://127.0.0.1:9", "").replace(
+        "[upstream]\n",
+        "[upstream]\nidentity_secret_file = \"identity.secret\"\n",
+    );
+    std::fs::write(releases.join("gateway.toml"), text).unwrap();
+    std::fs::write(etc.join("identity.secret"), "0123456789abcdef".repeat(4)).unwrap();
+    let config = etc.join("gateway.toml");
+    std::os::unix::fs::symlink(releases.join("gateway.toml"), &config).unwrap();
+    assert!(Config::load(&config).is_ok(), "the gateway's reading");
+    minted(&config, &["new", "--id", "partner"]);
+    ok(keys_cmd(&config, &["revoke", "partner"]));
+    assert!(std::fs::read_to_string(releases.join("gateway.toml"))
+        .unwrap()
+        .contains("id = \"partner\""));
+}
+
 /// A key revoked between the gateway's start-up read and the start of its file watch (a
 /// `keys revoke` right after a restart, while a large key file loads) is refused all the same.
 #[tokio::test]
@@ -1022,6 +1048,60 @@ fn edits_keep_the_owner_and_edit_through_a_symlink() {
     assert!(std::fs::read_to_string(&real)
         .unwrap()
         .contains("id = \"c\""));
+}
+
+/// The lock file beside the store serves whoever may edit the store: one that root made (an
+/// edit with sudo) takes the store's owner, and one that is root's anyway (0644, an older
+/// keygate) still locks for the owner, who only needs to read it. Root only (as CI runs).
+#[cfg(unix)]
+#[test]
+fn the_stores_owner_can_still_edit_after_root_did() {
+    use std::os::unix::{fs::MetadataExt, process::CommandExt};
+    let dir = tempfile::tempdir().unwrap();
+    let (uid, gid) = (12347, 12348);
+    if std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).is_err() {
+        eprintln!("not root: skipped");
+        return;
+    }
+    let as_owner = |args: &[&str], config: &Path| {
+        Command::new(keygate_bin())
+            .arg("keys")
+            .args(args)
+            .arg("--config")
+            .arg(config)
+            .uid(uid)
+            .gid(gid)
+            .output()
+    };
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(&config, config_text("http://127.0.0.1:9", "")).unwrap();
+    std::os::unix::fs::chown(&config, Some(uid), Some(gid)).unwrap();
+    match as_owner(&["list"], &config) {
+        Ok(out) if out.status.success() => {}
+        other => {
+            eprintln!("the binary cannot run as {uid} here ({other:?}): skipped");
+            return;
+        }
+    }
+    let lock = dir.path().join("gateway.toml.lock");
+    minted(&config, &["new", "--id", "by-root"]);
+    let meta = std::fs::metadata(&lock).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid()),
+        (uid, gid),
+        "the lock took root's owner"
+    );
+    let out = as_owner(&["new", "--id", "by-owner"], &config).unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // A lock root left as its own, readable by all.
+    std::fs::remove_file(&lock).unwrap();
+    std::fs::write(&lock, "").unwrap();
+    let out = as_owner(&["new", "--id", "after-old-lock"], &config).unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(std::fs::read_to_string(&config)
+        .unwrap()
+        .contains("id = \"after-old-lock\""));
 }
 
 /// Dates the config cannot hold are refused with a message (RFC 3339 and TOML stop at the

@@ -15,13 +15,14 @@
 //!      ▲                                            │  on_store_error applies to every request:
 //!      └────────────────────────────────────────────┘  local | allow | deny (503)
 //!        the background probe connects, loads the script and   (one info line)
-//!        gets a PING answered within STORE_TIMEOUT
+//!        runs it once on its probe key within STORE_TIMEOUT
 //! ```
 //!
 //! In `Fallback` no request waits for Redis: a probe task reconnects every [`PROBE_INTERVAL`]
-//! (the first one an interval after the trip) and flips the mode back when Redis answers as
-//! fast as requests wait for it: a store that is up but slow stays in fallback, instead of
-//! being taken back and tripping again at each request. The budgets are keyed by key **id**
+//! (the first one an interval after the trip) and flips the mode back when Redis runs the
+//! script (`keygate:probe`, a key no key id can name) as fast as requests wait for it: a store
+//! that is up but slow, or that answers but refuses writes, stays in fallback, instead of being
+//! taken back and tripping again at each request. The budgets are keyed by key **id**
 //! (`keygate:<id>:rate`), never by hash, so every hash of one id (a rotating key) and every
 //! instance share one budget, and a reload or a revocation changes nothing in Redis.
 
@@ -234,13 +235,16 @@ impl Limits {
 }
 
 impl StoreLink {
-    /// Connects (and loads the script), then asks for one round trip within [`STORE_TIMEOUT`],
-    /// the request path's own deadline; from then on limits are decided in the store. (A store
-    /// that connects within a second but answers slower than the requests wait would otherwise
-    /// flip between shared and fallback a few times a second.)
+    /// Connects (and loads the script), then runs the script once on its probe key within
+    /// [`STORE_TIMEOUT`], the request path's own deadline; from then on limits are decided in
+    /// the store. Otherwise a store that connects within a second but answers slower than the
+    /// requests wait, or one that answers `PING` but refuses the script's write (a read-only
+    /// replica, `maxmemory` with `noeviction`, a read-only ACL user), would be taken back and
+    /// trip again at the next request, flipping between shared and fallback a few times a
+    /// second.
     async fn share(&self) -> Result<(), StoreError> {
         self.redis.connect().await?;
-        self.redis.ping(STORE_TIMEOUT).await?;
+        self.redis.probe(STORE_TIMEOUT).await?;
         self.mode
             .store(LimitMode::Shared.as_u8(), Ordering::Release);
         Ok(())

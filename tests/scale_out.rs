@@ -88,6 +88,25 @@ impl RedisServer {
             && (&buf == b"+PONG\r\n" || buf.starts_with(b"-NOAUTH"))
     }
 
+    /// Sends one command (as a RESP array) and returns the first line of the answer
+    /// (`+OK`, `-ERR ...`, `:1`), as redis-cli would show it.
+    fn command(&self, args: &[&str]) -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("redis-server answers");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut req = format!("*{}\r\n", args.len());
+        for a in args {
+            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        s.write_all(req.as_bytes()).unwrap();
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while !line.ends_with(b"\r\n") {
+            s.read_exact(&mut byte).expect("an answer from redis-server");
+            line.push(byte[0]);
+        }
+        String::from_utf8_lossy(&line[..line.len() - 2]).into_owned()
+    }
+
     /// Sends `sig` (`STOP`, `CONT`) to the server, to make it hang or resume.
     fn signal(&self, sig: &str) {
         let pid = self.child.as_ref().expect("running").id();
@@ -688,7 +707,7 @@ async fn slow_relay(port: u16, delay_ms: Arc<AtomicUsize>) -> String {
 }
 
 /// A Redis that answers, but slower than requests wait (300 ms against 100): the instance
-/// trips to the fallback once and stays there (its probe wants a PING answered within the
+/// trips to the fallback once and stays there (its probe wants the script run within the
 /// request path's deadline), instead of being taken back and tripping again every few hundred
 /// milliseconds; it returns once the store is fast again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -732,6 +751,94 @@ async fn a_slow_redis_trips_once_and_the_instance_stays_in_fallback() {
         StatusCode::OK
     );
     assert_eq!(a.count_logs(TRIPPED), 1);
+}
+
+/// The current `keygate_limit_store_mode` of the instance (the mode whose gauge reads 1), from
+/// its admin listener's /metrics.
+async fn store_mode(inst: &Instance) -> String {
+    let url = format!("http://{}/metrics", inst.process.admin_addr());
+    let m = get(&http1_client(), &url, &[]).await.text();
+    let on: Vec<&str> = ["in_process", "shared", "fallback"]
+        .into_iter()
+        .filter(|mode| {
+            sample(&m, &format!("keygate_limit_store_mode{{mode=\"{mode}\"}}")) == Some(1.0)
+        })
+        .collect();
+    assert_eq!(on.len(), 1, "one mode at a time:\n{m}");
+    on[0].to_string()
+}
+
+/// A Redis that answers PING (and SCRIPT LOAD) but refuses writes, as a read-only replica after
+/// a failover, `maxmemory` with `noeviction`, or a read-only ACL user do (here
+/// `min-replicas-to-write 1` with no replica: NOREPLICAS on every write): the instance trips to
+/// the fallback once and stays there under steady traffic, instead of being taken back by a
+/// probe that only pinged and tripping again a few times a second; once writes are accepted
+/// again it returns to the shared budget by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_answers_ping_but_refuses_writes_trips_once_and_stays_in_fallback() {
+    let _serial = serial().await;
+    let up = start_upstream().await;
+    let redis = RedisServer::start();
+    let a = Instance::start(
+        &up.url(),
+        &format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n\n{}{}",
+            store_section(&redis, "local"),
+            key_entry("partner", KEY, "rate = \"100/s\"\nburst = 100")
+        ),
+    );
+    assert_eq!(a.count_logs(SHARED), 1, "{}", store_lines(&a.process.logs()));
+    assert_eq!(store_mode(&a).await, "shared");
+    let c = http1_client();
+    let url = a.url("/v1/guests");
+    assert_eq!(
+        get(&c, &url, &[("x-api-key", KEY)]).await.status,
+        StatusCode::OK
+    );
+
+    assert_eq!(
+        redis.command(&["CONFIG", "SET", "min-replicas-to-write", "1"]),
+        "+OK"
+    );
+    assert_eq!(redis.command(&["PING"]), "+PONG", "still answers PING");
+    // Steady traffic for 3 s (a request every 50 ms), reading the mode before each request
+    // once the first one has tripped (a probe that took the store back shows there).
+    let mut modes = Vec::new();
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        if a.count_logs(TRIPPED) > 0 {
+            modes.push(store_mode(&a).await);
+        }
+        let got = get(&c, &url, &[("x-api-key", KEY)]).await;
+        assert_eq!(got.status, StatusCode::OK, "served by the local limiter");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let logs = store_lines(&a.process.logs());
+    assert_eq!(a.count_logs(TRIPPED), 1, "one trip, not a flap:\n{logs}");
+    assert!(logs.contains("NOREPLICAS"), "{logs}");
+    assert_eq!(a.count_logs(BACK), 0, "taken back while writes fail:\n{logs}");
+    assert!(!modes.is_empty());
+    assert!(
+        modes.iter().all(|m| m == "fallback"),
+        "the mode left fallback while writes failed: {modes:?}\n{logs}"
+    );
+    assert_eq!(store_mode(&a).await, "fallback");
+
+    assert_eq!(
+        redis.command(&["CONFIG", "SET", "min-replicas-to-write", "0"]),
+        "+OK"
+    );
+    assert!(
+        a.process.wait_for_log(BACK, Duration::from_secs(5)),
+        "{}",
+        store_lines(&a.process.logs())
+    );
+    assert_eq!(store_mode(&a).await, "shared");
+    let got = get(&c, &url, &[("x-api-key", KEY)]).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(store_mode(&a).await, "shared", "and it stays shared");
+    assert_eq!(a.count_logs(TRIPPED), 1, "{}", store_lines(&a.process.logs()));
+    assert_eq!(a.count_logs(BACK), 1);
 }
 
 /// A Redis that hangs (no error, no answer) costs a request at most the store timeout; then the

@@ -24,6 +24,10 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Prefix of every key keygate writes in Redis.
 pub const KEY_PREFIX: &str = "keygate:";
 
+/// The key [`RedisStore::probe`] runs the script on. Key ids never contain `:`, so it is never
+/// a budget's key (`keygate:<id>:<budget>`).
+pub const PROBE_KEY: &str = "keygate:probe";
+
 /// The GCRA, run inside Redis.
 const GCRA_LUA: &str = include_str!("gcra.lua");
 
@@ -168,17 +172,26 @@ impl RedisStore {
         Ok(())
     }
 
-    /// One `PING` on the current connection within `within`: whether the store answers as fast
-    /// as the request path needs. The connection is dropped when it does not.
-    pub async fn ping(&self, within: Duration) -> Result<(), StoreError> {
+    /// One run of the GCRA script on [`PROBE_KEY`] over the current connection within
+    /// `within`: whether the store can decide a request (read, write, within the request
+    /// path's deadline), not merely whether it answers. A Redis that answers `PING` and
+    /// `SCRIPT LOAD` but refuses the script's `SET` (a read-only replica after a failover,
+    /// `maxmemory` with `noeviction`, an ACL user without write access) fails here. The
+    /// connection is dropped when it does not succeed.
+    pub async fn probe(&self, within: Duration) -> Result<(), StoreError> {
         let Some(handle) = self.conn.load_full() else {
             return Err(StoreError::NotConnected);
         };
         let mut conn = MultiplexedConnection::clone(&handle);
-        let cmd = redis::cmd("PING");
-        let ping = cmd.query_async::<()>(&mut conn);
-        let result = match tokio::time::timeout(within, ping).await {
-            Ok(answer) => answer.map_err(StoreError::from),
+        // t = 1 µs and a burst of a million: always admitted, so the script always reaches its
+        // SET, which leaves a state Redis forgets 1 ms later.
+        let mut invocation = self.script.key(PROBE_KEY);
+        invocation.arg(1u64).arg(1_000_000u32);
+        let run = invocation.invoke_async::<(u8, i64, i64, i64)>(&mut conn);
+        let result = match tokio::time::timeout(within, run).await {
+            Ok(Ok((1, ..))) => Ok(()),
+            Ok(Ok(_)) => Err(StoreError::Protocol),
+            Ok(Err(e)) => Err(StoreError::from(e)),
             Err(_) => Err(StoreError::Timeout(within)),
         };
         if result.is_err() {
@@ -372,5 +385,10 @@ mod tests {
     #[test]
     fn bucket_keys_are_namespaced_by_id_and_budget() {
         assert_eq!(bucket_key("partner-a", "rate"), "keygate:partner-a:rate");
+        // A budget's key has a ':' after the prefix and its id; ids cannot hold one, and the
+        // probe's key has none: no key id makes a budget's key the probe's.
+        assert!(!crate::config::valid_id("a:b"));
+        assert!(PROBE_KEY.starts_with(KEY_PREFIX));
+        assert!(!PROBE_KEY[KEY_PREFIX.len()..].contains(':'));
     }
 }

@@ -1123,3 +1123,80 @@ async fn quota_is_shared_through_redis_and_never_double_charged() {
         later.header("ratelimit")
     );
 }
+
+/// Redis's clock stepped back (or a failover landed on a replica whose clock is behind): the
+/// budgets Redis holds are points in time (`keygate:<id>:rate` and `:quota` hold a theoretical
+/// arrival time in microseconds since the epoch, per Redis's `TIME`), so they read as a day in
+/// the future. Simulated by writing such states directly. A refusal then lasts no longer than
+/// the limit's own window, and the key is admitted again once the Retry-After it was given has
+/// passed; not refused for the size of the step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_clock_step_back_refuses_no_longer_than_the_limits_window() {
+    let _serial = serial().await;
+    let up = start_upstream().await;
+    let redis = RedisServer::start();
+    let a = Instance::start(
+        &up.url(),
+        &format!(
+            "{}{}{}",
+            store_section(&redis, "local"),
+            // Window: burst 3 × 1 s.
+            key_entry("partner", KEY, "rate = \"1/s\"\nburst = 3"),
+            // Window: the hour; one request back every second.
+            key_entry(
+                "quota",
+                PROBE_KEY,
+                "rate = \"100/s\"\nburst = 100\nquota = \"3600/h\""
+            ),
+        ),
+    );
+    assert!(a.process.logs().contains(SHARED), "{}", a.process.logs());
+    let day_us = 86_400_000_000u128;
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros();
+    for key in ["keygate:partner:rate", "keygate:quota:quota"] {
+        let state = (now_us + day_us).to_string();
+        assert_eq!(
+            redis.command(&["SET", key, &state, "PX", "172800000"]),
+            "+OK"
+        );
+    }
+
+    let c = http1_client();
+    let url = a.url("/v1/guests");
+    for (key, code, window) in [
+        (KEY, "rate_limited", 3u64),
+        (PROBE_KEY, "quota_exceeded", 3600),
+    ] {
+        let got = get(&c, &url, &[("x-api-key", key)]).await;
+        let retry_after: u64 = got
+            .header("retry-after")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if got.status == StatusCode::TOO_MANY_REQUESTS {
+            assert_eq!(got.code(), code);
+            assert!(
+                retry_after <= window,
+                "{code}: Retry-After {retry_after} s after a clock step of a day, longer than \
+                 the limit's {window} s window"
+            );
+            // Waiting what it was told is enough (not refused again and again).
+            assert!(retry_after <= 10, "{code}: Retry-After {retry_after} s");
+            tokio::time::sleep(Duration::from_secs(retry_after) + Duration::from_millis(500))
+                .await;
+            let again = get(&c, &url, &[("x-api-key", key)]).await;
+            assert_eq!(
+                again.status,
+                StatusCode::OK,
+                "{code}: refused again after waiting its Retry-After of {retry_after} s: {:?}",
+                again.header("retry-after")
+            );
+        } else {
+            assert_eq!(got.status, StatusCode::OK);
+        }
+    }
+    assert!(a.process.logs().contains(SHARED));
+    assert_eq!(a.count_logs(TRIPPED), 0, "{}", store_lines(&a.process.logs()));
+}

@@ -14,25 +14,35 @@
 --
 -- Both budgets are tested before either is charged: a request refused by one is not charged to
 -- the other (the quota is tested first, as in process). The clock is the Redis server's (TIME),
--- so instances with skewed clocks still agree. Times are whole microseconds since the epoch
--- (~1.8e15), exact in Lua's doubles (< 2^53).
+-- so instances with skewed clocks still agree; a stored TAT past a whole budget from now (Redis's
+-- own clock stepped back) is capped to it, so such a step refuses no key for longer than t.
+-- Times are whole microseconds since the epoch (~1.8e15), exact in Lua's doubles (< 2^53).
 local now = redis.call('TIME')
 local t0 = tonumber(now[1]) * 1000000 + tonumber(now[2])
+
+local function commit(key, next)
+  -- Once next has passed, the state is the same as no state: let Redis forget it then.
+  redis.call('SET', key, string.format('%d', next), 'PX', math.ceil((next - t0) / 1000))
+end
 
 local function test(key, t, burst)
   local tau = t * (burst - 1)
   local tat = tonumber(redis.call('GET', key)) or t0
+  -- An admission stores at most its t0 + tau + t (a budget spent whole), so a later TAT than
+  -- that was stored on a clock ahead of this one: TIME stepped back, or a failover landed on a
+  -- replica whose clock is behind. Read it as a budget spent whole now, and store that, so a
+  -- refusal lasts at most t (not the size of the step) and the budget refills from here.
+  local spent = t0 + tau + t
+  if tat > spent then
+    tat = spent
+    commit(key, tat)
+  end
   local earliest = tat - tau
   if t0 < earliest then
     return false, earliest - t0, 0
   end
   local next = math.max(tat, t0) + t
   return true, next, math.floor(math.min(t0 + tau + t - next, tau + t) / t)
-end
-
-local function commit(key, next)
-  -- Once next has passed, the state is the same as no state: let Redis forget it then.
-  redis.call('SET', key, string.format('%d', next), 'PX', math.ceil((next - t0) / 1000))
 end
 
 local quota_next, quota_remaining = nil, -1

@@ -101,7 +101,8 @@ impl RedisServer {
         let mut line = Vec::new();
         let mut byte = [0u8; 1];
         while !line.ends_with(b"\r\n") {
-            s.read_exact(&mut byte).expect("an answer from redis-server");
+            s.read_exact(&mut byte)
+                .expect("an answer from redis-server");
             line.push(byte[0]);
         }
         String::from_utf8_lossy(&line[..line.len() - 2]).into_owned()
@@ -787,7 +788,12 @@ async fn a_redis_that_answers_ping_but_refuses_writes_trips_once_and_stays_in_fa
             key_entry("partner", KEY, "rate = \"100/s\"\nburst = 100")
         ),
     );
-    assert_eq!(a.count_logs(SHARED), 1, "{}", store_lines(&a.process.logs()));
+    assert_eq!(
+        a.count_logs(SHARED),
+        1,
+        "{}",
+        store_lines(&a.process.logs())
+    );
     assert_eq!(store_mode(&a).await, "shared");
     let c = http1_client();
     let url = a.url("/v1/guests");
@@ -816,7 +822,11 @@ async fn a_redis_that_answers_ping_but_refuses_writes_trips_once_and_stays_in_fa
     let logs = store_lines(&a.process.logs());
     assert_eq!(a.count_logs(TRIPPED), 1, "one trip, not a flap:\n{logs}");
     assert!(logs.contains("NOREPLICAS"), "{logs}");
-    assert_eq!(a.count_logs(BACK), 0, "taken back while writes fail:\n{logs}");
+    assert_eq!(
+        a.count_logs(BACK),
+        0,
+        "taken back while writes fail:\n{logs}"
+    );
     assert!(!modes.is_empty());
     assert!(
         modes.iter().all(|m| m == "fallback"),
@@ -837,7 +847,12 @@ async fn a_redis_that_answers_ping_but_refuses_writes_trips_once_and_stays_in_fa
     let got = get(&c, &url, &[("x-api-key", KEY)]).await;
     assert_eq!(got.status, StatusCode::OK);
     assert_eq!(store_mode(&a).await, "shared", "and it stays shared");
-    assert_eq!(a.count_logs(TRIPPED), 1, "{}", store_lines(&a.process.logs()));
+    assert_eq!(
+        a.count_logs(TRIPPED),
+        1,
+        "{}",
+        store_lines(&a.process.logs())
+    );
     assert_eq!(a.count_logs(BACK), 1);
 }
 
@@ -1184,8 +1199,7 @@ async fn a_redis_clock_step_back_refuses_no_longer_than_the_limits_window() {
             );
             // Waiting what it was told is enough (not refused again and again).
             assert!(retry_after <= 10, "{code}: Retry-After {retry_after} s");
-            tokio::time::sleep(Duration::from_secs(retry_after) + Duration::from_millis(500))
-                .await;
+            tokio::time::sleep(Duration::from_secs(retry_after) + Duration::from_millis(500)).await;
             let again = get(&c, &url, &[("x-api-key", key)]).await;
             assert_eq!(
                 again.status,
@@ -1198,5 +1212,10 @@ async fn a_redis_clock_step_back_refuses_no_longer_than_the_limits_window() {
         }
     }
     assert!(a.process.logs().contains(SHARED));
-    assert_eq!(a.count_logs(TRIPPED), 0, "{}", store_lines(&a.process.logs()));
+    assert_eq!(
+        a.count_logs(TRIPPED),
+        0,
+        "{}",
+        store_lines(&a.process.logs())
+    );
 }

@@ -373,7 +373,12 @@ async fn admit_and_forward(
             if let Either::Left(body) = resp.body_mut() {
                 if let Some(upstream) = body.get_mut().take_upgraded() {
                     conn.framing.stop();
-                    let task = upgrade::splice(client, upstream, request_id.clone());
+                    let task = upgrade::splice(
+                        client,
+                        upstream,
+                        request_id.clone(),
+                        live.config.server.idle_timeout,
+                    );
                     *conn.splice.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
                 }
             }

@@ -4,12 +4,27 @@
 //! stripped); only its `Connection: upgrade` and `Upgrade` fields, hop-by-hop by nature, are put
 //! back before it goes upstream. When the upstream answers `101 Switching Protocols`, both
 //! connections are taken over from hyper and spliced together, bytes copied both ways until
-//! either side closes. The client side stays under `[server] idle_timeout`, so an upgraded
-//! connection with no traffic at all (not even pings) is closed like any idle connection.
+//! either side closes, or until no byte has gone either way for `[server] idle_timeout`: an
+//! upgraded connection with no traffic at all (not even pings) is closed like any idle
+//! connection, whatever the upstream does.
+
+use std::{
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use http::{header, HeaderMap, HeaderValue, Request};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    time::Instant,
+};
 
 use crate::upstream::Upgraded;
 
@@ -41,11 +56,15 @@ pub fn restore(headers: &mut HeaderMap, upgrade: HeaderValue) {
 
 /// After a `101` from the upstream: waits for the client side to hand over its connection and
 /// copies bytes between the two in a task of its own, which the connection's task then waits
-/// for ([`crate::proxy::ConnInfo::splice`]).
+/// for ([`crate::proxy::ConnInfo::splice`]). When no byte has gone either way for `idle`
+/// (`[server] idle_timeout`, as nginx's `proxy_read_timeout` bounds a WebSocket), both sides
+/// are closed: a silent client no longer keeps its slot behind an upstream that never closes
+/// (the client side alone only ends the client's half).
 pub fn splice(
     client: OnUpgrade,
-    mut upstream: Upgraded,
+    upstream: Upgraded,
     request_id: HeaderValue,
+    idle: Duration,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let rid = request_id.to_str().unwrap_or("-").to_string();
@@ -56,14 +75,107 @@ pub fn splice(
                 return;
             }
         };
-        let mut client = TokioIo::new(client);
-        match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-            Ok((up, down)) => {
-                tracing::debug!(request_id = rid, up, down, "upgraded connection closed")
+        let activity = Activity::new();
+        let mut client = Active::new(TokioIo::new(client), &activity);
+        let mut upstream = Active::new(upstream, &activity);
+        tokio::select! {
+            copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match copied {
+                Ok((up, down)) => {
+                    tracing::debug!(request_id = rid, up, down, "upgraded connection closed")
+                }
+                Err(e) => tracing::debug!(request_id = rid, "upgraded connection ended: {e}"),
+            },
+            () = activity.idle_for(idle) => {
+                tracing::debug!(request_id = rid, "upgraded connection idle for {idle:?}: closed")
             }
-            Err(e) => tracing::debug!(request_id = rid, "upgraded connection ended: {e}"),
         }
     })
+}
+
+/// When a byte last went either way through a splice.
+struct Activity {
+    start: Instant,
+    /// Milliseconds from `start`.
+    last: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            start: Instant::now(),
+            last: AtomicU64::new(0),
+        })
+    }
+
+    fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last.store(ms, Ordering::Relaxed);
+    }
+
+    /// Returns once nothing has moved for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let due = self.start + Duration::from_millis(self.last.load(Ordering::Relaxed)) + idle;
+            if Instant::now() >= due {
+                return;
+            }
+            tokio::time::sleep_until(due).await;
+        }
+    }
+}
+
+/// One side of a splice, each byte read or written through it counted as activity.
+struct Active<T> {
+    io: T,
+    activity: Arc<Activity>,
+}
+
+impl<T> Active<T> {
+    fn new(io: T, activity: &Arc<Activity>) -> Self {
+        Active {
+            io,
+            activity: Arc::clone(activity),
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Active<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let res = Pin::new(&mut this.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.activity.touch();
+        }
+        res
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Active<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.io).poll_write(cx, buf);
+        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.touch();
+        }
+        res
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
 #[cfg(test)]

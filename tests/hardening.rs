@@ -1696,6 +1696,60 @@ async fn a_websocket_holds_its_connection_slot_until_it_closes() {
     );
 }
 
+/// An upgraded connection on which nothing moves either way for `idle_timeout` is closed on
+/// both sides, its slot given back, even when the upstream never closes (hung, or ignoring the
+/// client's half-close): a silent WebSocket client cannot hold a slot for as long as the
+/// upstream lives.
+#[tokio::test]
+async fn an_idle_upgraded_connection_gives_its_slot_back_whatever_the_upstream_does() {
+    // Switches protocols, then neither reads, writes nor closes until the test ends.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = l.local_addr().unwrap();
+    let (held_tx, mut held) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let mut buf = vec![0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n")
+                .await;
+            let _ = held_tx.send(s);
+        }
+    });
+    let gw = start_gateway(&config(
+        &format!("http://{up_addr}"),
+        "max_connections = 1\nidle_timeout = \"500ms\"",
+        "",
+        "",
+    ))
+    .await;
+    let mut ws = TcpStream::connect(gw.addr()).await.unwrap();
+    let handshake = format!(
+        "GET /v1/stream HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nX-Api-Key: {KEY}\r\n\r\n"
+    );
+    ws.write_all(handshake.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 12];
+    ws.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 101");
+    let _upstream_side = held.recv().await.unwrap();
+    // The client goes quiet (and says it has no more to send); the upstream says nothing.
+    ws.shutdown().await.unwrap();
+
+    let started = std::time::Instant::now();
+    let mut next = TcpStream::connect(gw.addr()).await.unwrap();
+    let get = format!("GET /v1/x HTTP/1.1\r\nHost: x\r\nX-Api-Key: {KEY}\r\n\r\n");
+    next.write_all(get.as_bytes()).await.unwrap();
+    let served = tokio::time::timeout(Duration::from_secs(10), next.read(&mut buf)).await;
+    assert!(
+        matches!(served, Ok(Ok(n)) if n > 0),
+        "the idle upgraded connection still held the only slot after 10 s"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "served before the upgraded connection was idle"
+    );
+}
+
 /// One HTTP/2 frame: 9-byte header and payload.
 fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let len = payload.len() as u32;

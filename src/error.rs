@@ -72,6 +72,18 @@ pub enum GatewayError {
     LimitStoreUnavailable,
 }
 
+/// A path keygate will not forward ([`crate::scope`]): 400 `bad_request`, whatever the key.
+impl From<crate::scope::PathError> for GatewayError {
+    fn from(err: crate::scope::PathError) -> GatewayError {
+        GatewayError::BadRequest(match err {
+            crate::scope::PathError::Ambiguous => {
+                "Encoded slashes, backslashes, NULs and dot segments with parameters (..;) are not accepted in paths."
+            }
+            crate::scope::PathError::AboveRoot => "The path climbs above the root (/..).",
+        })
+    }
+}
+
 impl GatewayError {
     /// The HTTP status this error answers with.
     pub fn status(&self) -> StatusCode {

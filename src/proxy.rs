@@ -10,15 +10,18 @@
 //!    live [`KeyTable`], refuse missing, unknown, disabled and expired
 //!    keys (and a rotated key's old hash after its grace); count failures per client IP
 //!    ([`bruteforce`](crate::bruteforce)) and answer 429 to an address past its budget;
-//! 4. **scope** – for a key with scopes, normalise the path ([`scope::normalise`]) and refuse
-//!    with 403 what no scope covers; nothing is charged or forwarded;
+//! 4. **path** – resolve the path's dot segments ([`scope::resolve_dots`], `%2e` read as `.`)
+//!    and refuse with 400 a path that climbs above the root, so that none leaves the
+//!    `[upstream] url` path; for a key with scopes, normalise the path ([`scope::normalise`])
+//!    and refuse with 403 what no scope covers; nothing is charged or forwarded;
 //! 5. **limit** – ask the key's quota and rate through [`Limits`] (in process, or shared in
 //!    Redis; both are charged or neither); refuse with 429 and `Retry-After` when one is spent;
 //!    refuse a body the key may not send (`max_body`, 413);
 //! 6. **rewrite** – drop the key, hop-by-hop headers and any client-sent `X-Keygate-*`, set the
 //!    forwarding and identity headers (and `X-Keygate-Signature` when configured), point the
-//!    URI at the upstream (a scoped key's request goes with its normalised path); an `Upgrade`
-//!    request keeps its upgrade fields and, on `101`, is spliced through ([`upgrade`]);
+//!    URI at the upstream (with its dot segments resolved, a scoped key's with its normalised
+//!    path); an `Upgrade` request keeps its upgrade fields and, on `101`, is spliced through
+//!    ([`upgrade`]);
 //! 7. **forward** – send it on the pooled client, the body streamed both ways through
 //!    [`GuardedBody`] (size limit, idle timeout), with a deadline on the response head;
 //! 8. **respond** – add the rate-limit fields and the request id; the access line and the
@@ -58,7 +61,7 @@ use crate::{
     keys::{self, KeyEntry, KeyHash, KeyTable},
     metrics::{Metrics, UpstreamErrorKind},
     quota::{self, Admission},
-    scope::{self, NormalPath},
+    scope,
     store::Limits,
     timers::{Progress, TimerPool},
     upgrade,
@@ -320,7 +323,7 @@ async fn admit_and_forward(
         Err(err) => return Err(judge_failure(live, client_ip, blocked, err)),
     };
     caller.key = Some(Arc::clone(&entry));
-    let normal = check_scope(&entry, req.method(), req.uri())?;
+    let path = check_path(&entry, req.method(), req.uri())?;
     let admission = shared.limits.check(&entry).await?;
     if let Some(admission) = &admission {
         caller.ratelimit = Some(quota::ratelimit_header(admission));
@@ -347,7 +350,7 @@ async fn admit_and_forward(
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     // Rewritten in place and lent to the client: the parts are not moved again.
     let (mut parts, body) = req.into_parts();
-    let forwarding = rewrite(live, conn, &mut parts, &entry, source, request_id, normal)?;
+    let forwarding = rewrite(live, conn, &mut parts, &entry, source, request_id, path)?;
     if let Some(value) = upgrade {
         upgrade::restore(&mut parts.headers, value);
     }
@@ -535,24 +538,23 @@ fn authenticate(
     Ok((Arc::clone(entry), source))
 }
 
-/// Phase 4: for a key with scopes, the normalised path when a scope covers the request.
-fn check_scope(
+/// Phase 4: the path to forward when it is not the request's own: its dot segments resolved
+/// ([`scope::resolve_dots`]) for every key, so that no path climbs out of the `[upstream] url`
+/// path; for a key with scopes, normalised ([`scope::normalise`]) and refused unless a scope
+/// covers it.
+fn check_path(
     entry: &KeyEntry,
     method: &Method,
     uri: &Uri,
-) -> Result<Option<NormalPath>, GatewayError> {
+) -> Result<Option<String>, GatewayError> {
     if entry.scopes.is_empty() {
-        return Ok(None);
+        return Ok(scope::resolve_dots(uri.path())?);
     }
-    let normal = scope::normalise(uri.path()).map_err(|_| {
-        GatewayError::BadRequest(
-            "Encoded slashes, backslashes, NULs and dot segments with parameters (..;) are not accepted in paths.",
-        )
-    })?;
+    let normal = scope::normalise(uri.path())?;
     if !scope::allowed(&entry.scopes, method, &normal) {
         return Err(GatewayError::ForbiddenScope);
     }
-    Ok(Some(normal))
+    Ok(Some(normal.encoded))
 }
 
 /// The percent-decoded value of the `name` query parameter; two of them are ambiguous.
@@ -619,17 +621,16 @@ fn rewrite<'a>(
     entry: &KeyEntry,
     source: KeySource,
     request_id: &HeaderValue,
-    normal: Option<NormalPath>,
+    path: Option<String>,
 ) -> Result<Forwarding<'a>, GatewayError> {
     let upstream = &live.config.upstream;
     let rebuilt;
-    let path_and_query = if normal.is_none() && source != KeySource::Query {
+    let path_and_query = if path.is_none() && source != KeySource::Query {
         parts.uri.path_and_query().map_or("/", PathAndQuery::as_str)
     } else {
-        // A scoped key goes with its normalised path; a query key is taken out of the query.
-        let path = normal
-            .as_ref()
-            .map_or(parts.uri.path(), |n| n.encoded.as_str());
+        // A path with dot segments goes resolved (a scoped key's normalised); a query key is
+        // taken out of the query.
+        let path = path.as_deref().unwrap_or(parts.uri.path());
         let query = match (source, parts.uri.query()) {
             (KeySource::Query, Some(q)) => strip_query_param(q, &live.config.auth.query_key),
             (_, q) => q.map(str::to_string),

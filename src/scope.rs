@@ -8,7 +8,9 @@
 //! Requests are matched on their *normalised* path ([`NormalPath`]): each segment is
 //! percent-decoded, then `.` and `..` segments are resolved (RFC 3986 §5.2.4), so
 //! `/v1/guests/../messages` and `/v1/guests/%2e%2e/messages` are both `/v1/messages` and cannot
-//! slip past `GET /v1/guests/**`. The same normalised path (still in its original encoding) is
+//! slip past `GET /v1/guests/**`; a `..` that climbs above the root is refused. The dot
+//! segments of every key's path are resolved the same way ([`resolve_dots`]), so that none
+//! leaves the `[upstream] url` path. The same normalised path (still in its original encoding) is
 //! what gets forwarded, so the upstream serves exactly what was checked. A segment that decodes
 //! to something holding `/`, `\` or NUL, or to `..` or `.` with `;` parameters (`..;x`, which
 //! Tomcat and Jetty resolve as `..`), has no single meaning across servers and is refused.
@@ -167,51 +169,153 @@ pub enum PathError {
     /// holds a broken `%` escape.
     #[error("the path holds an encoded slash, backslash, NUL, a dot segment with parameters or a broken escape")]
     Ambiguous,
+    /// A `..` segment climbs above the root (`/../admin`): behind the `[upstream] url` path
+    /// it would leave that path.
+    #[error("the path climbs above the root")]
+    AboveRoot,
 }
 
-/// Percent-decodes each segment of `path` (which starts with `/`) and resolves `.` and `..`.
-pub fn normalise(path: &str) -> Result<NormalPath, PathError> {
-    let mut kept: Vec<(&str, Vec<u8>)> = Vec::new();
+/// What one raw segment of a path is, for dot-segment resolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dots {
+    /// Neither `.` nor `..`.
+    Name,
+    /// `.`, `%2e` or `%2E`.
+    One,
+    /// `..`, with any of its dots written `%2e` or `%2E`.
+    Two,
+}
+
+/// Whether the raw segment `seg` is a dot segment, reading `%2e`/`%2E` as `.`.
+///
+/// A segment that some server would read as a dot segment but that is not one here is
+/// refused: `..;x` and `.;x` (Tomcat and Jetty drop `;` parameters, then resolve), and a
+/// segment holding an encoded `/` or `\` with a dot segment beside it (`..%2f..%2fadmin`,
+/// which servers that decode before resolving read as two `..`).
+fn dots(seg: &str) -> Result<Dots, PathError> {
+    let b = seg.as_bytes();
+    // Most segments have neither a dot nor an escape: one pass, nothing decoded.
+    if !b.iter().any(|&c| c == b'.' || c == b'%') {
+        return Ok(Dots::Name);
+    }
+    // Walk the decoded bytes as pieces between decoded `/` or `\`, each piece's name up to
+    // its first `;`.
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let (mut pieces, mut dot_piece, mut with_params) = (1, false, false);
+    // The current piece: its leading dots, whether anything else came before a `;`, whether
+    // a `;` came.
+    let (mut n, mut other, mut params) = (0usize, false, false);
+    let mut end_piece = |n: usize, other: bool, params: bool| {
+        if (n == 1 || n == 2) && !other {
+            dot_piece = true;
+            with_params |= params;
+        }
+    };
+    let mut i = 0;
+    while i < b.len() {
+        let mut c = b[i];
+        i += 1;
+        if c == b'%' {
+            if let (Some(h), Some(l)) = (
+                b.get(i).and_then(|&c| hex(c)),
+                b.get(i + 1).and_then(|&c| hex(c)),
+            ) {
+                c = h << 4 | l;
+                i += 2;
+            }
+        }
+        match c {
+            b'/' | b'\\' => {
+                end_piece(n, other, params);
+                pieces += 1;
+                (n, other, params) = (0, false, false);
+            }
+            _ if params => {}
+            b';' => params = true,
+            b'.' if !other => n += 1,
+            _ => other = true,
+        }
+    }
+    end_piece(n, other, params);
+    if !dot_piece {
+        return Ok(Dots::Name);
+    }
+    if with_params || pieces > 1 {
+        return Err(PathError::Ambiguous);
+    }
+    Ok(if n == 1 { Dots::One } else { Dots::Two })
+}
+
+/// `path` (which starts with `/`) with its `.` and `..` segments resolved (RFC 3986 §5.2.4,
+/// `%2e` read as `.`), in its own encoding; `None` when it has none, the common case, which
+/// costs one pass over the path and no allocation. A `..` that climbs above the root is
+/// refused, as nginx and Envoy refuse it, and so is a segment servers read as a dot segment
+/// in ways this one does not (see [`dots`]).
+///
+/// Every forwarded path goes through here, so that a key's path cannot leave the
+/// `[upstream] url` path put in front of it; [`normalise`] starts with it.
+pub fn resolve_dots(path: &str) -> Result<Option<String>, PathError> {
     let body = path.strip_prefix('/').unwrap_or(path);
-    let raw: Vec<&str> = body.split('/').collect();
-    let last = raw.len() - 1;
-    for (i, seg) in raw.iter().enumerate() {
-        let decoded = percent_decode(seg)?;
-        if decoded.iter().any(|b| matches!(b, b'/' | b'\\' | 0)) {
-            return Err(PathError::Ambiguous);
+    let mut first = None;
+    for (i, seg) in body.split('/').enumerate() {
+        if dots(seg)? != Dots::Name {
+            first = Some(i);
+            break;
         }
-        // `..;x` and `.;x`: Java servers (Tomcat, Jetty) drop the `;` parameters and resolve
-        // the dot segment, others read a name; either way not what was checked.
-        let name = decoded.split(|&b| b == b';').next().unwrap_or_default();
-        if matches!(name, b"." | b"..") && decoded.len() > name.len() {
-            return Err(PathError::Ambiguous);
-        }
-        match decoded.as_slice() {
-            b"." | b".." => {
-                if decoded.len() == 2 {
-                    kept.pop();
+    }
+    let Some(first) = first else {
+        return Ok(None);
+    };
+    let mut kept: Vec<&str> = Vec::new();
+    let mut segs = body.split('/').enumerate().peekable();
+    while let Some((i, seg)) = segs.next() {
+        let kind = if i < first { Dots::Name } else { dots(seg)? };
+        match kind {
+            Dots::Name => kept.push(seg),
+            Dots::One | Dots::Two => {
+                if kind == Dots::Two && kept.pop().is_none() {
+                    return Err(PathError::AboveRoot);
                 }
                 // `/a/b/..` is the directory `/a/`: keep the trailing slash.
-                if i == last {
-                    kept.push(("", Vec::new()));
+                if segs.peek().is_none() {
+                    kept.push("");
                 }
             }
-            _ => kept.push((seg, decoded)),
         }
     }
-    let mut encoded = String::with_capacity(path.len());
-    for (seg, _) in &kept {
-        encoded.push('/');
-        encoded.push_str(seg);
+    let mut resolved = String::with_capacity(path.len());
+    for seg in &kept {
+        resolved.push('/');
+        resolved.push_str(seg);
     }
-    if encoded.is_empty() {
-        encoded.push('/');
+    if resolved.is_empty() {
+        resolved.push('/');
     }
-    let segments = if kept.len() == 1 && kept[0].1.is_empty() {
+    Ok(Some(resolved))
+}
+
+/// Resolves the dot segments of `path` (which starts with `/`, see [`resolve_dots`]) and
+/// percent-decodes each segment left.
+pub fn normalise(path: &str) -> Result<NormalPath, PathError> {
+    let encoded = match resolve_dots(path)? {
+        Some(resolved) => resolved,
+        None if path.starts_with('/') => path.to_string(),
+        None => format!("/{path}"),
+    };
+    let body = encoded.strip_prefix('/').unwrap_or(&encoded);
+    let segments = if body.is_empty() {
         // `/` alone has no segments, so that `GET /**` covers it and `GET /*` does not.
         Vec::new()
     } else {
-        kept.into_iter().map(|(_, d)| d).collect()
+        let mut segments = Vec::new();
+        for seg in body.split('/') {
+            let decoded = percent_decode(seg)?;
+            if decoded.iter().any(|b| matches!(b, b'/' | b'\\' | 0)) {
+                return Err(PathError::Ambiguous);
+            }
+            segments.push(decoded);
+        }
+        segments
     };
     Ok(NormalPath { segments, encoded })
 }
@@ -283,7 +387,6 @@ mod tests {
             ("GET /**", "GET", "/", true),
             ("GET /", "GET", "/", true),
             ("GET /*", "GET", "/", false),
-            ("GET /v1/guests/**", "GET", "/../../v1/guests/1", true),
         ];
         for (scope, method, path, want) in cases {
             assert_eq!(
@@ -303,8 +406,47 @@ mod tests {
             vec![b"v1".to_vec(), b"a b".to_vec(), b"c".to_vec()]
         );
         assert_eq!(normalise("/a/b/..").unwrap().encoded, "/a/");
-        assert_eq!(normalise("/..").unwrap().encoded, "/");
+        assert_eq!(normalise("/a/..").unwrap().encoded, "/");
         assert_eq!(normalise("/").unwrap().encoded, "/");
+    }
+
+    #[test]
+    fn dot_segments_are_resolved_and_may_not_climb_above_the_root() {
+        for (path, want) in [
+            ("/v1/guests/42", None),
+            ("/", None),
+            ("/v1/file.json", None),
+            ("/v1/.../a.b./.c", None),
+            ("/v1/a%20b/%2e%2e%2e", None),
+            ("/v1/a%2Fb", None),
+            ("/v1/./guests/../guests", Some("/v1/guests")),
+            ("/v1/%2e/x/%2E%2e/y", Some("/v1/y")),
+            ("/v1/x/.%2e", Some("/v1/")),
+            ("/v1/x/.", Some("/v1/x/")),
+            ("/a//../b", Some("/a/b")),
+            ("/a/..", Some("/")),
+            ("/.", Some("/")),
+        ] {
+            assert_eq!(resolve_dots(path).unwrap().as_deref(), want, "{path}");
+        }
+        for path in [
+            "/..",
+            "/../admin",
+            "/a/../../admin",
+            "/%2e%2e/admin",
+            "/.%2E/x",
+        ] {
+            assert_eq!(resolve_dots(path), Err(PathError::AboveRoot), "{path}");
+            assert_eq!(normalise(path), Err(PathError::AboveRoot), "{path}");
+        }
+        for path in [
+            "/v1/..;/admin",
+            "/v1/.;x/a",
+            "/v1/..%2f..%2fadmin",
+            "/a/x%5c..%5cy",
+        ] {
+            assert_eq!(resolve_dots(path), Err(PathError::Ambiguous), "{path}");
+        }
     }
 
     #[test]

@@ -691,7 +691,8 @@ fn rewrite<'a>(
 /// criterion bench).
 ///
 /// The client's own copies of them (`Host`, `X-Forwarded-For`/`-Proto`/`-Host`,
-/// `X-Request-Id`), its key (and `Authorization` when the key came as a bearer token) and any
+/// `X-Request-Id`) and its other forwarding fields (`Forwarded`, `X-Real-IP`, any other
+/// `X-Forwarded-*`), its key (and `Authorization` when the key came as a bearer token) and any
 /// `X-Keygate-*` field it sent stay behind: [`passes`](wire::Fields::passes) leaves them out
 /// as the head is written ([`crate::wire::encode_request`]) and [`added`](wire::Fields::added)
 /// writes keygate's after the client's fields. Removing them from the map and inserting
@@ -700,7 +701,8 @@ fn rewrite<'a>(
 pub struct Forwarding<'a> {
     key_header: &'a HeaderName,
     bearer: bool,
-    /// The key has scopes: method overrides stay behind ([`METHOD_OVERRIDES`]).
+    /// The key has scopes: method and path overrides stay behind ([`METHOD_OVERRIDES`],
+    /// [`PATH_OVERRIDES`]).
     scoped: bool,
     host: HeaderValue,
     forwarded_for: HeaderValue,
@@ -753,19 +755,27 @@ impl<'a> Forwarding<'a> {
 
 impl Forwarding<'_> {
     /// Whether the client's field `name` (lower case) is one keygate takes out or writes itself.
+    ///
+    /// Every client-sent forwarding field stays behind, not only the ones keygate writes:
+    /// `Forwarded`, `X-Real-IP` and any `X-Forwarded-*` (`-Port`, `-Prefix`, `-Ssl`, …) would
+    /// reach the upstream beside keygate's `X-Forwarded-*`, and upstreams that prefer them
+    /// (Rack, Spring) would take the client's word for its address, host and scheme.
     fn reserved(&self, name: &str) -> bool {
         name == header::HOST.as_str()
             || name == self.key_header.as_str()
             || (self.bearer && name == header::AUTHORIZATION.as_str())
-            || (self.scoped && METHOD_OVERRIDES.contains(&name))
+            || name == header::FORWARDED.as_str()
+            || (self.scoped && (METHOD_OVERRIDES.contains(&name) || PATH_OVERRIDES.contains(&name)))
             || (name.starts_with("x-")
                 && (name.starts_with("x-keygate-")
-                    || name == X_FORWARDED_FOR.as_str()
-                    || name == X_FORWARDED_PROTO.as_str()
-                    || name == X_FORWARDED_HOST.as_str()
+                    || name.starts_with("x-forwarded-")
+                    || name == X_REAL_IP
                     || name == X_REQUEST_ID.as_str()))
     }
 }
+
+/// `X-Real-IP`: nginx's client address field, which upstreams read like `X-Forwarded-For`.
+const X_REAL_IP: &str = "x-real-ip";
 
 /// Fields by which an upstream may take another method than the request line's: a scoped key
 /// was checked against that line, so they do not go upstream with its requests.
@@ -774,6 +784,11 @@ const METHOD_OVERRIDES: [&str; 3] = [
     "x-http-method",
     "x-method-override",
 ];
+
+/// Fields by which an upstream may serve another path than the request line's (IIS URL
+/// Rewrite, Symfony, Zend): a scoped key was checked against that line, so they do not go
+/// upstream with its requests either.
+const PATH_OVERRIDES: [&str; 2] = ["x-original-url", "x-rewrite-url"];
 
 impl wire::Fields for Forwarding<'_> {
     fn passes(&self, name: &HeaderName) -> bool {

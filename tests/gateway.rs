@@ -909,3 +909,58 @@ async fn dot_segments_cannot_climb_out_of_the_upstream_path() {
     assert_eq!(got.status, StatusCode::OK);
     assert_eq!(up.last().uri.path(), "/partner-api/v1/files/a%2Fb");
 }
+
+/// The forwarding fields keygate does not write itself (`Forwarded`, `X-Real-IP`,
+/// `X-Forwarded-Port`, `X-Forwarded-Prefix`), in either spelling, stay behind: an upstream
+/// that prefers them (Rack, Spring) would take the client's word for its address, host and
+/// scheme. A scoped key's path overrides (`X-Original-URL`, `X-Rewrite-URL`) stay behind too:
+/// the key was checked against the request line's path.
+#[tokio::test]
+async fn client_forwarding_and_path_override_fields_do_not_reach_the_upstream() {
+    let up = start_upstream().await;
+    let scoped = "scoped-key-0123456789abcdefghijklmnop";
+    let text = config_text(
+        &up.url(),
+        &format!(
+            "{}{}",
+            key_entry("partner", KEY, ""),
+            key_entry("scoped", scoped, "scopes = [\"GET /v1/guests/**\"]")
+        ),
+    );
+    let gw = start_gateway(&text).await;
+    let spoofed = [
+        (
+            "forwarded",
+            "for=203.0.113.9;host=admin.example;proto=https",
+        ),
+        ("x-real-ip", "203.0.113.9"),
+        ("x-forwarded-port", "443"),
+        ("x-forwarded-prefix", "/admin"),
+        ("x_real_ip", "203.0.113.9"),
+        ("x_forwarded_port", "443"),
+        ("x_forwarded_prefix", "/admin"),
+    ];
+    let overrides = [
+        ("x-original-url", "/admin/users"),
+        ("x-rewrite-url", "/admin/users"),
+        ("x_original_url", "/admin/users"),
+        ("x_rewrite_url", "/admin/users"),
+    ];
+    for (key, c) in [(KEY, http1_client()), (scoped, h2c_client())] {
+        let mut headers = vec![("x-api-key", key), ("x-custom", "kept")];
+        headers.extend(spoofed);
+        headers.extend(overrides);
+        let got = get(&c, &gw.url("/v1/guests/7"), &headers).await;
+        assert_eq!(got.status, StatusCode::OK, "{}", got.text());
+        let h = up.last().headers;
+        for (name, _) in spoofed {
+            assert!(h.get(name).is_none(), "{name} was forwarded ({key})");
+        }
+        assert_eq!(h["x-custom"], "kept");
+        assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+        for (name, _) in overrides {
+            // An unscoped key may call any path: its overrides go on, as its method overrides do.
+            assert_eq!(h.get(name).is_some(), key == KEY, "{name} ({key})");
+        }
+    }
+}

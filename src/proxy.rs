@@ -837,7 +837,9 @@ fn forwarded_for(headers: &HeaderMap) -> Option<Vec<u8>> {
     joined
 }
 
-/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those `Connection` names.
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those `Connection` names, and
+/// `Trailer` ([`wire::request_hop_names`]: a request's trailers are not forwarded; a `101`,
+/// the one answer this also runs on, has none).
 ///
 /// Both messages of every request pass through here (most responses carry
 /// `Connection: keep-alive`), so it allocates nothing in the common cases: one pass over the
@@ -845,7 +847,7 @@ fn forwarded_for(headers: &HeaderMap) -> Option<Vec<u8>> {
 /// and a name listed in `Connection` is only turned into a `HeaderName` (an allocation for a
 /// non-standard name) when it is not one of the fixed ones and the message has such a field.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let fixed = wire::hop_by_hop_names();
+    let fixed = wire::request_hop_names();
     let mut present = 0u16;
     for name in headers.keys() {
         if let Some(i) = fixed.iter().position(|f| *f == name) {

@@ -258,19 +258,30 @@ pub fn parse_response(
 }
 
 /// The hop-by-hop header fields of RFC 9110 §7.6.1 (and the legacy `Keep-Alive` and
-/// `Proxy-Connection`), at most 16 (a bit each in [`crate::proxy::strip_hop_by_hop`]'s mask).
-pub fn hop_by_hop_names() -> [&'static HeaderName; 9] {
+/// `Proxy-Connection`), left out of answers as they are parsed.
+///
+/// `Trailer` is not one (RFC 9110 §6.6.2): it names the trailer fields an answer ends with,
+/// and the partner's side writes only the fields it names (hyper on HTTP/1.1), so it goes on
+/// with the answer.
+pub fn hop_by_hop_names() -> [&'static HeaderName; 8] {
     [
         &header::CONNECTION,
         &KEEP_ALIVE,
         &PROXY_CONNECTION,
         &header::TE,
-        &header::TRAILER,
         &header::TRANSFER_ENCODING,
         &header::UPGRADE,
         &header::PROXY_AUTHENTICATE,
         &header::PROXY_AUTHORIZATION,
     ]
+}
+
+/// The fields a forwarded request leaves behind as hop-by-hop, at most 16 (a bit each in
+/// [`crate::proxy::strip_hop_by_hop`]'s mask): [`hop_by_hop_names`], and `Trailer`, since a
+/// request's trailers are not forwarded ([`LAST_CHUNK`]).
+pub fn request_hop_names() -> [&'static HeaderName; 9] {
+    let [a, b, c, d, e, f, g, h] = hop_by_hop_names();
+    [a, b, c, d, e, f, g, h, &header::TRAILER]
 }
 
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -707,8 +718,11 @@ mod tests {
         let text = "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nKeep-Alive: timeout=5\r\n\
                     X-Hop: 1\r\nTransfer-Encoding: chunked\r\nTrailer: x-sum\r\nX-End: 2\r\n\r\n";
         let h = head(text, &Method::GET).unwrap().unwrap();
-        let names: Vec<&str> = h.headers.keys().map(|k| k.as_str()).collect();
-        assert_eq!(names, ["x-end"]);
+        let mut names: Vec<&str> = h.headers.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        // `Trailer` is not hop-by-hop: the partner's side needs it to write the trailers.
+        assert_eq!(names, ["trailer", "x-end"]);
+        assert_eq!(h.headers["trailer"], "x-sum");
         assert_eq!((h.body, h.keep_alive), (BodyKind::Chunked, true));
         let text =
             "HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n";

@@ -1505,3 +1505,36 @@ async fn bytes_after_a_complete_answer_are_not_the_next_answer() {
     let conns = up.conns();
     assert_ne!(conns[0], conns[1], "{conns:?}");
 }
+
+/// An answer's trailer fields reach an HTTP/1.1 partner that asked for them (`TE: trailers`):
+/// the `Trailer` field that announces them goes on (it is not hop-by-hop, RFC 9110 §6.6.2, and
+/// the partner side writes only the trailer fields it names), and so do the fields.
+#[tokio::test]
+async fn an_http11_partner_asking_for_trailers_gets_them() {
+    let (wire, body) = odd_chunks(&pattern(20_000, 5), "x-checksum: c0ffee\r\n");
+    let answer = [
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n\
+          transfer-encoding: chunked\r\ntrailer: x-checksum\r\n\r\n"
+            .to_vec(),
+        wire,
+    ]
+    .concat();
+    let up = raw_upstream(move |h| match h.path() {
+        "/trailers" => vec![Step::ReadBody, write(&answer)],
+        _ => ok(),
+    })
+    .await;
+    let gw = gateway(&up).await;
+    let mut p = Partner::connect(&gw).await;
+    for _ in 0..2 {
+        let a = p.call("GET", "/trailers", "te: trailers\r\n", b"").await;
+        assert_eq!(a.head.status(), 200, "{}", a.head.text);
+        assert_eq!(a.head.get("trailer"), Some("x-checksum"), "{}", a.head.text);
+        assert!(a.body() == body.as_slice(), "the decoded body differs");
+        assert_eq!(p.w.trailers, ["x-checksum: c0ffee"]);
+        let a = p.call("GET", "/after", "", b"").await;
+        assert_eq!(a.body(), b"ok");
+    }
+    // The `TE` of the partner's hop is not the upstream's.
+    assert!(up.seen()[0].head.get("te").is_none());
+}

@@ -71,7 +71,7 @@ pub trait Fields {
 }
 
 /// Appends the request head to `out`: `path` is the origin-form target; the fields are the
-/// `headers` that `fields` passes, then those it adds.
+/// `headers` that `fields` passes (several `cookie` fields as one), then those it adds.
 pub fn encode_request(
     method: &Method,
     path: &str,
@@ -90,10 +90,28 @@ pub fn encode_request(
     out.push(b' ');
     out.extend_from_slice(path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut cookies = false;
     for (name, value) in headers {
-        if fields.passes(name) {
-            field(out, name, value);
+        if !fields.passes(name) {
+            continue;
         }
+        if name == header::COOKIE {
+            // An HTTP/2 client may send one `cookie` field per cookie (RFC 9113 §8.2.3); HTTP/1.1
+            // has one, the values joined with "; ". Written once, at the first.
+            if !cookies {
+                cookies = true;
+                out.extend_from_slice(b"cookie: ");
+                for (i, v) in headers.get_all(header::COOKIE).iter().enumerate() {
+                    if i > 0 {
+                        out.extend_from_slice(b"; ");
+                    }
+                    out.extend_from_slice(v.as_bytes());
+                }
+                out.extend_from_slice(b"\r\n");
+            }
+            continue;
+        }
+        field(out, name, value);
     }
     fields.added(&mut |name, value| field(out, name, value));
     match framing {
@@ -636,6 +654,28 @@ mod tests {
             RequestFraming::Length
         );
         assert_eq!(&chunk_line(255)[..], b"ff\r\n");
+    }
+
+    #[test]
+    fn split_cookie_fields_go_as_one() {
+        let mut headers = HeaderMap::new();
+        headers.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        headers.append("x-mid", HeaderValue::from_static("m"));
+        headers.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        headers.append(header::COOKIE, HeaderValue::from_static("c=3"));
+        let mut out = Vec::new();
+        encode_request(
+            &Method::GET,
+            "/",
+            &headers,
+            &Test,
+            RequestFraming::Empty,
+            &mut out,
+        );
+        assert_eq!(
+            out,
+            b"GET / HTTP/1.1\r\ncookie: a=1; b=2; c=3\r\nx-mid: m\r\nx-added: 1\r\n\r\n"
+        );
     }
 
     #[test]

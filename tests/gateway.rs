@@ -964,3 +964,43 @@ async fn client_forwarding_and_path_override_fields_do_not_reach_the_upstream() 
         }
     }
 }
+
+/// An HTTP/2 client may split `Cookie` into one field per cookie (RFC 9113 §8.2.3); they go
+/// upstream as one `cookie` field joined with "; ", as HTTP/1.1 servers expect.
+#[tokio::test]
+async fn split_h2_cookies_go_upstream_as_one_field() {
+    let (up, gw) = basic().await;
+    let got = get(
+        &h2c_client(),
+        &gw.url("/v1/guests"),
+        &[("x-api-key", KEY), ("cookie", "a=1"), ("cookie", "b=2")],
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.version, http::Version::HTTP_2);
+    let cookies: Vec<_> = up
+        .last()
+        .headers
+        .get_all("cookie")
+        .iter()
+        .cloned()
+        .collect();
+    assert_eq!(cookies, ["a=1; b=2"]);
+
+    // One field from an HTTP/1.1 client goes as it was.
+    let got = get(
+        &http1_client(),
+        &gw.url("/v1/guests"),
+        &[("x-api-key", KEY), ("cookie", "a=1; b=2")],
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
+    let cookies: Vec<_> = up
+        .last()
+        .headers
+        .get_all("cookie")
+        .iter()
+        .cloned()
+        .collect();
+    assert_eq!(cookies, ["a=1; b=2"]);
+}

@@ -121,6 +121,13 @@ impl TrustedProxies {
         TrustedProxies { header, ..self }
     }
 
+    /// Whether `peer`'s `Forwarded` field is one of these proxies' own: they are read through
+    /// it and `peer` is one of them. It then goes upstream as they wrote it (keygate writes
+    /// only `X-Forwarded-*`); any other `Forwarded` is the client's word and stays behind.
+    pub fn vouch_for_forwarded(&self, peer: IpAddr) -> bool {
+        self.header == ClientIpHeader::Forwarded && self.contains(canonical(peer))
+    }
+
     /// Whether `ip` is a trusted proxy.
     pub fn contains(&self, ip: IpAddr) -> bool {
         self.blocks.iter().any(|c| c.contains(ip))

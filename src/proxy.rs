@@ -704,6 +704,8 @@ pub struct Forwarding<'a> {
     /// The key has scopes: method and path overrides stay behind ([`METHOD_OVERRIDES`],
     /// [`PATH_OVERRIDES`]).
     scoped: bool,
+    /// `Forwarded` came from a trusted proxy that keygate reads it from: it goes on.
+    vouched_forwarded: bool,
     host: HeaderValue,
     forwarded_for: HeaderValue,
     forwarded_proto: HeaderValue,
@@ -741,6 +743,12 @@ impl<'a> Forwarding<'a> {
             key_header: &live.config.auth.header,
             bearer,
             scoped: !entry.scopes.is_empty(),
+            vouched_forwarded: conn.forwarding_headers
+                && live
+                    .config
+                    .server
+                    .trusted_proxies
+                    .vouch_for_forwarded(conn.peer.ip()),
             host: live.config.upstream.host_header.clone(),
             forwarded_for,
             forwarded_proto: HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
@@ -759,12 +767,14 @@ impl Forwarding<'_> {
     /// Every client-sent forwarding field stays behind, not only the ones keygate writes:
     /// `Forwarded`, `X-Real-IP` and any `X-Forwarded-*` (`-Port`, `-Prefix`, `-Ssl`, …) would
     /// reach the upstream beside keygate's `X-Forwarded-*`, and upstreams that prefer them
-    /// (Rack, Spring) would take the client's word for its address, host and scheme.
+    /// (Rack, Spring) would take the client's word for its address, host and scheme. The one
+    /// exception is a `Forwarded` that a trusted proxy wrote and keygate reads the client from
+    /// (`client_ip_header = "forwarded"`): the upstream gets the same chain keygate believed.
     fn reserved(&self, name: &str) -> bool {
         name == header::HOST.as_str()
             || name == self.key_header.as_str()
             || (self.bearer && name == header::AUTHORIZATION.as_str())
-            || name == header::FORWARDED.as_str()
+            || (name == header::FORWARDED.as_str() && !self.vouched_forwarded)
             || (self.scoped && (METHOD_OVERRIDES.contains(&name) || PATH_OVERRIDES.contains(&name)))
             || (name.starts_with("x-")
                 && (name.starts_with("x-keygate-")

@@ -965,6 +965,36 @@ async fn client_forwarding_and_path_override_fields_do_not_reach_the_upstream() 
     }
 }
 
+/// `Forwarded` from a trusted proxy that keygate reads the client from goes upstream as that
+/// proxy wrote it (the upstream gets the chain keygate believed); from one read through
+/// `X-Forwarded-For` it stays behind like any client's.
+#[tokio::test]
+async fn a_trusted_proxys_forwarded_field_goes_on_when_keygate_reads_it() {
+    for (header, passes) in [("forwarded", true), ("x-forwarded-for", false)] {
+        let up = start_upstream().await;
+        let text = config_text(&up.url(), &key_entry("partner", KEY, "")).replace(
+            "listen = \"127.0.0.1:0\"\n",
+            &format!(
+                "listen = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.1\"]\nclient_ip_header = \"{header}\"\n"
+            ),
+        );
+        let gw = start_gateway(&text).await;
+        let got = get(
+            &http1_client(),
+            &gw.url("/v1/guests"),
+            &[("x-api-key", KEY), ("forwarded", "for=203.0.113.9")],
+        )
+        .await;
+        assert_eq!(got.status, StatusCode::OK, "{}", got.text());
+        let h = up.last().headers;
+        assert_eq!(
+            h.get("forwarded").map(|v| v.to_str().unwrap().to_string()),
+            passes.then(|| "for=203.0.113.9".to_string()),
+            "client_ip_header = {header}"
+        );
+    }
+}
+
 /// An HTTP/2 client may split `Cookie` into one field per cookie (RFC 9113 §8.2.3); they go
 /// upstream as one `cookie` field joined with "; ", as HTTP/1.1 servers expect.
 #[tokio::test]

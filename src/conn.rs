@@ -5,14 +5,17 @@
 //! written for `[server] idle_timeout` nor a request is in flight ([`InFlight`]), the next
 //! read reports end of stream: hyper then closes an idle HTTP/1.1 connection cleanly and ends
 //! an HTTP/2 one. A request waiting on a slow upstream keeps its connection (the upstream's own
-//! timeouts bound that wait). For HTTP/1.1 the shorter of `header_timeout` and `idle_timeout`
-//! applies between requests, since hyper's header timer also runs while a connection waits for
-//! its next request.
+//! timeouts bound that wait), and so does its response body for as long as it flows
+//! ([`InFlightBody`]): while keygate waits on the upstream for the next piece (`[upstream]
+//! body_timeout` bounds that wait), and for `idle_timeout` after each piece is passed on. For
+//! HTTP/1.1 the shorter of `header_timeout` and `idle_timeout` applies between requests, since
+//! hyper's header timer also runs while a connection waits for its next request.
 //!
 //! On HTTP/2 (told by its preface, however its bytes were split: the [`FramingScreen`] joins
 //! them) bytes are not activity, requests are: PINGs or SETTINGS would otherwise hold a
 //! connection (and its `max_connections` slot) for ever without a request, as Envoy's idle
-//! timeout counts streams, not frames.
+//! timeout counts streams, not frames. A response body the client holds back (its flow-control
+//! window stays shut) passes nothing on, so it does not keep the connection either.
 //!
 //! A write that waits for the client to take bytes fails after `idle_timeout` without
 //! progress (nginx's `send_timeout`): a client that stops reading a response, or an upgraded
@@ -30,6 +33,9 @@ use std::{
     time::Duration,
 };
 
+use bytes::Bytes;
+use http::Version;
+use hyper::body::{Body, Frame, SizeHint};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     time::{Instant, Sleep},
@@ -37,41 +43,167 @@ use tokio::{
 
 use crate::framing::FramingScreen;
 
-/// Requests of one connection that are being handled (from the head read to the response
-/// head), and how many have started in all.
+/// The requests of one connection: how many keygate is waiting on (for the response head, or
+/// for the next piece of the response body), and a count of their events (a start, a piece of
+/// body passed on, an end), each of which is activity.
 #[derive(Debug, Default, Clone)]
 pub struct InFlight(Arc<Counts>);
 
 #[derive(Debug, Default)]
 struct Counts {
-    now: AtomicUsize,
-    started: AtomicUsize,
+    waiting: AtomicUsize,
+    events: AtomicUsize,
 }
 
 impl InFlight {
-    /// Marks a request as started; it counts until the returned guard is dropped.
+    /// Marks a request as started and waited on; it counts until the returned guard is dropped,
+    /// or handed to its response body ([`InFlightBody`]).
     pub fn start(&self) -> InFlightGuard {
-        self.0.now.fetch_add(1, Ordering::AcqRel);
-        self.0.started.fetch_add(1, Ordering::Relaxed);
-        InFlightGuard(Arc::clone(&self.0))
+        let mut guard = InFlightGuard {
+            counts: Arc::clone(&self.0),
+            waiting: false,
+        };
+        guard.wait();
+        guard
     }
 
     fn any(&self) -> bool {
-        self.0.now.load(Ordering::Acquire) > 0
+        self.0.waiting.load(Ordering::Acquire) > 0
     }
 
-    fn started(&self) -> usize {
-        self.0.started.load(Ordering::Relaxed)
+    fn events(&self) -> usize {
+        self.0.events.load(Ordering::Relaxed)
     }
 }
 
-/// One request in flight; see [`InFlight::start`].
+/// One request; see [`InFlight::start`].
 #[derive(Debug)]
-pub struct InFlightGuard(Arc<Counts>);
+pub struct InFlightGuard {
+    counts: Arc<Counts>,
+    /// Counted in `waiting`.
+    waiting: bool,
+}
+
+impl InFlightGuard {
+    /// Keygate waits on the upstream for it: the connection is not idle meanwhile.
+    fn wait(&mut self) {
+        if !self.waiting {
+            self.waiting = true;
+            self.counts.waiting.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Something was passed on: activity, and no longer waiting.
+    fn progress(&mut self) {
+        if self.waiting {
+            self.waiting = false;
+            self.counts.waiting.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.counts.events.fetch_add(1, Ordering::Relaxed);
+    }
+}
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        self.0.now.fetch_sub(1, Ordering::AcqRel);
+        self.progress();
+    }
+}
+
+/// What a response body passes on at a time over HTTP/2 (its default frame size). hyper asks
+/// for the next piece once the stream has window and send-buffer room for it, so each piece
+/// passed on tells that the client took about this much, however large the upstream's reads
+/// (up to 256 KiB: as one piece, a slow but steady reader could take longer than
+/// `idle_timeout` over it).
+const H2_PIECE: usize = 16 * 1024;
+
+/// A response body that keeps its request in flight while it flows: waited on while its
+/// source keeps keygate waiting (the upstream, bounded by `[upstream] body_timeout`), each
+/// piece passed on counted as activity, done when it ends or is dropped. While the client
+/// holds it back (a full socket, a shut HTTP/2 window) it is not polled and counts for
+/// nothing: the connection's idle timeout and write stall deadline apply as to any other.
+/// Over HTTP/2, data goes out in pieces of at most [`H2_PIECE`] bytes.
+#[derive(Debug)]
+pub struct InFlightBody<B> {
+    inner: B,
+    guard: InFlightGuard,
+    /// The largest piece of data passed on at once.
+    piece: usize,
+    /// What is left of a data frame larger than `piece`.
+    rest: Option<Bytes>,
+}
+
+impl<B> InFlightBody<B> {
+    /// The body `inner` of the request `guard` counts, answered over `version`; its response
+    /// head is ready.
+    pub fn new(inner: B, mut guard: InFlightGuard, version: Version) -> InFlightBody<B> {
+        guard.progress();
+        let piece = if version == Version::HTTP_2 {
+            H2_PIECE
+        } else {
+            usize::MAX
+        };
+        InFlightBody {
+            inner,
+            guard,
+            piece,
+            rest: None,
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for InFlightBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        if let Some(rest) = &mut this.rest {
+            let piece = rest.split_to(this.piece.min(rest.len()));
+            if rest.is_empty() {
+                this.rest = None;
+            }
+            this.guard.progress();
+            return Poll::Ready(Some(Ok(Frame::data(piece))));
+        }
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match polled {
+            Poll::Pending => {
+                this.guard.wait();
+                Poll::Pending
+            }
+            Poll::Ready(Some(Ok(frame)))
+                if frame.data_ref().is_some_and(|d| d.len() > this.piece) =>
+            {
+                this.guard.progress();
+                let mut data = frame.into_data().unwrap_or_else(|_| unreachable!());
+                let piece = data.split_to(this.piece);
+                this.rest = Some(data);
+                Poll::Ready(Some(Ok(Frame::data(piece))))
+            }
+            Poll::Ready(other) => {
+                this.guard.progress();
+                Poll::Ready(other)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let mut hint = self.inner.size_hint();
+        if let Some(rest) = &self.rest {
+            let rest = rest.len() as u64;
+            if let Some(upper) = hint.upper() {
+                hint.set_upper(upper + rest);
+            }
+            hint.set_lower(hint.lower() + rest);
+        }
+        hint
     }
 }
 
@@ -99,8 +231,8 @@ pub struct ClientIo<T> {
     /// Also tells an HTTP/2 connection by its preface: its bytes are not activity, its requests
     /// are (see the module doc).
     screen: Option<FramingScreen>,
-    /// Requests started as of the timer's last look.
-    requests_seen: usize,
+    /// Request events as of the timer's last look.
+    events_seen: usize,
     /// Set while a write waits for the client to take bytes: it fails at this deadline.
     write_stall: Option<Pin<Box<Sleep>>>,
     stalled: bool,
@@ -118,7 +250,7 @@ impl<T> ClientIo<T> {
             last_active: now,
             in_flight,
             screen: None,
-            requests_seen: 0,
+            events_seen: 0,
             write_stall: None,
             stalled: false,
         }
@@ -153,10 +285,10 @@ impl<T> ClientIo<T> {
             let due = self.last_active + self.idle;
             if due > Instant::now() {
                 self.timer.as_mut().reset(due);
-            } else if self.in_flight.any() || self.in_flight.started() != self.requests_seen {
-                // Waiting on the upstream is not idleness, and a request since the last look
-                // is activity: look again an `idle` from now.
-                self.requests_seen = self.in_flight.started();
+            } else if self.in_flight.any() || self.in_flight.events() != self.events_seen {
+                // Waiting on the upstream is not idleness, and a request started, answered in
+                // part or ended since the last look is activity: look again an `idle` from now.
+                self.events_seen = self.in_flight.events();
                 self.touch();
             } else {
                 return true;
@@ -311,6 +443,74 @@ mod tests {
         assert_eq!(n, 0);
         assert!(ended - started >= Duration::from_millis(200));
         drop(b);
+    }
+
+    #[tokio::test]
+    async fn a_response_body_keeps_its_connection_while_waited_on_not_while_held_back() {
+        use http_body_util::{BodyExt, StreamBody};
+
+        let (a, b) = tokio::io::duplex(64);
+        let in_flight = InFlight::default();
+        let mut io = ClientIo::new(a, Duration::from_millis(50), in_flight.clone());
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+        let source = futures_util::stream::unfold(rx, |mut rx| async move {
+            let chunk = rx.recv().await?;
+            Some((Ok::<_, std::convert::Infallible>(Frame::data(chunk)), rx))
+        });
+        let mut body = InFlightBody::new(
+            StreamBody::new(Box::pin(source)),
+            in_flight.start(),
+            Version::HTTP_2,
+        );
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 8];
+            io.read(&mut buf).await.unwrap()
+        });
+        // Waiting on its source for four times `idle`: the connection stays.
+        let waited = tokio::time::timeout(Duration::from_millis(200), body.frame()).await;
+        assert!(waited.is_err(), "the source had nothing to give");
+        assert!(
+            !reader.is_finished(),
+            "closed while the body waited on its source"
+        );
+        // A piece passed on, and the body not asked for more (the client holds it back): the
+        // connection is idle again.
+        tx.send(Bytes::from_static(b"piece")).await.unwrap();
+        assert!(body.frame().await.unwrap().is_ok());
+        let n = tokio::time::timeout(Duration::from_secs(5), reader)
+            .await
+            .expect("a body held back by the client kept the connection")
+            .unwrap();
+        assert_eq!(n, 0);
+        drop((b, tx, body));
+    }
+
+    #[tokio::test]
+    async fn over_http2_a_large_data_frame_goes_out_in_pieces() {
+        use http_body_util::{BodyExt, Full};
+
+        let data = Bytes::from(vec![7u8; 2 * H2_PIECE + 100]);
+        for (version, want) in [
+            (Version::HTTP_2, vec![H2_PIECE, H2_PIECE, 100]),
+            (Version::HTTP_11, vec![2 * H2_PIECE + 100]),
+        ] {
+            let in_flight = InFlight::default();
+            let mut body = InFlightBody::new(Full::new(data.clone()), in_flight.start(), version);
+            let mut sizes = Vec::new();
+            let mut whole = Vec::new();
+            while let Some(frame) = body.frame().await {
+                let piece = frame.unwrap().into_data().unwrap();
+                sizes.push(piece.len());
+                whole.extend_from_slice(&piece);
+                let left = (data.len() - whole.len()) as u64;
+                assert_eq!(body.size_hint().exact(), Some(left));
+                assert_eq!(body.is_end_stream(), left == 0);
+            }
+            assert_eq!(sizes, want, "{version:?}");
+            assert_eq!(whole, data);
+            drop(body);
+            assert!(!in_flight.any());
+        }
     }
 
     #[tokio::test]

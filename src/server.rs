@@ -40,7 +40,7 @@ use crate::{
     certs::{CertStore, ConfiguredCerts},
     client_ip,
     config::{Config, ServerConfig},
-    conn::{ClientIo, InFlight},
+    conn::{ClientIo, InFlight, InFlightBody},
     drain::{Drain, Watcher},
     framing::FramingScreen,
     health::{self, Readiness},
@@ -423,10 +423,11 @@ async fn serve<IO>(
         let shared = Arc::clone(&shared);
         let info = Arc::clone(&info);
         let started = in_flight.start();
+        let version = req.version();
         async move {
             let resp = proxy::handle(&shared, &info, req).await;
-            drop(started);
-            Ok::<_, Infallible>(resp)
+            // In flight until its body has ended, not just its head.
+            Ok::<_, Infallible>(resp.map(|body| InFlightBody::new(body, started, version)))
         }
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);

@@ -261,6 +261,187 @@ async fn pings_after_a_preface_sent_in_pieces_do_not_keep_a_connection() {
     );
 }
 
+/// A raw upstream that answers every request with `pattern(total, 7)` (`total`: the sum of the
+/// pieces' sizes): its head at once, then each piece of the body after its pause (ms).
+async fn trickling_upstream(pieces: &'static [(u64, usize)]) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let total: usize = pieces.iter().map(|&(_, len)| len).sum();
+    let body = std::sync::Arc::new(pattern(total, 7));
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            let body = body.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16384];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {total}\r\nConnection: close\r\n\r\n"
+                );
+                if s.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let mut at = 0;
+                for &(pause, len) in pieces {
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                    if s.write_all(&body[at..at + len]).await.is_err() {
+                        return;
+                    }
+                    at += len;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// GETs `url` with the key and reads the body a frame at a time, at most `rate` bytes a second
+/// (sleeping after each frame as long as its bytes take at that rate): the status and the body,
+/// or how far it got when the body failed.
+async fn fetch_slowly(
+    client: &PlainClient,
+    url: &str,
+    rate: Option<u64>,
+) -> Result<(StatusCode, Vec<u8>), String> {
+    use http_body_util::BodyExt;
+    let req = http::Request::get(url)
+        .header("x-api-key", KEY)
+        .body(empty())
+        .unwrap();
+    let started = Instant::now();
+    let resp = client.request(req).await.map_err(|e| format!("{e:?}"))?;
+    let status = resp.status();
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => {
+                if let Some(d) = f.data_ref() {
+                    got.extend_from_slice(d);
+                    if let Some(rate) = rate {
+                        let micros = d.len() as u64 * 1_000_000 / rate;
+                        tokio::time::sleep(Duration::from_micros(micros)).await;
+                    }
+                }
+            }
+            Err(e) => {
+                return Err(format!(
+                    "body cut after {} bytes, {:?} in: {e:?}",
+                    got.len(),
+                    started.elapsed()
+                ))
+            }
+        }
+    }
+    Ok((status, got))
+}
+
+/// A response body still on its way keeps its connection, whatever `idle_timeout` says, over
+/// HTTP/2 as over HTTP/1.1: an answer the upstream sends in pieces over ~2.2 s, with a 1.2 s
+/// pause in the middle (within `body_timeout`), arrives whole through a gateway whose
+/// `idle_timeout` is 500 ms. (An HTTP/2 request used to count only until its response head,
+/// and its bytes never: the connection was closed 0.5-1 s into the body.)
+#[tokio::test]
+async fn a_response_body_that_outlasts_idle_timeout_arrives_whole() {
+    const PIECES: &[(u64, usize)] = &[
+        (0, 10_000),
+        (250, 10_000),
+        (250, 10_000),
+        (1200, 10_000),
+        (250, 10_000),
+        (250, 10_000),
+    ];
+    let up = trickling_upstream(PIECES).await;
+    let gw = start_gateway(&config(
+        &format!("http://{up}"),
+        "idle_timeout = \"500ms\"\nheader_timeout = \"30s\"",
+        "body_timeout = \"10s\"",
+        "",
+    ))
+    .await;
+    let url = gw.url("/v1/x");
+    let (h2, h1) = (h2c_client(), http1_client());
+    let (h2, h1) = tokio::join!(fetch_slowly(&h2, &url, None), fetch_slowly(&h1, &url, None));
+    let want = pattern(60_000, 7);
+    let whole = |got: &Result<(StatusCode, Vec<u8>), String>| matches!(got, Ok((StatusCode::OK, body)) if *body == want);
+    assert!(
+        whole(&h2) && whole(&h1),
+        "HTTP/2: {:?}\nHTTP/1.1: {:?}",
+        h2.map(|(s, b)| (s, b.len())),
+        h1.map(|(s, b)| (s, b.len()))
+    );
+}
+
+/// The same from the client's side: an HTTP/2 client that reads a 768 KiB download slowly
+/// (small flow-control windows, about 256 KiB a second: ~3 s, six times `idle_timeout`) gets
+/// all of it.
+#[tokio::test]
+async fn a_slowly_read_h2_download_is_not_cut_at_idle_timeout() {
+    let up = start_upstream().await;
+    let gw = gateway(
+        &up,
+        "idle_timeout = \"500ms\"\nheader_timeout = \"30s\"",
+        "",
+        "",
+    )
+    .await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .http2_initial_stream_window_size(65_535)
+        .http2_initial_connection_window_size(65_535)
+        .build_http::<TestBody>();
+    let url = gw.url("/v1/download?bytes=786432");
+    let (status, body) = fetch_slowly(&client, &url, Some(256 * 1024))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body.len(), 786_432);
+}
+
+/// What a flowing body does not excuse: an HTTP/2 client that asks for a download and never
+/// opens its flow-control window (a window of 0, PINGs every 100 ms) takes nothing, and its
+/// connection is closed as an idle one.
+#[tokio::test]
+async fn an_h2_client_that_never_opens_its_window_does_not_keep_its_connection() {
+    let up = start_upstream().await;
+    let gw = gateway(
+        &up,
+        "idle_timeout = \"500ms\"\nheader_timeout = \"30s\"",
+        "",
+        "",
+    )
+    .await;
+    let (mut rd, mut wr) = TcpStream::connect(gw.addr()).await.unwrap().into_split();
+    let closed = tokio::spawn(async move {
+        let mut buf = [0u8; 4096];
+        while let Ok(1..) = rd.read(&mut buf).await {}
+    });
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    // SETTINGS_INITIAL_WINDOW_SIZE = 0.
+    out.extend(h2_frame(0x4, 0, 0, &[0, 0x4, 0, 0, 0, 0]));
+    out.extend(h2_frame(0x4, 0x1, 0, &[])); // SETTINGS ack (of the server's)
+    let block = hpack_get(&gw.addr().to_string(), "/v1/download?bytes=1048576");
+    out.extend(h2_frame(0x1, 0x5, 1, &block)); // HEADERS, END_STREAM|END_HEADERS
+    wr.write_all(&out).await.unwrap();
+    let started = Instant::now();
+    while !closed.is_finished() && started.elapsed() < Duration::from_secs(4) {
+        let _ = wr.write_all(&h2_frame(0x6, 0, 0, &[0u8; 8])).await; // PING
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        closed.is_finished(),
+        "a connection whose client never opened its window was kept 4 s past a 500 ms idle_timeout"
+    );
+}
+
 /// `[server] max_connections`: beyond it a connection waits; those already in are served.
 #[tokio::test]
 async fn connections_beyond_max_connections_wait_and_those_in_are_served() {

@@ -17,9 +17,10 @@
 //! timeout counts streams, not frames. A response body the client holds back (its flow-control
 //! window stays shut) passes nothing on, so it does not keep the connection either.
 //!
-//! A write that waits for the client to take bytes fails after `idle_timeout` without
-//! progress (nginx's `send_timeout`): a client that stops reading a response, or an upgraded
-//! connection's, no longer holds it whatever else it sends.
+//! A write, flush or shutdown that waits for the client to take bytes fails after
+//! `idle_timeout` without progress (nginx's `send_timeout`): a client that stops reading a
+//! response, or an upgraded connection's, no longer holds it whatever else it sends. (Over TLS
+//! the wait is often the flush's alone: rustls takes writes into its own buffer.)
 
 use std::{
     future::Future,
@@ -233,7 +234,8 @@ pub struct ClientIo<T> {
     screen: Option<FramingScreen>,
     /// Request events as of the timer's last look.
     events_seen: usize,
-    /// Set while a write waits for the client to take bytes: it fails at this deadline.
+    /// Set while a write (or flush, or shutdown) waits for the client to take bytes: it fails
+    /// at this deadline.
     write_stall: Option<Pin<Box<Sleep>>>,
     stalled: bool,
 }
@@ -332,7 +334,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for ClientIo<T> {
 
 impl<T> ClientIo<T> {
     /// After a write: progress is activity (on HTTP/1) and ends a stall; a write that must wait
-    /// starts the stall's deadline, and fails once it passes.
+    /// is a stall ([`ClientIo::stall`]).
     fn wrote(
         &mut self,
         res: Poll<io::Result<usize>>,
@@ -346,35 +348,52 @@ impl<T> ClientIo<T> {
                 self.stalled = false;
                 res
             }
-            Poll::Pending => {
-                if !self.stalled {
-                    self.stalled = true;
-                    let deadline = Instant::now() + self.idle;
-                    match &mut self.write_stall {
-                        Some(timer) => timer.as_mut().reset(deadline),
-                        None => {
-                            self.write_stall = Some(Box::pin(tokio::time::sleep_until(deadline)))
-                        }
-                    }
-                }
-                let timer = self
-                    .write_stall
-                    .as_mut()
-                    .expect("armed when the stall began");
-                if timer.as_mut().poll(cx).is_ready() {
-                    tracing::debug!(
-                        "closing a connection whose client took nothing for {:?}",
-                        self.idle
-                    );
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "the client stopped reading",
-                    )));
-                }
-                Poll::Pending
-            }
+            Poll::Pending => self.stall(cx),
             other => other,
         }
+    }
+
+    /// After a flush or shutdown: done, it ends a stall; one that must wait is a stall like a
+    /// write's. A TLS stream takes writes into its own buffer and reports them written while
+    /// the socket is full: what then waits on the client is its flush (or the shutdown that
+    /// sends close_notify), and that wait must end too.
+    fn flushed(&mut self, res: Poll<io::Result<()>>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match res {
+            Poll::Ready(Ok(())) => {
+                self.stalled = false;
+                res
+            }
+            Poll::Pending => self.stall(cx),
+            other => other,
+        }
+    }
+
+    /// The client takes nothing: starts the stall's deadline (`idle` from now) unless it runs
+    /// already, and fails once it passes.
+    fn stall<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
+        if !self.stalled {
+            self.stalled = true;
+            let deadline = Instant::now() + self.idle;
+            match &mut self.write_stall {
+                Some(timer) => timer.as_mut().reset(deadline),
+                None => self.write_stall = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        }
+        let timer = self
+            .write_stall
+            .as_mut()
+            .expect("armed when the stall began");
+        if timer.as_mut().poll(cx).is_ready() {
+            tracing::debug!(
+                "closing a connection whose client took nothing for {:?}",
+                self.idle
+            );
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client stopped reading",
+            )));
+        }
+        Poll::Pending
     }
 }
 
@@ -404,11 +423,15 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.inner).poll_flush(cx);
+        this.flushed(res, cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.flushed(res, cx)
     }
 }
 
@@ -511,6 +534,44 @@ mod tests {
             drop(body);
             assert!(!in_flight.any());
         }
+    }
+
+    /// Takes every write into a buffer of its own (as a TLS stream does) and never gets it
+    /// out: its flush and its shutdown wait for ever.
+    struct NeverDrains;
+
+    impl AsyncWrite for NeverDrains {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    #[tokio::test]
+    async fn a_flush_or_shutdown_the_client_never_lets_finish_fails_after_idle() {
+        let idle = Duration::from_millis(50);
+        let mut io = ClientIo::new(NeverDrains, idle, InFlight::default());
+        io.write_all(b"taken, never sent").await.unwrap();
+        let flushed = tokio::time::timeout(Duration::from_secs(5), io.flush()).await;
+        let err = flushed.expect("a flush the client never lets finish still waits after 5 s");
+        assert_eq!(err.unwrap_err().kind(), io::ErrorKind::TimedOut);
+
+        let mut io = ClientIo::new(NeverDrains, idle, InFlight::default());
+        io.write_all(b"taken, never sent").await.unwrap();
+        let shut = tokio::time::timeout(Duration::from_secs(5), io.shutdown()).await;
+        let err = shut.expect("a shutdown the client never lets finish still waits after 5 s");
+        assert_eq!(err.unwrap_err().kind(), io::ErrorKind::TimedOut);
     }
 
     #[tokio::test]

@@ -442,6 +442,116 @@ async fn an_h2_client_that_never_opens_its_window_does_not_keep_its_connection()
     );
 }
 
+/// A TLS gateway (`server` lines added to `[server]`) on a listener whose connections get a
+/// send buffer of `sndbuf` bytes (the kernel doubles it and, since it is set, does not grow it).
+async fn tls_gateway_small_sndbuf(
+    up: &Upstream,
+    cert: &TestCert,
+    server: &str,
+    sndbuf: usize,
+) -> TestGateway {
+    let dir = tempfile::tempdir().unwrap();
+    let tls_lines = cert.write_into(dir.path());
+    let text = config(&up.url(), &format!("{tls_lines}{server}"), "", "");
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, text).unwrap();
+    let listener = keygate::server::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    // Accepted sockets inherit it from the listener.
+    socket2::SockRef::from(&listener)
+        .set_send_buffer_size(sndbuf)
+        .unwrap();
+    let config = keygate::config::Config::load(&path).unwrap();
+    let gateway = keygate::server::Gateway::start_on(listener, config)
+        .await
+        .unwrap();
+    TestGateway { gateway, dir, path }
+}
+
+/// A TLS client trusting only `cert`, for raw HTTP/1.1 over `tokio_rustls`.
+fn tls_connector(cert: &TestCert) -> tokio_rustls::TlsConnector {
+    keygate::tls::install_crypto_provider();
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(cert.roots())
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+}
+
+/// A TLS connection to `addr` whose socket takes at most about `rcvbuf` bytes unread.
+async fn tls_connect(
+    connector: &tokio_rustls::TlsConnector,
+    addr: SocketAddr,
+    rcvbuf: u32,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(rcvbuf).unwrap();
+    let tcp = socket.connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    connector.connect(name, tcp).await.unwrap()
+}
+
+/// Over TLS, a client that stops reading gives its `max_connections` slot back as well.
+/// rustls takes what the gateway writes into a buffer of its own and reports it written, so
+/// when the end of a response fits in that buffer, what waits on the client is only the flush
+/// (the byte pipelined behind the request keeps hyper from reading meanwhile). Small socket
+/// buffers on both sides, and answers of 16 KiB to 256 KiB (each with a gateway of its own, one
+/// slot each): some end in rustls's buffer, whatever the exact sizes the kernel allows. Every
+/// one must let the next connection be served. (Only a pending write counted as a client not
+/// reading: a pending flush held the connection and its slot for good.)
+#[tokio::test]
+async fn over_tls_a_client_that_stops_reading_gives_its_slot_back() {
+    let up = start_upstream().await;
+    let cert = make_cert();
+    let connector = tls_connector(&cert);
+    let one = |size: usize| {
+        let (up, cert, connector) = (&up, &cert, &connector);
+        async move {
+            let gw = tls_gateway_small_sndbuf(
+                up,
+                cert,
+                "max_connections = 1\nidle_timeout = \"500ms\"\nheader_timeout = \"30s\"\n",
+                8192,
+            )
+            .await;
+            let mut stalled = tls_connect(connector, gw.addr(), 8192).await;
+            let req = format!(
+                "GET /v1/download?bytes={size} HTTP/1.1\r\nHost: x\r\nX-Api-Key: {KEY}\r\n\r\nG"
+            );
+            stalled.write_all(req.as_bytes()).await.unwrap();
+            stalled.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+
+            let next = async {
+                let mut tls = tls_connect(connector, gw.addr(), 1 << 20).await;
+                let req = format!(
+                    "GET /v1/x HTTP/1.1\r\nHost: x\r\nX-Api-Key: {KEY}\r\nConnection: close\r\n\r\n"
+                );
+                tls.write_all(req.as_bytes()).await.unwrap();
+                let mut answer = Vec::new();
+                let _ = tls.read_to_end(&mut answer).await;
+                String::from_utf8_lossy(&answer).into_owned()
+            };
+            let answer = tokio::time::timeout(Duration::from_secs(8), next).await;
+            drop(stalled);
+            (size, answer)
+        }
+    };
+    let sizes = (1..=16).map(|k| k * 16 * 1024);
+    let outcomes = futures_util::future::join_all(sizes.map(one)).await;
+    let held: Vec<usize> = outcomes
+        .iter()
+        .filter(|(_, answer)| answer.is_err())
+        .map(|(size, _)| size / 1024)
+        .collect();
+    assert!(
+        held.is_empty(),
+        "with these answers (KiB) left unread the next connection was not served within 8 s: {held:?}"
+    );
+    for (size, answer) in outcomes {
+        let answer = answer.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{size}: {answer:?}");
+    }
+}
+
 /// `[server] max_connections`: beyond it a connection waits; those already in are served.
 #[tokio::test]
 async fn connections_beyond_max_connections_wait_and_those_in_are_served() {

@@ -22,7 +22,7 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
 use tokio::{
@@ -93,7 +93,13 @@ async fn serve(
 ) {
     let drain = Drain::new();
     let header_timeout = shared.live.load().config.server.header_timeout;
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // A head trickled a byte at a time is cut at `header_timeout` too: 64 such connections
+    // would otherwise hold every admin slot, and the probes of `/readyz` wait behind them.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let permit = tokio::select! {

@@ -624,6 +624,42 @@ async fn the_admin_listener_closes_connections_that_send_nothing() {
     assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
 }
 
+/// A head trickled a byte at a time is cut at `header_timeout` on the admin listener too (its
+/// 64 slots would otherwise go to such connections, and `/readyz` probes wait behind them).
+#[tokio::test]
+async fn the_admin_listener_cuts_a_trickled_head_at_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = start_upstream().await;
+    let text = ops_config(&up.url(), "header_timeout = \"500ms\"", "", "");
+    let gw = start_gateway(&text).await;
+    let admin = gw.gateway.admin_addr().expect("[admin] set");
+    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let started = std::time::Instant::now();
+    let head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let mut cut = None;
+    for &b in head.iter() {
+        if s.write_all(&[b]).await.is_err() {
+            cut = Some(started.elapsed());
+            break;
+        }
+        let mut buf = [0u8; 256];
+        match tokio::time::timeout(Duration::from_millis(100), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                cut = Some(started.elapsed());
+                break;
+            }
+            // An answer (408) before the close is a cut too.
+            Ok(Ok(_)) => {
+                cut = Some(started.elapsed());
+                break;
+            }
+            Err(_) => {}
+        }
+    }
+    let cut = cut.expect("a head trickled over 7 s was never cut");
+    assert!(cut < Duration::from_secs(4), "cut only after {cut:?}");
+}
+
 /// A renewed certificate is served to new TLS clients without a restart, while a connection
 /// made with the old certificate goes on working.
 #[tokio::test]

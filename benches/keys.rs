@@ -94,7 +94,7 @@ fn name(n: usize) -> &'static str {
 fn auth_step(table: &KeyTable, key: &[u8]) -> quota::Admission {
     let found = table.lookup(&KeyHash::of(key)).expect("a configured key");
     let entry = found.entry;
-    assert!(!entry.disabled && !entry.expires.is_some_and(|e| e <= SystemTime::now()));
+    assert!(!entry.disabled && entry.expires.is_none_or(|e| e > SystemTime::now()));
     quota::admit(&entry.limiter, entry.quota.as_deref())
 }
 

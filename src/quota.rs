@@ -143,7 +143,7 @@ impl QuotaLimiter {
                     return Decision::Admit {
                         remaining: remaining as u32,
                         reset: Duration::from_nanos(used).as_secs()
-                            + u64::from(used % 1_000_000_000 > 0),
+                            + u64::from(!used.is_multiple_of(1_000_000_000)),
                     };
                 }
                 Err(actual) => tat = actual,

@@ -99,7 +99,7 @@ where
         timestamp(&mut line);
         line.push(' ');
         let level = meta.level().as_str();
-        line.extend(std::iter::repeat(' ').take(5usize.saturating_sub(level.len())));
+        line.extend(std::iter::repeat_n(' ', 5usize.saturating_sub(level.len())));
         line.push_str(level);
         line.push(' ');
         line.push_str(meta.target());
@@ -147,7 +147,7 @@ fn timestamp(out: &mut String) {
     let mut digits = itoa::Buffer::new();
     let digits = digits.format(micros);
     out.push('.');
-    out.extend(std::iter::repeat('0').take(6 - digits.len()));
+    out.extend(std::iter::repeat_n('0', 6 - digits.len()));
     out.push_str(digits);
     out.push('Z');
 }

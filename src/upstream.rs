@@ -701,7 +701,7 @@ impl Exchange {
             && self
                 .upload
                 .as_ref()
-                .map_or(true, |u| !u.taken && u.state == UploadState::Sending)
+                .is_none_or(|u| !u.taken && u.state == UploadState::Sending)
             && (idempotent || self.written < self.conn.head.len())
     }
 }
@@ -786,7 +786,7 @@ impl UpstreamBody {
         let sent = self
             .upload
             .as_ref()
-            .map_or(true, |u| u.state == UploadState::Sent);
+            .is_none_or(|u| u.state == UploadState::Sent);
         if self.reusable && sent && conn.buf.is_empty() {
             self.pool.put_back(conn);
         }

@@ -2225,7 +2225,7 @@ async fn soak_with_key_churn_and_reloads_keeps_memory_flat_and_errors_at_zero() 
                         .unwrap()
                         .push(format!("valid key: {}", got.status));
                 }
-                if w == 0 && n % 10 == 0 && g > 0 {
+                if w == 0 && n.is_multiple_of(10) && g > 0 {
                     // The key removed when g became current: refused, never admitted.
                     let got = get(&c, &base, &[("x-api-key", &key(g - 1))]).await;
                     if got.status.is_success() || got.status.is_server_error() {
@@ -2235,7 +2235,7 @@ async fn soak_with_key_churn_and_reloads_keeps_memory_flat_and_errors_at_zero() 
                             .push(format!("removed key: {}", got.status));
                     }
                 }
-                if w == 1 && n % 10 == 0 {
+                if w == 1 && n.is_multiple_of(10) {
                     let got = get(&c, &base, &[("x-api-key", "never-a-key")]).await;
                     if got.status.is_success() || got.status.is_server_error() {
                         errors

@@ -4,18 +4,21 @@
 //! client IP's GCRA budget (an IPv6 client's /64: an attacker holding one rotates through it
 //! freely) (governor, keyed by IP in a dashmap). When an attempt finds the budget
 //! spent, the IP is blocked until the next cell is earned back. While blocked, every request
-//! from it that does not carry a valid key gets 429 `too_many_failures`: a request without a
-//! key, or with a malformed key or a bad checksum, is refused before any hashing or table
-//! lookup; a well-formed key is still looked up once, since that is the only way to let the
-//! valid keys of a shared address (a partner's NAT) keep working.
+//! from it gets 429 `too_many_failures` without a table lookup, but for the keys that address
+//! has already used successfully since its first failure: those are still looked up (and
+//! admitted when still valid), so a partner behind the same address (a NAT) that was calling
+//! keygate when the guessing started keeps working, while a guess is never judged (a blocked
+//! address cannot go on guessing and read a 200 as a hit). A key that address had not used
+//! before the block waits for it to end, like a guess.
 //!
 //! The guard lives in [`Live`](crate::proxy::Live) and is carried over by a reload that keeps
 //! the same rate, so a reload never forgives an attacker. Memory stays bounded by the number of
-//! IPs seen in one window: stale entries are swept every few thousand failures.
+//! IPs that failed in one window (and [`KNOWN_KEYS`] fingerprints each): stale entries are
+//! swept every few thousand failures.
 
 use std::{
     net::IpAddr,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
     time::Duration,
 };
 
@@ -27,18 +30,54 @@ use governor::{
     Quota, RateLimiter,
 };
 
-use crate::limit::RateLimit;
+use crate::{keys::KeyHash, limit::RateLimit};
 
 /// Failures between two sweeps of stale per-IP state.
 const SWEEP_EVERY: u64 = 4096;
+
+/// Keys remembered per failing address (the most recent ones): a NAT's partners, not a table.
+pub const KNOWN_KEYS: usize = 8;
 
 /// Per-IP failure budgets and the IPs currently blocked.
 pub struct FailureGuard<C: Clock = DefaultClock> {
     limit: RateLimit,
     limiter: RateLimiter<IpAddr, DashMapStateStore<IpAddr>, C, NoOpMiddleware<C::Instant>>,
     blocked: DashMap<IpAddr, C::Instant>,
+    /// Addresses that failed lately, with the keys they used successfully since.
+    suspects: DashMap<IpAddr, Suspect<C::Instant>>,
+    /// Whether `suspects` may hold anything: a successful request from a clean machine pays
+    /// one load, not a map lookup.
+    any_suspects: AtomicBool,
     clock: C,
     failures: AtomicU64,
+}
+
+/// An address that failed: when it last did, and fingerprints (a key hash's first 8 bytes) of
+/// the keys it used successfully since its first failure, the latest [`KNOWN_KEYS`].
+struct Suspect<I> {
+    last_failure: I,
+    known: [u64; KNOWN_KEYS],
+    len: usize,
+    next: usize,
+}
+
+impl<I> Suspect<I> {
+    fn knows(&self, fingerprint: u64) -> bool {
+        self.known[..self.len].contains(&fingerprint)
+    }
+
+    fn remember(&mut self, fingerprint: u64) {
+        if self.knows(fingerprint) {
+            return;
+        }
+        self.known[self.next] = fingerprint;
+        self.next = (self.next + 1) % KNOWN_KEYS;
+        self.len = (self.len + 1).min(KNOWN_KEYS);
+    }
+}
+
+fn fingerprint(hash: &KeyHash) -> u64 {
+    u64::from_le_bytes(hash.0[..8].try_into().expect("8 of 32 bytes"))
 }
 
 impl std::fmt::Debug for FailureGuard {
@@ -67,6 +106,8 @@ impl<C: Clock + Clone> FailureGuard<C> {
             limit,
             limiter: RateLimiter::dashmap_with_clock(quota, clock.clone()),
             blocked: DashMap::new(),
+            suspects: DashMap::new(),
+            any_suspects: AtomicBool::new(false),
             clock,
             failures: AtomicU64::new(0),
         }
@@ -88,12 +129,43 @@ impl<C: Clock + Clone> FailureGuard<C> {
         }
     }
 
+    /// Whether a blocked `ip` may still have the key hashed to `hash` looked up: one it used
+    /// successfully since it first failed.
+    pub fn knows(&self, ip: IpAddr, hash: &KeyHash) -> bool {
+        self.suspects
+            .get(&subscriber(ip))
+            .is_some_and(|s| s.knows(fingerprint(hash)))
+    }
+
+    /// Notes a request from `ip` admitted with the key hashed to `hash`: if `ip` has failed
+    /// lately, that key stays usable from it while it is blocked.
+    pub fn record_success(&self, ip: IpAddr, hash: &KeyHash) {
+        if !self.any_suspects.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Some(mut s) = self.suspects.get_mut(&subscriber(ip)) {
+            s.remember(fingerprint(hash));
+        }
+    }
+
     /// Records one failed attempt from `ip`; `Some(retry_after_secs)` when it is now blocked.
     pub fn record_failure(&self, ip: IpAddr) -> Option<u64> {
         if self.failures.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
             self.sweep();
         }
         let ip = subscriber(ip);
+        let now = self.clock.now();
+        self.suspects
+            .entry(ip)
+            .and_modify(|s| s.last_failure = now)
+            .or_insert_with(|| Suspect {
+                last_failure: now,
+                known: [0; KNOWN_KEYS],
+                len: 0,
+                next: 0,
+            });
+        // After the insert: a sweep that found the map empty just before cannot clear it.
+        self.any_suspects.store(true, Ordering::Relaxed);
         match self.limiter.check_key(&ip) {
             Ok(()) => None,
             Err(not_until) => {
@@ -106,7 +178,7 @@ impl<C: Clock + Clone> FailureGuard<C> {
 
     /// How many IPs have live failure state (for tests and the soak script).
     pub fn tracked(&self) -> usize {
-        self.limiter.len() + self.blocked.len()
+        self.limiter.len() + self.blocked.len() + self.suspects.len()
     }
 
     /// Drops the state of IPs whose budget is whole again and whose block has ended.
@@ -116,6 +188,17 @@ impl<C: Clock + Clone> FailureGuard<C> {
         let now = self.clock.now();
         self.blocked.retain(|_, until| now < *until);
         self.blocked.shrink_to_fit();
+        // A suspect is forgotten once a whole budget has been earned back since its last
+        // failure, as its limiter state is.
+        let refill = self.limit.period() * self.limit.burst.get();
+        self.suspects.retain(|ip, s| {
+            self.blocked.contains_key(ip)
+                || Duration::from(now.duration_since(s.last_failure)) < refill
+        });
+        self.suspects.shrink_to_fit();
+        if self.suspects.is_empty() {
+            self.any_suspects.store(false, Ordering::Relaxed);
+        }
     }
 }
 
@@ -169,6 +252,36 @@ mod tests {
         // One cell earned back: one more failure is judged, the next blocks again.
         assert_eq!(g.record_failure(ip), None);
         assert!(g.record_failure(ip).is_some());
+    }
+
+    /// A blocked address keeps the keys it used since its first failure, no others; the
+    /// memory of them goes with the rest of its state.
+    #[test]
+    fn a_blocked_address_keeps_only_the_keys_it_used_since_it_failed() {
+        let clock = FakeRelativeClock::default();
+        let g = FailureGuard::with_clock(per_min(1), clock.clone());
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let (before, partner, other) = (
+            KeyHash::of(b"used-before-any-failure"),
+            KeyHash::of(b"partner"),
+            KeyHash::of(b"other"),
+        );
+        g.record_success(ip, &before);
+        assert_eq!(g.record_failure(ip), None);
+        g.record_success(ip, &partner);
+        assert!(g.record_failure(ip).is_some());
+        assert!(g.knows(ip, &partner));
+        assert!(!g.knows(ip, &other));
+        assert!(!g.knows(ip, &before), "remembered before it ever failed");
+        // Only the latest KNOWN_KEYS are kept.
+        for i in 0..KNOWN_KEYS {
+            g.record_success(ip, &KeyHash::of(format!("k{i}").as_bytes()));
+        }
+        assert!(!g.knows(ip, &partner));
+        clock.advance(Duration::from_secs(180));
+        g.sweep();
+        assert_eq!(g.tracked(), 0);
+        assert!(!g.knows(ip, &KeyHash::of(b"k0")));
     }
 
     #[test]

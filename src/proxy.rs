@@ -9,7 +9,8 @@
 //!    the query parameter when `allow_query_key`), hash it once with blake3, look it up in the
 //!    live [`KeyTable`], refuse missing, unknown, disabled and expired
 //!    keys (and a rotated key's old hash after its grace); count failures per client IP
-//!    ([`bruteforce`](crate::bruteforce)) and answer 429 to an address past its budget;
+//!    ([`bruteforce`](crate::bruteforce)) and answer 429 to an address past its budget (there
+//!    only the keys it used before are looked up);
 //! 4. **path** – resolve the path's dot segments ([`scope::resolve_dots`], `%2e` read as `.`)
 //!    and refuse with 400 a path that climbs above the root, so that none leaves the
 //!    `[upstream] url` path; for a key with scopes, normalise the path ([`scope::normalise`])
@@ -318,10 +319,21 @@ async fn admit_and_forward(
     };
     caller.client_ip = Some(client_ip);
     let blocked = live.failures.as_ref().and_then(|g| g.blocked(client_ip));
-    let (entry, source) = match authenticate(live, req.headers(), req.uri()) {
+    // While the address is blocked, only the keys it used before are looked up at all.
+    let known = |hash: &KeyHash| {
+        blocked.is_none()
+            || live
+                .failures
+                .as_ref()
+                .is_some_and(|g| g.knows(client_ip, hash))
+    };
+    let (entry, source, hash) = match authenticate(live, req.headers(), req.uri(), &known) {
         Ok(found) => found,
         Err(err) => return Err(judge_failure(live, client_ip, blocked, err)),
     };
+    if let Some(guard) = &live.failures {
+        guard.record_success(client_ip, &hash);
+    }
     caller.key = Some(Arc::clone(&entry));
     let path = check_path(&entry, req.method(), req.uri())?;
     let admission = shared.limits.check(&entry).await?;
@@ -479,12 +491,14 @@ fn refuse(err: &GatewayError, request_id: &HeaderValue) -> Response<ResponseBody
     err.to_response().map(Either::Right)
 }
 
-/// Phase 3: finds, hashes and looks up the key.
+/// Phase 3: finds, hashes and looks up the key (only when `may_look_up` allows its hash: a
+/// blocked address's guesses are not judged); the entry, where the key came from, its hash.
 fn authenticate(
     live: &Live,
     headers: &HeaderMap,
     uri: &Uri,
-) -> Result<(Arc<KeyEntry>, KeySource), GatewayError> {
+    may_look_up: &dyn Fn(&KeyHash) -> bool,
+) -> Result<(Arc<KeyEntry>, KeySource, KeyHash), GatewayError> {
     let auth = &live.config.auth;
     let mut from_header = headers.get_all(&auth.header).iter();
     let header_key = from_header.next();
@@ -523,9 +537,13 @@ fn authenticate(
     if keys::checksum_ok(key_str, &auth.key_prefix) == Some(false) {
         return Err(GatewayError::BadChecksum);
     }
+    let hash = KeyHash::of(key);
+    if !may_look_up(&hash) {
+        return Err(GatewayError::InvalidApiKey);
+    }
     let found = live
         .table
-        .lookup(&KeyHash::of(key))
+        .lookup(&hash)
         .ok_or(GatewayError::InvalidApiKey)?;
     let entry = found.entry;
     if entry.disabled {
@@ -535,7 +553,7 @@ fn authenticate(
     if entry.expires.is_some_and(|e| e <= now) || found.previous_until.is_some_and(|e| e <= now) {
         return Err(GatewayError::ExpiredApiKey);
     }
-    Ok((Arc::clone(entry), source))
+    Ok((Arc::clone(entry), source, hash))
 }
 
 /// Phase 4: the path to forward when it is not the request's own: its dot segments resolved

@@ -696,7 +696,9 @@ fn tls_client_with_version(
 #[tokio::test]
 async fn reload_adds_removes_keeps_on_error_and_keeps_limiter_state() {
     let up = start_upstream().await;
-    let limits = "[limits]\nrate = \"1/min\"\nburst = 2\n\n";
+    // No failure budget: the polls below, made with a key not loaded yet, must not spend it
+    // on a slow machine (tests/hardening.rs tests that budget).
+    let limits = "[auth]\nfailures_per_ip = \"off\"\n\n[limits]\nrate = \"1/min\"\nburst = 2\n\n";
     let v1 = config_text(&up.url(), &format!("{limits}{}", key_entry("a", KEY, "")));
     let gw = start_gateway(&v1).await;
     let c = http1_client();
@@ -746,9 +748,24 @@ async fn reload_adds_removes_keeps_on_error_and_keeps_limiter_state() {
         "reload handed out a fresh budget"
     );
 
-    // Broken file: both keys keep working as before.
+    // Broken file: both keys keep working as before (once it has been read and refused).
+    let shared = gw.gateway.shared().clone();
+    let failed_reloads = move || {
+        let metrics = shared
+            .metrics
+            .encode(&shared.live.load().table, shared.limits.mode());
+        sample(&metrics, "keygate_config_reloads_total{result=\"failure\"}").unwrap_or(0.0)
+    };
     gw.rewrite_config(&v2.replace("[limits]", "[limits\n"));
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    let refused = failed_reloads.clone();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let refused = refused.clone();
+            async move { refused() >= 1.0 }
+        })
+        .await,
+        "the broken file was never read"
+    );
     assert_eq!(
         get(&c, &url, &[("x-api-key", OTHER)]).await.status,
         StatusCode::OK
@@ -781,7 +798,15 @@ async fn reload_adds_removes_keeps_on_error_and_keeps_limiter_state() {
     );
     assert!(written.elapsed() < Duration::from_millis(1100));
     gw.rewrite_config(&v1);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let shared = gw.gateway.shared().clone();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let shared = shared.clone();
+            async move { shared.live.load().table.len() == 1 }
+        })
+        .await,
+        "key b was never removed"
+    );
     assert_eq!(
         get(&c, &url, &[("x-api-key", OTHER)]).await.code(),
         "invalid_api_key"

@@ -83,9 +83,22 @@ async fn until_status(
     .await
 }
 
+/// [`config_text`] with `[auth] failures_per_ip = "off"`: these tests poll with keys the
+/// gateway has not loaded yet, and on a loaded machine those polls could spend the address's
+/// failure budget before the reload lands (tests/hardening.rs tests that budget).
+fn quiet_config(upstream: &str, rest: &str) -> String {
+    let off = "[auth]\nfailures_per_ip = \"off\"\n";
+    let rest = if rest.contains("[auth]\n") {
+        rest.replacen("[auth]\n", off, 1)
+    } else {
+        format!("{off}{rest}")
+    };
+    config_text(upstream, &rest)
+}
+
 async fn gateway_with(rest: &str) -> (Upstream, TestGateway) {
     let up = start_upstream().await;
-    let gw = start_gateway(&config_text(&up.url(), rest)).await;
+    let gw = start_gateway(&quiet_config(&up.url(), rest)).await;
     (up, gw)
 }
 
@@ -533,7 +546,7 @@ async fn a_quota_refusal_is_not_charged_to_the_rate() {
     let up = start_upstream().await;
     let key = keys::mint("bbk_");
     let entry = |quota: &str| {
-        config_text(
+        quiet_config(
             &up.url(),
             &key_entry(
                 "p",
@@ -686,7 +699,7 @@ fn keygate_signed(secret: &[u8], req: &http::request::Parts, now: u64) -> bool {
 async fn list_shows_status_limits_and_scopes_but_never_a_key() {
     let up = start_upstream().await;
     let expired_key = "old-partner-key-0123456789abcdefghij";
-    let gw = start_gateway(&config_text(
+    let gw = start_gateway(&quiet_config(
         &up.url(),
         &key_entry("expired", expired_key, "expires = 2020-01-01T00:00:00Z"),
     ))
@@ -771,7 +784,7 @@ async fn list_shows_status_limits_and_scopes_but_never_a_key() {
 async fn a_separate_keys_file_is_edited_and_watched() {
     let up = start_upstream().await;
     let dir = tempfile::tempdir().unwrap();
-    let main = config_text(&up.url(), "[auth]\nkeys_file = \"keys.toml\"\n");
+    let main = quiet_config(&up.url(), "[auth]\nkeys_file = \"keys.toml\"\n");
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, &main).unwrap();
     std::fs::write(
@@ -813,7 +826,7 @@ async fn a_symlinked_keys_file_is_watched_where_it_lives() {
     let path = conf.join("gateway.toml");
     std::fs::write(
         &path,
-        config_text(&up.url(), "[auth]\nkeys_file = \"keys.toml\"\n"),
+        quiet_config(&up.url(), "[auth]\nkeys_file = \"keys.toml\"\n"),
     )
     .unwrap();
     let gw = start_gateway_in(dir, path).await;
@@ -857,7 +870,7 @@ fn keys_edits_resolve_a_symlinked_configs_files_as_the_gateway_does() {
     let (etc, releases) = (dir.path().join("etc"), dir.path().join("releases/v3"));
     std::fs::create_dir_all(&etc).unwrap();
     std::fs::create_dir_all(&releases).unwrap();
-    let text = config_text("http://127.0.0.1:9", "").replace(
+    let text = quiet_config("http://127.0.0.1:9", "").replace(
         "[upstream]\n",
         "[upstream]\nidentity_secret_file = \"identity.secret\"\n",
     );
@@ -880,7 +893,7 @@ async fn a_revoke_while_the_gateway_starts_is_not_lost() {
     let up = start_upstream().await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gateway.toml");
-    std::fs::write(&path, config_text(&up.url(), "")).unwrap();
+    std::fs::write(&path, quiet_config(&up.url(), "")).unwrap();
     let key = minted(&path, &["new", "--id", "leaky"]);
     // Read as the gateway reads it at start...
     let config = Config::load(&path).unwrap();
@@ -901,7 +914,7 @@ async fn a_revoke_while_the_gateway_starts_is_not_lost() {
 async fn refused_edits_leave_the_file_as_it_was() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gateway.toml");
-    std::fs::write(&path, config_text("http://127.0.0.1:9", "")).unwrap();
+    std::fs::write(&path, quiet_config("http://127.0.0.1:9", "")).unwrap();
     let before = std::fs::read_to_string(&path).unwrap();
     for (args, needle) in [
         (vec!["new", "--id", "a", "--scope", "GET v1"], "--scope"),
@@ -936,7 +949,7 @@ async fn a_keys_whole_life_against_a_running_gateway_process_logs_no_secret() {
     let up = start_upstream().await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gateway.toml");
-    std::fs::write(&path, config_text(&up.url(), "")).unwrap();
+    std::fs::write(&path, quiet_config(&up.url(), "")).unwrap();
     let gw = spawn_keygate(&path, &[]);
     let c = http1_client();
     let url = format!("http://{}/v1/guests", gw.addr);
@@ -1014,7 +1027,7 @@ fn edits_keep_the_owner_and_edit_through_a_symlink() {
     let config = dir.path().join("gateway.toml");
     std::fs::write(
         &config,
-        config_text("http://127.0.0.1:9", "[auth]\nkeys_file = \"keys.toml\"\n"),
+        quiet_config("http://127.0.0.1:9", "[auth]\nkeys_file = \"keys.toml\"\n"),
     )
     .unwrap();
     std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o640)).unwrap();
@@ -1074,7 +1087,7 @@ fn the_stores_owner_can_still_edit_after_root_did() {
             .output()
     };
     let config = dir.path().join("gateway.toml");
-    std::fs::write(&config, config_text("http://127.0.0.1:9", "")).unwrap();
+    std::fs::write(&config, quiet_config("http://127.0.0.1:9", "")).unwrap();
     std::os::unix::fs::chown(&config, Some(uid), Some(gid)).unwrap();
     match as_owner(&["list"], &config) {
         Ok(out) if out.status.success() => {}
@@ -1111,7 +1124,7 @@ fn the_stores_owner_can_still_edit_after_root_did() {
 fn far_dates_expired_rotations_and_a_closed_stdout_are_errors_not_panics() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("gateway.toml");
-    std::fs::write(&config, config_text("http://127.0.0.1:9", "")).unwrap();
+    std::fs::write(&config, quiet_config("http://127.0.0.1:9", "")).unwrap();
     for args in [
         &["new", "--id", "x", "--ttl", "9000y"][..],
         &["new", "--id", "x", "--expires", "9999-12-31T23:00:00-05:00"],

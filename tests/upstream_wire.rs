@@ -1393,7 +1393,17 @@ async fn connect_timeout_bounds_a_hung_connect_and_a_reload_changes_it() {
         "{took:?}"
     );
     gw.rewrite_config(&config("1500ms"));
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    let shared = gw.gateway.shared().clone();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let shared = shared.clone();
+            async move {
+                shared.live.load().config.upstream.connect_timeout == Duration::from_millis(1500)
+            }
+        })
+        .await,
+        "the reload never landed"
+    );
     let (got, took) = timed(c).await;
     assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{}", got.text());
     assert!(took >= Duration::from_millis(1450), "{took:?}");

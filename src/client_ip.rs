@@ -121,11 +121,11 @@ impl TrustedProxies {
         TrustedProxies { header, ..self }
     }
 
-    /// Whether `peer`'s `Forwarded` field is one of these proxies' own: they are read through
-    /// it and `peer` is one of them. It then goes upstream as they wrote it (keygate writes
-    /// only `X-Forwarded-*`); any other `Forwarded` is the client's word and stays behind.
-    pub fn vouch_for_forwarded(&self, peer: IpAddr) -> bool {
-        self.header == ClientIpHeader::Forwarded && self.contains(canonical(peer))
+    /// Whether the connection's peer is one of these proxies, whose forwarding fields
+    /// (`Forwarded`, `X-Real-IP`, `X-Forwarded-Client-Cert`, …) go upstream as it wrote them;
+    /// a client's own stay behind.
+    pub fn trusts_peer(&self, peer: IpAddr) -> bool {
+        !self.blocks.is_empty() && self.contains(canonical(peer))
     }
 
     /// Whether `ip` is a trusted proxy.

@@ -719,11 +719,10 @@ fn rewrite<'a>(
 pub struct Forwarding<'a> {
     key_header: &'a HeaderName,
     bearer: bool,
-    /// The key has scopes: method and path overrides stay behind ([`METHOD_OVERRIDES`],
-    /// [`PATH_OVERRIDES`]).
+    /// The key has scopes: method overrides stay behind ([`METHOD_OVERRIDES`]).
     scoped: bool,
-    /// `Forwarded` came from a trusted proxy that keygate reads it from: it goes on.
-    vouched_forwarded: bool,
+    /// The peer is a trusted proxy: its forwarding fields go on (but those keygate writes).
+    trusted_hop: bool,
     host: HeaderValue,
     forwarded_for: HeaderValue,
     forwarded_proto: HeaderValue,
@@ -761,12 +760,12 @@ impl<'a> Forwarding<'a> {
             key_header: &live.config.auth.header,
             bearer,
             scoped: !entry.scopes.is_empty(),
-            vouched_forwarded: conn.forwarding_headers
+            trusted_hop: conn.forwarding_headers
                 && live
                     .config
                     .server
                     .trusted_proxies
-                    .vouch_for_forwarded(conn.peer.ip()),
+                    .trusts_peer(conn.peer.ip()),
             host: live.config.upstream.host_header.clone(),
             forwarded_for,
             forwarded_proto: HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
@@ -782,23 +781,29 @@ impl<'a> Forwarding<'a> {
 impl Forwarding<'_> {
     /// Whether the client's field `name` (lower case) is one keygate takes out or writes itself.
     ///
-    /// Every client-sent forwarding field stays behind, not only the ones keygate writes:
-    /// `Forwarded`, `X-Real-IP` and any `X-Forwarded-*` (`-Port`, `-Prefix`, `-Ssl`, …) would
-    /// reach the upstream beside keygate's `X-Forwarded-*`, and upstreams that prefer them
-    /// (Rack, Spring) would take the client's word for its address, host and scheme. The one
-    /// exception is a `Forwarded` that a trusted proxy wrote and keygate reads the client from
-    /// (`client_ip_header = "forwarded"`): the upstream gets the same chain keygate believed.
+    /// A client's forwarding fields stay behind, not only the ones keygate writes: `Forwarded`,
+    /// `X-Real-IP` and any `X-Forwarded-*` (`-Port`, `-Prefix`, `-Ssl`, …) would reach the
+    /// upstream beside keygate's `X-Forwarded-*`, and upstreams that prefer them (Rack, Spring)
+    /// would take the client's word for its address, host and scheme. A trusted proxy's go on
+    /// (`Forwarded` with the chain keygate believed, Envoy's `X-Forwarded-Client-Cert`, an auth
+    /// proxy's `X-Forwarded-User`), all but the three keygate writes. Path overrides
+    /// ([`PATH_OVERRIDES`]) stay behind for every key: they would take a request out of the
+    /// `[upstream] url` path.
     fn reserved(&self, name: &str) -> bool {
         name == header::HOST.as_str()
             || name == self.key_header.as_str()
             || (self.bearer && name == header::AUTHORIZATION.as_str())
-            || (name == header::FORWARDED.as_str() && !self.vouched_forwarded)
-            || (self.scoped && (METHOD_OVERRIDES.contains(&name) || PATH_OVERRIDES.contains(&name)))
+            || (name == header::FORWARDED.as_str() && !self.trusted_hop)
+            || (self.scoped && METHOD_OVERRIDES.contains(&name))
             || (name.starts_with("x-")
                 && (name.starts_with("x-keygate-")
-                    || name.starts_with("x-forwarded-")
-                    || name == X_REAL_IP
-                    || name == X_REQUEST_ID.as_str()))
+                    || name == X_FORWARDED_FOR.as_str()
+                    || name == X_FORWARDED_PROTO.as_str()
+                    || name == X_FORWARDED_HOST.as_str()
+                    || name == X_REQUEST_ID.as_str()
+                    || PATH_OVERRIDES.contains(&name)
+                    || (!self.trusted_hop
+                        && (name.starts_with("x-forwarded-") || name == X_REAL_IP))))
     }
 }
 
@@ -814,8 +819,8 @@ const METHOD_OVERRIDES: [&str; 3] = [
 ];
 
 /// Fields by which an upstream may serve another path than the request line's (IIS URL
-/// Rewrite, Symfony, Zend): a scoped key was checked against that line, so they do not go
-/// upstream with its requests either.
+/// Rewrite, Symfony, Zend): the `[upstream] url` path and a scoped key's check were both made
+/// against that line, so they go upstream with no request.
 const PATH_OVERRIDES: [&str; 2] = ["x-original-url", "x-rewrite-url"];
 
 impl wire::Fields for Forwarding<'_> {

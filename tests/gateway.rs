@@ -984,39 +984,58 @@ async fn client_forwarding_and_path_override_fields_do_not_reach_the_upstream() 
         assert_eq!(h["x-custom"], "kept");
         assert_eq!(h["x-forwarded-for"], "127.0.0.1");
         for (name, _) in overrides {
-            // An unscoped key may call any path: its overrides go on, as its method overrides do.
-            assert_eq!(h.get(name).is_some(), key == KEY, "{name} ({key})");
+            // Not even for an unscoped key: they would leave the `[upstream] url` path.
+            assert!(h.get(name).is_none(), "{name} was forwarded ({key})");
         }
     }
 }
 
-/// `Forwarded` from a trusted proxy that keygate reads the client from goes upstream as that
-/// proxy wrote it (the upstream gets the chain keygate believed); from one read through
-/// `X-Forwarded-For` it stays behind like any client's.
+/// A trusted proxy's forwarding fields go upstream as it wrote them (`Forwarded` with the chain
+/// keygate believed, Envoy's `X-Forwarded-Client-Cert`, an auth proxy's `X-Forwarded-User`);
+/// the three keygate writes are keygate's all the same. From a peer that is not trusted, they
+/// stay behind.
 #[tokio::test]
-async fn a_trusted_proxys_forwarded_field_goes_on_when_keygate_reads_it() {
-    for (header, passes) in [("forwarded", true), ("x-forwarded-for", false)] {
+async fn a_trusted_proxys_forwarding_fields_go_on_and_a_clients_do_not() {
+    let sent = [
+        ("forwarded", "for=203.0.113.9"),
+        ("x-forwarded-client-cert", "By=spiffe://x;Hash=ab"),
+        ("x-forwarded-user", "alice"),
+        ("x-real-ip", "203.0.113.9"),
+    ];
+    for (server, trusted) in [
+        (
+            "trusted_proxies = [\"127.0.0.1\"]\nclient_ip_header = \"forwarded\"\n",
+            true,
+        ),
+        ("trusted_proxies = [\"127.0.0.1\"]\n", true),
+        ("", false),
+    ] {
         let up = start_upstream().await;
         let text = config_text(&up.url(), &key_entry("partner", KEY, "")).replace(
             "listen = \"127.0.0.1:0\"\n",
-            &format!(
-                "listen = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.1\"]\nclient_ip_header = \"{header}\"\n"
-            ),
+            &format!("listen = \"127.0.0.1:0\"\n{server}"),
         );
         let gw = start_gateway(&text).await;
-        let got = get(
-            &http1_client(),
-            &gw.url("/v1/guests"),
-            &[("x-api-key", KEY), ("forwarded", "for=203.0.113.9")],
-        )
-        .await;
+        let mut headers = vec![
+            ("x-api-key", KEY),
+            ("x-forwarded-proto", "gopher"),
+            ("x-forwarded-host", "admin.example"),
+        ];
+        headers.extend(sent);
+        let got = get(&http1_client(), &gw.url("/v1/guests"), &headers).await;
         assert_eq!(got.status, StatusCode::OK, "{}", got.text());
         let h = up.last().headers;
-        assert_eq!(
-            h.get("forwarded").map(|v| v.to_str().unwrap().to_string()),
-            passes.then(|| "for=203.0.113.9".to_string()),
-            "client_ip_header = {header}"
-        );
+        for (name, value) in sent {
+            assert_eq!(
+                h.get(name).map(|v| v.to_str().unwrap()),
+                trusted.then_some(value),
+                "{name} with {server:?}"
+            );
+        }
+        assert_eq!(h["x-forwarded-proto"], "http", "{server:?}");
+        assert!(h
+            .get("x-forwarded-host")
+            .is_none_or(|v| v != "admin.example"));
     }
 }
 

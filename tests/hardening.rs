@@ -1473,7 +1473,10 @@ async fn a_non_ascii_byte_in_a_forwarded_chain_spoils_only_its_own_hop() {
         h.extend_from_slice(b"\xff\xfe, 203.0.113.7\r\n");
         h
     };
-    assert_eq!(status_from("127.0.0.1", &gw, b"", spoiled("wrong")).await, 401);
+    assert_eq!(
+        status_from("127.0.0.1", &gw, b"", spoiled("wrong")).await,
+        401
+    );
     // A valid key from that client (before its budget is spent: once blocked, only keys it had
     // used still get through) goes on with the whole chain.
     assert_eq!(status_from("127.0.0.1", &gw, b"", spoiled(KEY)).await, 200);

@@ -447,7 +447,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// The longest timeout or interval the config takes: far beyond any sensible one, and short
 /// enough that a deadline `now + d` never overflows the clock (an `idle_timeout` of
 /// `300000000000y` parsed, then panicked on every connection).
-pub const MAX_CONFIG_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+pub const MAX_CONFIG_DURATION: Duration = Duration::from_secs(3653 * 24 * 3600);
 
 /// [`parse_duration`] for a config field: also refuses more than [`MAX_CONFIG_DURATION`].
 fn parse_config_duration(s: &str) -> Result<Duration, String> {
@@ -1445,6 +1445,21 @@ mod tests {
         )
     }
 
+    /// Ten years, as humantime counts them (365.25 days each), is the longest timeout.
+    #[test]
+    fn ten_years_is_the_longest_duration() {
+        let at = |d: &str| {
+            parse(&format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\nidle_timeout = \"{d}\"\n[upstream]\nurl = \"http://x\"\n"
+            ))
+        };
+        assert!(at("10y").is_ok());
+        assert!(at("11y")
+            .unwrap_err()
+            .message
+            .contains("longer than 10 years"));
+    }
+
     #[test]
     fn minimal_config_gets_the_documented_defaults() {
         let c = parse(&minimal("")).unwrap();
@@ -1507,7 +1522,7 @@ mod tests {
                 "longer than 10 years",
             ),
             (
-                "[server]\nlisten = \"127.0.0.1:0\"\n[upstream]\nurl = \"http://x\"\ntimeout = \"3651days\"\n".to_string(),
+                "[server]\nlisten = \"127.0.0.1:0\"\n[upstream]\nurl = \"http://x\"\ntimeout = \"3654days\"\n".to_string(),
                 "longer than 10 years",
             ),
             (

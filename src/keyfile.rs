@@ -150,10 +150,18 @@ impl KeyStore {
             path: path.clone(),
             source,
         };
-        // Opened for reading (a lock needs no more): a lock file that root made stays usable by
-        // the store's owner. Made anew, it takes the store's (or config's) mode and owner, as
-        // the store itself does.
-        let file = match File::open(&path) {
+        // Opened for writing where it may be (NFS emulates flock with byte-range locks, which
+        // want a writable file), else for reading (all flock needs elsewhere): a lock file
+        // root made stays usable by the store's owner. Made anew, it takes the store's (or
+        // config's) mode and owner, as the store itself does.
+        let opened = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .or_else(|e| match e.kind() {
+                io::ErrorKind::PermissionDenied => File::open(&path),
+                _ => Err(e),
+            });
+        let file = match opened {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 let file = OpenOptions::new()
                     .create(true)

@@ -238,27 +238,33 @@ async fn pings_after_a_preface_sent_in_pieces_do_not_keep_a_connection() {
         "",
     )
     .await;
-    let (mut rd, mut wr) = TcpStream::connect(gw.addr()).await.unwrap().into_split();
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let settings = h2_frame(0x4, 0, 0, &[]);
+    assert!(
+        closed_while_pinging(gw.addr(), &[&preface[..1], &preface[1..], &settings]).await,
+        "a connection sending only PINGs was kept 4 s past a 500 ms idle_timeout"
+    );
+}
+
+/// Opens a raw connection to `addr`, sends `pieces` 50 ms apart, then a PING frame every
+/// 100 ms, taking whatever the gateway sends; whether the gateway closed it within 4 s.
+async fn closed_while_pinging(addr: SocketAddr, pieces: &[&[u8]]) -> bool {
+    let (mut rd, mut wr) = TcpStream::connect(addr).await.unwrap().into_split();
     // Takes the server's frames in; ends when the server closes.
     let closed = tokio::spawn(async move {
         let mut buf = [0u8; 4096];
         while let Ok(1..) = rd.read(&mut buf).await {}
     });
-    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-    for part in [&preface[..1], &preface[1..]] {
-        wr.write_all(part).await.unwrap();
+    for piece in pieces {
+        wr.write_all(piece).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    wr.write_all(&h2_frame(0x4, 0, 0, &[])).await.unwrap(); // SETTINGS
     let started = Instant::now();
     while !closed.is_finished() && started.elapsed() < Duration::from_secs(4) {
         let _ = wr.write_all(&h2_frame(0x6, 0, 0, &[0u8; 8])).await; // PING
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(
-        closed.is_finished(),
-        "a connection sending only PINGs was kept 4 s past a 500 ms idle_timeout"
-    );
+    closed.is_finished()
 }
 
 /// A raw upstream that answers every request with `pattern(total, 7)` (`total`: the sum of the
@@ -419,25 +425,14 @@ async fn an_h2_client_that_never_opens_its_window_does_not_keep_its_connection()
         "",
     )
     .await;
-    let (mut rd, mut wr) = TcpStream::connect(gw.addr()).await.unwrap().into_split();
-    let closed = tokio::spawn(async move {
-        let mut buf = [0u8; 4096];
-        while let Ok(1..) = rd.read(&mut buf).await {}
-    });
     let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     // SETTINGS_INITIAL_WINDOW_SIZE = 0.
     out.extend(h2_frame(0x4, 0, 0, &[0, 0x4, 0, 0, 0, 0]));
     out.extend(h2_frame(0x4, 0x1, 0, &[])); // SETTINGS ack (of the server's)
     let block = hpack_get(&gw.addr().to_string(), "/v1/download?bytes=1048576");
     out.extend(h2_frame(0x1, 0x5, 1, &block)); // HEADERS, END_STREAM|END_HEADERS
-    wr.write_all(&out).await.unwrap();
-    let started = Instant::now();
-    while !closed.is_finished() && started.elapsed() < Duration::from_secs(4) {
-        let _ = wr.write_all(&h2_frame(0x6, 0, 0, &[0u8; 8])).await; // PING
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     assert!(
-        closed.is_finished(),
+        closed_while_pinging(gw.addr(), &[&out]).await,
         "a connection whose client never opened its window was kept 4 s past a 500 ms idle_timeout"
     );
 }

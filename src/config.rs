@@ -434,6 +434,9 @@ impl Source<'_> {
     }
 }
 
+/// `[server] idle_timeout` when the config names none.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Parses a duration such as `250ms`, `2s` or `1m`; zero is refused.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s.trim())
@@ -638,7 +641,7 @@ impl Config {
             None => Ok(default),
         };
         let header_timeout = duration(&server.header_timeout, Duration::from_secs(10))?;
-        let idle_timeout = duration(&server.idle_timeout, Duration::from_secs(60))?;
+        let idle_timeout = duration(&server.idle_timeout, DEFAULT_IDLE_TIMEOUT)?;
         let max_connections = int(
             &server.max_connections,
             "max_connections",

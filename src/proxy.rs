@@ -156,6 +156,9 @@ pub struct ConnInfo {
     /// The task copying bytes for this connection once upgraded: the connection (its
     /// `max_connections` slot, its count in the gauge and in the drain) lasts until it ends.
     pub splice: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// `[server] idle_timeout` as the listener started with it (a restart-only field): the
+    /// connection's, and its splice's once upgraded.
+    pub idle_timeout: std::time::Duration,
 }
 
 impl ConnInfo {
@@ -169,6 +172,7 @@ impl ConnInfo {
             framing: Arc::default(),
             forwarding_headers: true,
             splice: std::sync::Mutex::new(None),
+            idle_timeout: crate::config::DEFAULT_IDLE_TIMEOUT,
         }
     }
 }
@@ -388,12 +392,8 @@ async fn admit_and_forward(
             if let Either::Left(body) = resp.body_mut() {
                 if let Some(upstream) = body.get_mut().take_upgraded() {
                     conn.framing.stop();
-                    let task = upgrade::splice(
-                        client,
-                        upstream,
-                        request_id.clone(),
-                        live.config.server.idle_timeout,
-                    );
+                    let task =
+                        upgrade::splice(client, upstream, request_id.clone(), conn.idle_timeout);
                     *conn.splice.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
                 }
             }

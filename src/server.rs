@@ -364,6 +364,7 @@ async fn accept_loop(
             }
             let mut info = ConnInfo::new(peer, acceptor.is_some());
             info.forwarding_headers = forwarding_headers;
+            info.idle_timeout = server.idle_timeout;
             let info = Arc::new(info);
             let conn = Arc::clone(&info);
             match acceptor {

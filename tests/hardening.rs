@@ -2013,10 +2013,10 @@ async fn a_websocket_holds_its_connection_slot_until_it_closes() {
     );
 }
 
-/// An upgraded connection on which nothing moves either way for `idle_timeout` is closed on
-/// both sides, its slot given back, even when the upstream never closes (hung, or ignoring the
-/// client's half-close): a silent WebSocket client cannot hold a slot for as long as the
-/// upstream lives.
+/// An upgraded connection on which nothing moves either way for `idle_timeout` (the one the
+/// listener started with, like every connection's) is closed on both sides, its slot given
+/// back, even when the upstream never closes (hung, or ignoring the client's half-close): a
+/// silent WebSocket client cannot hold a slot for as long as the upstream lives.
 #[tokio::test]
 async fn an_idle_upgraded_connection_gives_its_slot_back_whatever_the_upstream_does() {
     // Switches protocols, then neither reads, writes nor closes until the test ends.
@@ -2033,13 +2033,24 @@ async fn an_idle_upgraded_connection_gives_its_slot_back_whatever_the_upstream_d
             let _ = held_tx.send(s);
         }
     });
-    let gw = start_gateway(&config(
+    let text = config(
         &format!("http://{up_addr}"),
         "max_connections = 1\nidle_timeout = \"500ms\"",
         "",
         "",
-    ))
-    .await;
+    );
+    let gw = start_gateway(&text).await;
+    // A reload cannot change idle_timeout (it needs a restart): not for splices either.
+    gw.rewrite_config(&text.replace("idle_timeout = \"500ms\"", "idle_timeout = \"60s\""));
+    let shared = gw.gateway.shared().clone();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let shared = shared.clone();
+            async move { shared.live.load().config.server.idle_timeout == Duration::from_secs(60) }
+        })
+        .await,
+        "the reload never landed"
+    );
     // Before the handshake: the splice (and its idle clock) cannot start earlier.
     let started = std::time::Instant::now();
     let mut ws = TcpStream::connect(gw.addr()).await.unwrap();

@@ -15,7 +15,10 @@
 //! them) bytes are not activity, requests are: PINGs or SETTINGS would otherwise hold a
 //! connection (and its `max_connections` slot) for ever without a request, as Envoy's idle
 //! timeout counts streams, not frames. A response body the client holds back (its flow-control
-//! window stays shut) passes nothing on, so it does not keep the connection either.
+//! window stays shut) passes nothing on, so it does not keep the connection either. Until its
+//! first request an HTTP/2 connection has `header_timeout` instead, when that is shorter (as
+//! an HTTP/1.1 head has, by hyper's header timer): a head trickled in CONTINUATION frames is
+//! not a request yet.
 //!
 //! A write, flush or shutdown that waits for the client to take bytes fails after
 //! `idle_timeout` without progress (nginx's `send_timeout`): a client that stops reading a
@@ -224,6 +227,9 @@ impl<B: Body<Data = Bytes> + Unpin> Body for InFlightBody<B> {
 pub struct ClientIo<T> {
     inner: T,
     idle: Duration,
+    /// How long an HTTP/2 connection may go without its first request
+    /// ([`first_request_within`](Self::first_request_within)).
+    first_request: Duration,
     timer: Pin<Box<Sleep>>,
     /// The waker the timer was last polled with, while that registration holds.
     registered: Option<Waker>,
@@ -247,6 +253,7 @@ impl<T> ClientIo<T> {
         ClientIo {
             inner,
             idle,
+            first_request: idle,
             timer: Box::pin(tokio::time::sleep_until(now + idle)),
             registered: None,
             last_active: now,
@@ -262,6 +269,27 @@ impl<T> ClientIo<T> {
     pub fn screened(mut self, screen: FramingScreen) -> ClientIo<T> {
         self.screen = Some(screen);
         self
+    }
+
+    /// Closes an HTTP/2 connection that has had no request within `within` (`[server]
+    /// header_timeout`), when that is shorter than `idle`: a preface followed by PINGs, or a
+    /// head trickled in CONTINUATION frames, is cut as an HTTP/1.1 head is (hyper's header
+    /// timer), not after the longer idle timeout.
+    pub fn first_request_within(mut self, within: Duration) -> ClientIo<T> {
+        if within < self.idle {
+            self.first_request = within;
+            self.timer.as_mut().reset(self.last_active + within);
+        }
+        self
+    }
+
+    /// The idle limit now: `first_request` on an HTTP/2 connection that has had no request.
+    fn limit(&self) -> Duration {
+        if self.is_h2() && !self.in_flight.any() && self.in_flight.events() == 0 {
+            self.first_request
+        } else {
+            self.idle
+        }
     }
 
     fn touch(&mut self) {
@@ -284,7 +312,7 @@ impl<T> ClientIo<T> {
         }
         self.registered = Some(cx.waker().clone());
         while self.timer.as_mut().poll(cx).is_ready() {
-            let due = self.last_active + self.idle;
+            let due = self.last_active + self.limit();
             if due > Instant::now() {
                 self.timer.as_mut().reset(due);
             } else if self.in_flight.any() || self.in_flight.events() != self.events_seen {

@@ -418,7 +418,9 @@ async fn serve<IO>(
 {
     let in_flight = InFlight::default();
     let screen = FramingScreen::new(Arc::clone(&info.framing), server.max_header_bytes);
-    let io = ClientIo::new(io, server.idle_timeout, in_flight.clone()).screened(screen);
+    let io = ClientIo::new(io, server.idle_timeout, in_flight.clone())
+        .screened(screen)
+        .first_request_within(server.header_timeout);
     let peer = info.peer;
     let service = service_fn(move |req| {
         let shared = Arc::clone(&shared);

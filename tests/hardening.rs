@@ -246,6 +246,62 @@ async fn pings_after_a_preface_sent_in_pieces_do_not_keep_a_connection() {
     );
 }
 
+/// An HTTP/2 connection gets `header_timeout`, not the longer `idle_timeout`, to send its first
+/// request: a preface followed by PINGs, or by a head whose CONTINUATION frames never end, is
+/// cut as a trickled HTTP/1.1 head is; one that has sent a request is then under
+/// `idle_timeout` as before.
+#[tokio::test]
+async fn an_h2_connection_without_a_request_is_cut_at_header_timeout() {
+    let up = start_upstream().await;
+    let gw = gateway(
+        &up,
+        "idle_timeout = \"30s\"\nheader_timeout = \"500ms\"",
+        "",
+        "",
+    )
+    .await;
+    let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    opening.extend(h2_frame(0x4, 0, 0, &[])); // SETTINGS
+    assert!(
+        closed_while_pinging(gw.addr(), &[&opening]).await,
+        "an HTTP/2 connection without a request was kept 4 s past a 500 ms header_timeout"
+    );
+    // A HEADERS frame without END_HEADERS, then nothing but PINGs: no request yet either.
+    let block = hpack_get(&gw.addr().to_string(), "/v1/x");
+    let mut partial = opening.clone();
+    partial.extend(h2_frame(0x1, 0x1, 1, &block[..block.len() / 2])); // END_STREAM only
+    assert!(
+        closed_while_pinging(gw.addr(), &[&partial]).await,
+        "a head left unfinished was kept 4 s past a 500 ms header_timeout"
+    );
+    // After a request, the connection outlives header_timeout (idle_timeout is 30 s).
+    let shared = gw.gateway.shared().clone();
+    let open = move || {
+        let metrics = shared
+            .metrics
+            .encode(&shared.live.load().table, shared.limits.mode());
+        sample(&metrics, "keygate_open_connections")
+    };
+    let c = h2c_client();
+    let got = get(&c, &gw.url("/v1/x"), &[("x-api-key", KEY)]).await;
+    assert_eq!(got.status, StatusCode::OK);
+    let settled = open.clone();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let settled = settled.clone();
+            async move { settled() == Some(1.0) }
+        })
+        .await,
+        "the cut connections were still counted"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        open(),
+        Some(1.0),
+        "an HTTP/2 connection with a request was cut"
+    );
+}
+
 /// Opens a raw connection to `addr`, sends `pieces` 50 ms apart, then a PING frame every
 /// 100 ms, taking whatever the gateway sends; whether the gateway closed it within 4 s.
 async fn closed_while_pinging(addr: SocketAddr, pieces: &[&[u8]]) -> bool {

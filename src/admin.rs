@@ -64,7 +64,9 @@ impl Admin {
             .map_err(|e| anyhow::anyhow!("cannot listen on {listen} for [admin]: {e}"))?;
         let local_addr = listener.local_addr()?;
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(serve(listener, shared, readiness, stop_rx));
+        // Taken now, not when the task first runs: a reload in between must not change it.
+        let header_timeout = shared.live.load().config.server.header_timeout;
+        let task = tokio::spawn(serve(listener, shared, readiness, header_timeout, stop_rx));
         tracing::info!("admin endpoints (/healthz /readyz /metrics) on http://{local_addr}");
         Ok(Admin {
             local_addr,
@@ -89,10 +91,10 @@ async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
     readiness: Arc<Readiness>,
+    header_timeout: std::time::Duration,
     mut stop: watch::Receiver<bool>,
 ) {
     let drain = Drain::new();
-    let header_timeout = shared.live.load().config.server.header_timeout;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // A head trickled a byte at a time is cut at `header_timeout` too: 64 such connections
     // would otherwise hold every admin slot, and the probes of `/readyz` wait behind them.

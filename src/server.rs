@@ -124,9 +124,12 @@ impl Gateway {
         if admin_listen.is_some() {
             health::spawn(Arc::clone(&shared), Arc::clone(&readiness), stop_rx.clone());
         }
+        // The `[server]` this started with, taken now: a reload landing before the task first
+        // runs must not hand it restart-only values.
         let task = tokio::spawn(accept_loop(
             listener,
             acceptor,
+            Arc::new(config.server.clone()),
             Arc::clone(&shared),
             stop_rx,
         ));
@@ -273,10 +276,10 @@ fn local_addr_is_tls(shared: &Shared) -> bool {
 async fn accept_loop(
     listener: TcpListener,
     acceptor: Option<TlsAcceptor>,
+    server: Arc<ServerConfig>,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<Option<Duration>>,
 ) {
-    let server = Arc::new(shared.live.load().config.server.clone());
     let mut builder = auto::Builder::new(TokioExecutor::new());
     let mut http1 = builder.http1();
     http1

@@ -275,22 +275,16 @@ async fn an_h2_connection_without_a_request_is_cut_at_header_timeout() {
         "a head left unfinished was kept 4 s past a 500 ms header_timeout"
     );
     // After a request, the connection outlives header_timeout (idle_timeout is 30 s).
-    let shared = gw.gateway.shared().clone();
-    let open = move || {
-        let metrics = shared
-            .metrics
-            .encode(&shared.live.load().table, shared.limits.mode());
-        sample(&metrics, "keygate_open_connections")
-    };
+    let gw = &gw;
+    let open = move || sample(&gw.metrics(), "keygate_open_connections");
     let c = h2c_client();
     let got = get(&c, &gw.url("/v1/x"), &[("x-api-key", KEY)]).await;
     assert_eq!(got.status, StatusCode::OK);
-    let settled = open.clone();
     assert!(
-        eventually(Duration::from_secs(5), || {
-            let settled = settled.clone();
-            async move { settled() == Some(1.0) }
-        })
+        eventually(
+            Duration::from_secs(5),
+            || async move { open() == Some(1.0) }
+        )
         .await,
         "the cut connections were still counted"
     );

@@ -699,10 +699,7 @@ async fn a_client_body_failing_beside_a_streamed_answer_is_not_an_upstream_error
         "the answer ended whole: {}",
         String::from_utf8_lossy(&rest)
     );
-    let shared = gw.gateway.shared();
-    let metrics = shared
-        .metrics
-        .encode(&shared.live.load().table, shared.limits.mode());
+    let metrics = gw.metrics();
     for kind in ["reset", "timeout"] {
         let series = format!("keygate_upstream_errors_total{{kind=\"{kind}\"}}");
         assert_eq!(sample(&metrics, &series), Some(0.0), "{series}\n{metrics}");

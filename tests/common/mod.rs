@@ -247,6 +247,14 @@ impl TestGateway {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr())
     }
+    /// The gateway's metrics, as `/metrics` shows them (read with [`sample`]).
+    pub fn metrics(&self) -> String {
+        let shared = self.gateway.shared();
+        shared
+            .metrics
+            .encode(&shared.live.load().table, shared.limits.mode())
+    }
+
     /// Replaces the config file the way editors do: write a temp file, rename over.
     pub fn rewrite_config(&self, text: &str) {
         write_atomically(&self.path, text);
